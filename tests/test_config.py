@@ -1,0 +1,32 @@
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+
+def _parse(*overrides):
+  argv = ['prog', '--config=configs/quickstart.py', *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def test_every_documented_key_is_present():
+  config = _parse()
+  for key in ('total_steps', 'batch_size', 'seed', 'log_every', 'eval_every',
+              'checkpoint_every', 'init_from'):
+    assert key in config, key
+  assert set(config.mesh) == {'data', 'fsdp', 'model'}
+
+
+def test_overrides_are_applied_with_types():
+  config = _parse('--config.total_steps=7', '--config.mesh.data=2',
+                  '--config.schedule.base_lr=0.5', '--config.init_from=/tmp/x.npz')
+  assert (config.total_steps, config.mesh.data) == (7, 2)
+  assert config.schedule.base_lr == 0.5 and config.init_from == '/tmp/x.npz'
+
+
+def test_bad_key_is_an_error_naming_it():
+  with pytest.raises(Exception, match='totl_steps'):
+    _parse('--config.totl_steps=3')

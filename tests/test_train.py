@@ -1,0 +1,109 @@
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import checkpoint, sharding
+from vit_jax.train import optim, steps, trainer
+
+
+def _fixed_batch(n=16, size=16, classes=10):
+  rng = np.random.RandomState(0)
+  return {'image': rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32),
+          'labels': np.eye(classes, dtype=np.float32)[rng.randint(0, classes, n)]}
+
+
+def test_train_steps_lower_loss_on_a_fixed_batch(quickstart_config):
+  config = quickstart_config
+  config.schedule = dict(base_lr=1e-2, warmup_steps=0, decay_type='constant')
+  mesh = sharding.make_mesh(config.mesh)
+  model = trainer.build_model(config)
+  tx, _ = optim.make_optimizer(config)
+  init_fn, _, state_sharding = trainer.create_state(config, model, tx, mesh,
+                                                    sharding.DEFAULT_RULES)
+  state = init_fn(jax.random.key(0))
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                   loss_fn=steps.softmax_xent, rng=jax.random.key(1)),
+                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)))
+  batch = jax.device_put(_fixed_batch(), sharding.batch_sharding(mesh))
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['train_loss']))
+  assert len(mesh.devices.flat) == 8
+  assert losses[0] == pytest.approx(np.log(10), rel=1e-3)  # zero-initialised head
+  assert losses[-1] < 0.5 * losses[0]
+  assert int(state.step) == 15
+
+
+def test_checkpoint_save_restore_is_exact(quickstart_config, tmp_path):
+  config = quickstart_config
+  mesh = sharding.make_mesh(config.mesh)
+  model = trainer.build_model(config)
+  tx, _ = optim.make_optimizer(config)
+  init_fn, abstract_state, _ = trainer.create_state(config, model, tx, mesh,
+                                                    sharding.DEFAULT_RULES)
+  state = init_fn(jax.random.key(3))
+  state = state.replace(step=jax.device_put(jnp.asarray(5, jnp.int32), state.step.sharding))
+  manager = checkpoint.make_manager(str(tmp_path))
+  checkpoint.save_state(manager, 5, state)
+  manager.wait_until_finished()
+  restored = checkpoint.restore_state(checkpoint.make_manager(str(tmp_path)), abstract_state)
+  assert int(restored.step) == 5
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert a.sharding == b.sharding
+
+
+def test_npz_export_and_transfer_with_posemb_resize(quickstart_config, tmp_path):
+  config = quickstart_config
+  model = trainer.build_model(config)
+  params = jax.tree.map(np.asarray, __import__('flax').linen.unbox(
+      model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']))
+  path = str(tmp_path / 'model.npz')
+  checkpoint.save_npz(params, path)
+  loaded = checkpoint.load(path)
+  np.testing.assert_array_equal(loaded['Transformer']['encoderblock_1']['MlpBlock_3']['Dense_0']
+                                ['kernel'],
+                                params['Transformer']['encoderblock_1']['MlpBlock_3']['Dense_0']
+                                ['kernel'])
+  bigger = trainer.models.get_model('testing', num_classes=3)
+  target = __import__('flax').linen.unbox(
+      bigger.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))['params'])
+  merged = checkpoint.load_pretrained(path, target)
+  assert merged['Transformer']['posembed_input']['pos_embedding'].shape == (1, 65, 16)
+  np.testing.assert_array_equal(merged['Transformer']['posembed_input']['pos_embedding'][0, 0],
+                                params['Transformer']['posembed_input']['pos_embedding'][0, 0])
+  assert merged['head']['kernel'].shape == (16, 3)
+  with pytest.raises(ValueError, match='neither a square grid'):
+    checkpoint.resize_posemb(np.zeros((1, 7, 4)), 17)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = quickstart_config
+  config.total_steps = 3
+  trainer.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3']
+  config.total_steps = 6
+  last = trainer.train_and_evaluate(config, workdir)  # resumes from step 3
+  lines = _metrics(workdir)
+  train_steps = [m['step'] for m in lines if 'train_loss' in m]
+  assert train_steps == [2, 3, 6]  # the first step after a (re)start is compile time, unlogged
+  for m in lines:
+    if 'train_loss' in m:
+      assert {'learning_rate', 'images_per_sec'} <= set(m) and np.isfinite(m['train_loss'])
+  evals = [m for m in lines if 'val_accuracy' in m]
+  assert [m['step'] for m in evals] == [3, 6]
+  assert 0 <= last['val_accuracy'] <= 1
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))

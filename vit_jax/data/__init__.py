@@ -1,0 +1,1 @@
+"""Input: tfds / record sources, preprocessing ops, per-process pipelines."""

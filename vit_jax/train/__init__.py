@@ -1,0 +1,1 @@
+"""Training: optimizers, pure step functions, evaluators and the loop."""

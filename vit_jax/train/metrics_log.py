@@ -1,0 +1,61 @@
+"""metrics.jsonl + TensorBoard events (process 0 only) and the console progress line."""
+import json
+import os
+import time
+
+import jax
+from clu import metric_writers
+
+
+class MetricsLog:
+  """Writes one JSON object per line to WORKDIR/metrics.jsonl, and the same scalars to TB."""
+
+  def __init__(self, workdir: str):
+    self.is_writer = jax.process_index() == 0
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    if self.is_writer:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(self.path, 'a', encoding='utf-8')
+      self._tb = metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.is_writer:
+      return
+    scalars = {k: float(v) for k, v in metrics.items()}
+    self._file.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    self._file.flush()
+    self._tb.write_scalars(int(step), scalars)
+
+  def close(self) -> None:
+    if self.is_writer:
+      self._file.close()
+      self._tb.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+class Progress:
+  """Console line: step/total, loss, images/sec and ETA from the recent rate."""
+
+  def __init__(self, total_steps: int, start_step: int):
+    self.total_steps = total_steps
+    self.start_time = time.time()
+    self.start_step = start_step
+
+  def line(self, step: int, metrics: dict) -> str:
+    elapsed = time.time() - self.start_time
+    steps_done = max(step - self.start_step, 1)
+    eta = elapsed / steps_done * (self.total_steps - step)
+    parts = [f'step {step}/{self.total_steps}']
+    parts += [f'{k} {v:.4g}' for k, v in metrics.items()]
+    parts.append(f'elapsed {_duration(elapsed)}, ETA {_duration(eta)}')
+    return ' | '.join(parts)
+
+  def log(self, step: int, metrics: dict) -> None:
+    if jax.process_index() == 0:
+      print(self.line(step, metrics), flush=True)

@@ -1,0 +1,59 @@
+"""Optax optimizers and learning-rate schedules from config."""
+import jax
+import optax
+
+
+def make_schedule(config) -> optax.Schedule:
+  """Linear warmup to `base_lr`, then 'cosine', 'linear', 'rsqrt' or 'constant' decay."""
+  s = config.schedule
+  total, warmup = config.total_steps, s.get('warmup_steps', 0)
+  if warmup >= total:
+    raise ValueError(f'schedule.warmup_steps={warmup} must be below total_steps={total}')
+  base_lr, end_lr = s.base_lr, s.get('end_lr', 0.)
+  decay_steps = total - warmup
+  decay_type = s.get('decay_type', 'cosine')
+  if decay_type == 'cosine':
+    decay = optax.cosine_decay_schedule(base_lr, decay_steps, alpha=end_lr / base_lr)
+  elif decay_type == 'linear':
+    decay = optax.linear_schedule(base_lr, end_lr, decay_steps)
+  elif decay_type == 'rsqrt':
+    timescale = s.get('timescale', 10_000)
+    decay = lambda step: base_lr * (1. + step / timescale) ** -0.5  # noqa: E731
+  elif decay_type == 'constant':
+    decay = optax.constant_schedule(base_lr)
+  else:
+    raise ValueError(f'unknown schedule.decay_type={decay_type!r}; '
+                     "choose 'cosine', 'linear', 'rsqrt' or 'constant'")
+  if not warmup:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0., base_lr, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on matrices only (kernels), not on biases, norms or embeddings' vectors."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """optimizer.name: 'adam'/'adamw' (decoupled weight decay, same thing), 'sgd' (momentum),
+  'adafactor'; global-norm clipping when optimizer.grad_clip_norm > 0."""
+  o = config.optimizer
+  schedule = make_schedule(config)
+  name = o.name
+  wd = o.get('weight_decay', 0.)
+  if name in ('adam', 'adamw'):
+    tx = optax.adamw(schedule, b1=o.get('b1', 0.9), b2=o.get('b2', 0.999),
+                     weight_decay=wd, mask=_decay_mask)
+  elif name == 'sgd':
+    tx = optax.chain(optax.add_decayed_weights(wd, mask=_decay_mask) if wd else optax.identity(),
+                     optax.sgd(schedule, momentum=o.get('momentum', 0.9),
+                               nesterov=o.get('nesterov', False)))
+  elif name == 'adafactor':
+    tx = optax.adafactor(schedule, weight_decay_rate=wd or None, weight_decay_mask=_decay_mask)
+  else:
+    raise ValueError(f"unknown optimizer.name={name!r}; choose 'adam', 'adamw', 'sgd' or "
+                     "'adafactor'")
+  clip = o.get('grad_clip_norm', 0.)
+  if clip:
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  return tx, schedule

@@ -1,0 +1,117 @@
+"""The training loop: init or restore, step, log, evaluate, checkpoint."""
+import functools
+import math
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from vit_jax import checkpoint, models, sharding
+from vit_jax.data import pipeline
+from vit_jax.train import evaluators, metrics_log, optim, steps
+
+
+def build_model(config):
+  overrides = {k: v for k, v in config.model.items() if k != 'name'}
+  return models.get_model(config.model.name, num_classes=config.num_classes, **overrides)
+
+
+def _interval_hit(step: int, every: int, total: int) -> bool:
+  return step == total or (every > 0 and step % every == 0)
+
+
+def create_state(config, model, tx, mesh, rules):
+  """(init_fn, abstract_state, state_sharding); init_fn(rng) builds a sharded TrainState."""
+  image_shape = (1, config.image_size, config.image_size, 3)
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros(image_shape, jnp.float32), train=False)['params']
+    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            opt_state=tx.init(params))
+
+  abstract_boxed = jax.eval_shape(init, jax.random.key(0))
+  state_sharding = sharding.logical_to_sharding(
+      nn.get_partition_spec(abstract_boxed), mesh, rules)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      nn.unbox(abstract_boxed), state_sharding)
+  init_fn = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=state_sharding)
+  return init_fn, abstract_state, state_sharding
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains per `config`, writing WORKDIR/{metrics.jsonl, checkpoints/}; returns last metrics."""
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config)
+  model = build_model(config)
+  tx, schedule = optim.make_optimizer(config)
+  loss_fn = steps.get_loss_fn(config.loss)
+  init_fn, abstract_state, state_sharding = create_state(config, model, tx, mesh, rules)
+  logging.info('mesh %s; model %s with %.2fM parameters', dict(mesh.shape), config.model.name,
+               sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)) / 1e6)
+
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.get('keep_checkpoints', 3))
+  rng = jax.random.key(config.seed)
+  init_rng, dropout_rng = jax.random.split(rng)
+  if manager.latest_step() is not None:
+    logging.info('resuming from %s/checkpoints/%d', workdir, manager.latest_step())
+    state = checkpoint.restore_state(manager, abstract_state)
+  else:
+    state = init_fn(init_rng)
+    if config.init_from:
+      logging.info('initialising from %s', config.init_from)
+      params = checkpoint.load_pretrained(config.init_from, jax.device_get(state.params))
+      state = jax.jit(lambda p: steps.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+                      out_shardings=state_sharding)(params)
+  start_step = int(state.step)
+
+  train_step = jax.jit(
+      functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn, rng=dropout_rng),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=0)
+  evals = evaluators.build(config, model, mesh, state_sharding.params)
+  log = metrics_log.MetricsLog(workdir)
+  progress = metrics_log.Progress(config.total_steps, start_step)
+  batches = pipeline.train_iterator(config, mesh, start_step)
+
+  last = {}
+  pending, interval_start, interval_step = [], time.time(), start_step
+  for step in range(start_step + 1, config.total_steps + 1):
+    state, metrics = train_step(state, next(batches))
+    pending.append(metrics)
+    if step == start_step + 1:  # leave compilation out of images_per_sec
+      jax.block_until_ready(state)
+      pending, interval_start, interval_step = [], time.time(), step
+    if pending and _interval_hit(step, config.log_every, config.total_steps):
+      fetched = jax.device_get(pending)
+      train_loss = float(np.mean([m['train_loss'] for m in fetched]))
+      if not np.isfinite(train_loss):
+        raise FloatingPointError(
+            f'train_loss is {train_loss} at step {step}; stopping. The newest complete '
+            f'checkpoint in {workdir}/checkpoints is untouched: lower the learning rate or '
+            'enable clipping and start again.')
+      elapsed = time.time() - interval_start
+      last = {'train_loss': train_loss,
+              'learning_rate': float(schedule(step - 1)),
+              'images_per_sec': (step - interval_step) * config.batch_size / elapsed,
+              'grad_norm': float(np.mean([m['grad_norm'] for m in fetched]))}
+      log.write(step, last)
+      progress.log(step, last)
+      pending, interval_start, interval_step = [], time.time(), step
+    if evals and _interval_hit(step, config.eval_every, config.total_steps):
+      for evaluator in evals:
+        result = evaluator.run(state.params)
+        log.write(step, result)
+        progress.log(step, result)
+        last.update(result)
+      interval_start = time.time()  # evaluation time is not training throughput
+    if _interval_hit(step, config.checkpoint_every, config.total_steps):
+      checkpoint.save_state(manager, step, state)
+  manager.wait_until_finished()
+  manager.close()
+  log.close()
+  return last
