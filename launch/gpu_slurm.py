@@ -1,0 +1,74 @@
+"""Starts this SLURM task's trainer with the jax.distributed flags read from SLURM's environment.
+
+  srun python -m launch.gpu_slurm [--port=P] [--dry_run] -- TRAINER FLAGS
+
+Run it as one task per node (launch/gpu_slurm.sbatch does): each process drives every GPU of its
+node, and process 0 (on the allocation's first node) hosts the coordinator. It replaces itself
+with `python -m vit_jax.main TRAINER FLAGS --coordinator_address=FIRST_NODE:PORT
+--num_processes=$SLURM_NTASKS --process_id=$SLURM_PROCID`, so SLURM's SIGTERM (time limit,
+preemption, scancel) reaches the trainer, which checkpoints and exits. --dry_run prints that
+command instead.
+"""
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+
+# Coordinator ports are spread by job id so that two jobs sharing a node do not collide.
+PORT_BASE = 20000
+PORT_SPREAD = 20000
+
+
+def _env(environ, name):
+  if name not in environ:
+    raise SystemExit(f'{name} is not set: run this under srun inside a SLURM allocation '
+                     '(see launch/gpu_slurm.sbatch)')
+  return environ[name]
+
+
+def first_host(nodelist):
+  """The first hostname of a SLURM nodelist such as 'gpu[03-05,09]', expanded by scontrol."""
+  try:
+    hosts = subprocess.run(['scontrol', 'show', 'hostnames', nodelist], check=True,
+                           capture_output=True, text=True).stdout.split()
+  except FileNotFoundError:
+    raise SystemExit('scontrol not found on PATH: run this on a SLURM node') from None
+  if not hosts:
+    raise SystemExit(f'scontrol show hostnames {nodelist} printed no hosts')
+  return hosts[0]
+
+
+def trainer_command(environ, trainer_flags, port=None):
+  """argv of this task's trainer process, from SLURM's variables in environ."""
+  num_tasks = int(_env(environ, 'SLURM_NTASKS'))
+  num_nodes = int(_env(environ, 'SLURM_JOB_NUM_NODES'))
+  if num_tasks != num_nodes:
+    raise SystemExit(f'SLURM_NTASKS={num_tasks} but SLURM_JOB_NUM_NODES={num_nodes}: start one '
+                     'task per node (--ntasks-per-node=1); each process drives all its GPUs')
+  if port is None:
+    port = PORT_BASE + int(_env(environ, 'SLURM_JOB_ID')) % PORT_SPREAD
+  coordinator = first_host(_env(environ, 'SLURM_JOB_NODELIST'))
+  return [sys.executable, '-m', 'vit_jax.main', *trainer_flags,
+          f'--coordinator_address={coordinator}:{port}', f'--num_processes={num_tasks}',
+          f'--process_id={_env(environ, "SLURM_PROCID")}']
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  split = argv.index('--') if '--' in argv else len(argv)
+  parser = argparse.ArgumentParser(prog='python -m launch.gpu_slurm', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--port', type=int, help='coordinator port (default: from SLURM_JOB_ID)')
+  parser.add_argument('--dry_run', action='store_true', help='print the command, run nothing')
+  args = parser.parse_args(argv[:split])
+  command = trainer_command(os.environ, argv[split + 1:], args.port)
+  if args.dry_run:
+    print(shlex.join(command))
+    return
+  print('+ ' + shlex.join(command), file=sys.stderr, flush=True)
+  os.execv(command[0], command)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,287 @@
+"""Cloud TPU VM launcher: from a config to the trainer running on every host of a slice.
+
+  python -m launch.tpu_vm [COMMAND] --name=N --zone=Z [--accelerator_type=v4-32] [--project=P]
+      [--spot] [--queued] [--version=RUNTIME] [--dry_run] [-- TRAINER FLAGS]
+
+COMMAND (default: launch)
+  launch  create, then setup, then run
+  create  create the slice (`tpu-vm create`), or with --queued a queued resource, and wait for it
+  setup   ship the committed tree (`git archive HEAD`) to every worker; install it and jax[tpu]
+  run     start `python -m vit_jax.main TRAINER FLAGS` on all workers at once, detached (nohup),
+          appending to ~/vit_jax.log; refuses to start a second copy
+  status  the slice's state, and whether each worker is training
+  logs    the tail of worker 0's log (--lines, --follow)
+  stop    SIGTERM the trainer on every worker (it checkpoints, then exits); the slice stays up
+  delete  delete the slice (the queued resource with --queued); gcloud asks to confirm
+
+Multi-host needs no coordinator flags: on a TPU slice JAX finds its peers itself. The workdir must
+be gs://: every host writes its checkpoint shards there, and the VMs' disks go with the slice.
+With --dry_run each command is printed (one per line, shell-quoted; lines starting with # are
+notes) and nothing runs.
+"""
+import argparse
+import dataclasses
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMANDS = ('launch', 'create', 'setup', 'run', 'status', 'logs', 'stop', 'delete')
+# Paths on every worker, relative to the home directory that ssh starts in.
+REMOTE_TARBALL = 'vit_jax.tar.gz'
+REMOTE_DIR = 'vit_jax'
+REMOTE_VENV = 'vit_jax_venv'
+REMOTE_LOG = 'vit_jax.log'
+REMOTE_PID = 'vit_jax.pid'
+# pyproject's requires-python; TPU VM images ship an older python3, so uv fetches this one.
+PYTHON_VERSION = '3.11'
+# Cloud TPU's recommended software version for JAX, by accelerator generation.
+RUNTIME_VERSIONS = {
+    'v2': 'tpu-ubuntu2204-base',
+    'v3': 'tpu-ubuntu2204-base',
+    'v4': 'tpu-ubuntu2204-base',
+    'v5litepod': 'v2-alpha-tpuv5-lite',
+    'v5p': 'v2-alpha-tpuv5',
+    'v6e': 'v2-alpha-tpuv6e',
+}
+QUEUED_POLL_S = 30
+QUEUED_FAILED_STATES = ('FAILED', 'SUSPENDED')
+STOP_GRACE_S = 300  # time the trainer gets to write its SIGTERM checkpoint before SIGKILL
+_IS_TRAINING = f'test -f {REMOTE_PID} && kill -0 "$(cat {REMOTE_PID})" 2>/dev/null'
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """One local command; `wait_until_active` reruns it until it prints ACTIVE."""
+  argv: list[str]
+  wait_until_active: bool = False
+
+
+def _location(args):
+  return [f'--zone={args.zone}'] + ([f'--project={args.project}'] if args.project else [])
+
+
+def _gcloud_tpus(args, *words):
+  """`gcloud compute tpus WORDS NAME --zone=Z [--project=P]`."""
+  return ['gcloud', 'compute', 'tpus', *words, args.name, *_location(args)]
+
+
+def _spot(args):
+  return ['--spot'] if args.spot else []
+
+
+def _ssh(args, remote_command, worker='all'):
+  return Command(_gcloud_tpus(args, 'tpu-vm', 'ssh') +
+                 [f'--worker={worker}', f'--command={remote_command}'])
+
+
+def runtime_version(args):
+  """--version, else Cloud TPU's recommended JAX runtime for the accelerator's generation."""
+  if args.version:
+    return args.version
+  generation = args.accelerator_type.rsplit('-', 1)[0]
+  if generation not in RUNTIME_VERSIONS:
+    raise SystemExit(f'no default TPU software version for --accelerator_type='
+                     f'{args.accelerator_type}: pass --version (known generations: '
+                     f'{", ".join(RUNTIME_VERSIONS)})')
+  return RUNTIME_VERSIONS[generation]
+
+
+def create_commands(args):
+  if args.queued:
+    create = _gcloud_tpus(args, 'queued-resources', 'create') + [
+        f'--node-id={args.name}', f'--accelerator-type={args.accelerator_type}',
+        f'--runtime-version={runtime_version(args)}']
+    describe = _gcloud_tpus(args, 'queued-resources', 'describe') + [
+        '--format=value(state.state)']
+    return [Command(create + _spot(args)),
+            Command(describe, wait_until_active=True)]
+  create = _gcloud_tpus(args, 'tpu-vm', 'create') + [
+      f'--accelerator-type={args.accelerator_type}', f'--version={runtime_version(args)}']
+  return [Command(create + _spot(args))]
+
+
+def setup_commands(args, tarball):
+  install = ' && '.join([
+      f'rm -rf {REMOTE_DIR} {REMOTE_VENV}',
+      f'mkdir {REMOTE_DIR}',
+      f'tar xzf {REMOTE_TARBALL} -C {REMOTE_DIR}',
+      'python3 -m pip install --user --quiet --upgrade uv',
+      f'~/.local/bin/uv venv --quiet --python {PYTHON_VERSION} {REMOTE_VENV}',
+      f"~/.local/bin/uv pip install --quiet --python {REMOTE_VENV}/bin/python "
+      f"-e ./{REMOTE_DIR} 'jax[tpu]'",
+  ])
+  remote = (f'if {_IS_TRAINING}; then echo "$(hostname): training; stop it before setup" >&2; '
+            f'exit 1; fi; {install}')
+  return [
+      Command(['git', '-C', PROJECT_ROOT, 'archive', '--format=tar.gz', f'--output={tarball}',
+               'HEAD']),
+      Command(['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', tarball,
+               f'{args.name}:{REMOTE_TARBALL}', '--worker=all', *_location(args)]),
+      _ssh(args, remote),
+  ]
+
+
+def run_commands(args, trainer_flags):
+  trainer = shlex.join([f'../{REMOTE_VENV}/bin/python', '-m', 'vit_jax.main', *trainer_flags])
+  remote = (f'if {_IS_TRAINING}; then echo "$(hostname): already training, pid '
+            f'$(cat {REMOTE_PID})" >&2; exit 1; fi; '
+            f'cd {REMOTE_DIR} || exit 1; '
+            f'echo "=== $(date -u): starting the trainer" >> ../{REMOTE_LOG}; '
+            f'nohup {trainer} >> ../{REMOTE_LOG} 2>&1 < /dev/null & '
+            f'echo $! > ../{REMOTE_PID}')
+  return [_ssh(args, remote)]
+
+
+def status_commands(args):
+  kind = 'queued-resources' if args.queued else 'tpu-vm'
+  remote = (f'if {_IS_TRAINING}; then echo "$(hostname): training, pid $(cat {REMOTE_PID})"; '
+            f'else echo "$(hostname): not training"; fi')
+  return [Command(_gcloud_tpus(args, kind, 'describe')), _ssh(args, remote)]
+
+
+def logs_commands(args):
+  follow = ' -F' if args.follow else ''
+  return [_ssh(args, f'tail -n {args.lines}{follow} {REMOTE_LOG}', worker='0')]
+
+
+def stop_commands(args):
+  polls = STOP_GRACE_S // 2
+  remote = (f'if {_IS_TRAINING}; then pid=$(cat {REMOTE_PID}); kill -TERM "$pid"; '
+            f'for _ in $(seq {polls}); do kill -0 "$pid" 2>/dev/null || break; sleep 2; done; '
+            f'kill -KILL "$pid" 2>/dev/null; fi; echo "$(hostname): not training"')
+  return [_ssh(args, remote)]
+
+
+def delete_commands(args):
+  if args.queued:
+    return [Command(_gcloud_tpus(args, 'queued-resources', 'delete') + ['--force'])]
+  return [Command(_gcloud_tpus(args, 'tpu-vm', 'delete'))]
+
+
+def _flag_value(trainer_flags, name):
+  """The value of --name=V / --name V (absl also takes one dash), or None."""
+  for i, flag in enumerate(trainer_flags):
+    for prefix in (f'--{name}', f'-{name}'):
+      if flag.startswith(prefix + '='):
+        return flag[len(prefix) + 1:]
+      if flag == prefix and i + 1 < len(trainer_flags):
+        return trainer_flags[i + 1]
+  return None
+
+
+def check_trainer_flags(trainer_flags):
+  """Fails before any slice is paid for on flags that cannot work on a TPU VM slice."""
+  if _flag_value(trainer_flags, 'config') is None:
+    raise SystemExit('trainer flags after -- need --config=configs/....py')
+  workdir = _flag_value(trainer_flags, 'workdir')
+  if workdir is None or not workdir.startswith('gs://'):
+    raise SystemExit(f'trainer flag --workdir={workdir}: on a TPU VM slice the workdir must be a '
+                     'gs:// path (every host writes checkpoints there; VM disks go with the slice)')
+
+
+def plan(args, trainer_flags):
+  """The commands `args.command` runs, in order."""
+  tarball = os.path.join(tempfile.gettempdir(), f'vit_jax-{args.name}.tar.gz')
+  steps = {
+      'create': lambda: create_commands(args),
+      'setup': lambda: setup_commands(args, tarball),
+      'run': lambda: run_commands(args, trainer_flags),
+      'status': lambda: status_commands(args),
+      'logs': lambda: logs_commands(args),
+      'stop': lambda: stop_commands(args),
+      'delete': lambda: delete_commands(args),
+  }
+  names = ('create', 'setup', 'run') if args.command == 'launch' else (args.command,)
+  return [command for name in names for command in steps[name]()]
+
+
+def uncommitted_files(root):
+  """Paths `git status` reports in root: edits that `git archive HEAD` would not ship."""
+  status = subprocess.run(['git', '-C', root, 'status', '--porcelain'], capture_output=True,
+                          text=True)
+  if status.returncode:
+    raise SystemExit(f'setup ships the git HEAD of {root}, but git says: {status.stderr.strip()}')
+  return [line[3:] for line in status.stdout.splitlines()]
+
+
+def _wait_until_active(argv):
+  """Polls a queued resource until it holds its slice; capacity can take minutes to hours."""
+  while True:
+    state = subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+    print(f'queued resource state: {state}', file=sys.stderr)
+    if state == 'ACTIVE':
+      return
+    if state in QUEUED_FAILED_STATES:
+      raise SystemExit(f'{shlex.join(argv)} says {state}: delete the queued resource and try '
+                       'again (or another zone)')
+    time.sleep(QUEUED_POLL_S)
+
+
+def execute(commands):
+  for command in commands:
+    print('+ ' + shlex.join(command.argv), file=sys.stderr, flush=True)
+    try:
+      if command.wait_until_active:
+        _wait_until_active(command.argv)
+      else:
+        subprocess.run(command.argv, check=True)
+    except subprocess.CalledProcessError as error:
+      raise SystemExit(f'command failed with exit status {error.returncode}: '
+                       f'{shlex.join(command.argv)}') from None
+
+
+def parse_args(argv):
+  """Splits argv at the first `--`: launcher flags before, trainer flags after."""
+  split = argv.index('--') if '--' in argv else len(argv)
+  launcher_argv, trainer_flags = argv[:split], argv[split + 1:]
+  parser = argparse.ArgumentParser(prog='python -m launch.tpu_vm', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('command', nargs='?', default='launch', choices=COMMANDS)
+  parser.add_argument('--name', required=True, help='TPU VM (and queued resource) name')
+  parser.add_argument('--zone', required=True, help='e.g. us-central2-b')
+  parser.add_argument('--accelerator_type', help='e.g. v4-32, v5litepod-16, v5p-64, v6e-16')
+  parser.add_argument('--project', help='GCP project (default: gcloud config)')
+  parser.add_argument('--spot', action='store_true', help='Spot (preemptible) capacity')
+  parser.add_argument('--queued', action='store_true',
+                      help='request a queued resource; waits until it is ACTIVE')
+  parser.add_argument('--version', help='TPU software version (default: by accelerator type)')
+  parser.add_argument('--lines', type=int, default=100, help='logs: lines to show')
+  parser.add_argument('--follow', action='store_true', help='logs: keep following')
+  parser.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
+  args = parser.parse_args(launcher_argv)
+  if args.command in ('launch', 'create') and not args.accelerator_type:
+    parser.error(f'{args.command} needs --accelerator_type (e.g. v4-32)')
+  if args.command in ('launch', 'run'):
+    check_trainer_flags(trainer_flags)
+  elif trainer_flags:
+    parser.error(f'trainer flags after -- go with launch or run, not {args.command}: '
+                 f'{shlex.join(trainer_flags)}')
+  return args, trainer_flags
+
+
+def main(argv=None):
+  args, trainer_flags = parse_args(sys.argv[1:] if argv is None else argv)
+  commands = plan(args, trainer_flags)
+  if args.dry_run:
+    for command in commands:
+      print(shlex.join(command.argv))
+      if command.wait_until_active:
+        print(f'# repeated every {QUEUED_POLL_S} s until it prints ACTIVE')
+    return
+  if shutil.which('gcloud') is None:
+    raise SystemExit('gcloud not found on PATH: install the Google Cloud CLI '
+                     '(https://cloud.google.com/sdk/docs/install), run `gcloud auth login`, '
+                     'or pass --dry_run to print the commands instead')
+  if args.command in ('launch', 'setup') and (dirty := uncommitted_files(PROJECT_ROOT)):
+    raise SystemExit(f'uncommitted changes in {PROJECT_ROOT} would not reach the workers '
+                     f'(setup ships git HEAD): commit or stash {", ".join(dirty)}')
+  execute(commands)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,299 @@
+"""Launchers: the exact commands they build (dry run), and the remote scripts run for real in bash.
+
+gcloud, srun and scontrol are never called: dry runs print, and real-mode tests put recording
+stubs first on PATH.
+"""
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from launch import gpu_slurm, tpu_vm
+
+LOCATION = ['--name=vit-a', '--zone=us-central2-b']
+TRAINER_FLAGS = ['--config=configs/quickstart.py', '--workdir=gs://bucket/runs/a',
+                 '--config.pp_train=decode|resize(16)|value_range(-1, 1)',
+                 """--config.init_from=gs://b/it's "quoted" $HOME.npz"""]
+GCLOUD_TPU_VM = ['gcloud', 'compute', 'tpus', 'tpu-vm']
+GCLOUD_QUEUED = ['gcloud', 'compute', 'tpus', 'queued-resources']
+
+
+def _dry_run(capsys, *launcher_args, trainer_flags=()):
+  """The printed commands as argv lists, and the note lines."""
+  argv = [*launcher_args, '--dry_run']
+  tpu_vm.main(argv + (['--', *trainer_flags] if trainer_flags else []))
+  lines = capsys.readouterr().out.splitlines()
+  return ([shlex.split(line) for line in lines if not line.startswith('#')],
+          [line for line in lines if line.startswith('#')])
+
+
+def _remote_script(argv):
+  assert argv[:5] == GCLOUD_TPU_VM + ['ssh'] and argv[-1].startswith('--command=')
+  return argv[-1][len('--command='):]
+
+
+def _stub(path, body):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text('#!/bin/bash\n' + body + '\n')
+  path.chmod(0o755)
+
+
+def _recording_stub(path, calls, then=''):
+  """A program at path that appends its argv to calls (one line, NUL-terminated arguments)."""
+  _stub(path, f'{{ printf "%s\\0" "$(basename "$0")" "$@"; echo; }} >> {calls}; {then}')
+
+
+def _read_calls(calls):
+  return [line.split('\0')[:-1] for line in calls.read_text().splitlines()]
+
+
+def test_launch_creates_ships_installs_and_runs(capsys):
+  commands, notes = _dry_run(capsys, *LOCATION, '--accelerator_type=v4-32',
+                             trainer_flags=TRAINER_FLAGS)
+  create, archive, scp, setup, run = commands
+  assert notes == []
+  assert create == GCLOUD_TPU_VM + ['create', 'vit-a', '--zone=us-central2-b',
+                                    '--accelerator-type=v4-32', '--version=tpu-ubuntu2204-base']
+  tarball = archive[-2][len('--output='):]
+  assert archive == ['git', '-C', tpu_vm.PROJECT_ROOT, 'archive', '--format=tar.gz',
+                     f'--output={tarball}', 'HEAD']
+  assert scp == GCLOUD_TPU_VM + ['scp', tarball, 'vit-a:vit_jax.tar.gz', '--worker=all',
+                                 '--zone=us-central2-b']
+  for ssh in (setup, run):
+    assert ssh[:-1] == GCLOUD_TPU_VM + ['ssh', 'vit-a', '--zone=us-central2-b', '--worker=all']
+  assert "-e ./vit_jax 'jax[tpu]'" in _remote_script(setup)
+  assert '--coordinator_address' not in _remote_script(run)  # TPU peers find each other
+
+
+def test_queued_spot_slice_waits_until_active(capsys):
+  commands, notes = _dry_run(capsys, 'create', *LOCATION, '--accelerator_type=v5litepod-16',
+                             '--queued', '--spot')
+  assert commands == [
+      GCLOUD_QUEUED + ['create', 'vit-a', '--zone=us-central2-b', '--node-id=vit-a',
+                       '--accelerator-type=v5litepod-16',
+                       '--runtime-version=v2-alpha-tpuv5-lite', '--spot'],
+      GCLOUD_QUEUED + ['describe', 'vit-a', '--zone=us-central2-b',
+                       '--format=value(state.state)'],
+  ]
+  assert notes == ['# repeated every 30 s until it prints ACTIVE']
+
+
+def test_project_and_version_reach_every_gcloud_command(capsys):
+  commands, _ = _dry_run(capsys, *LOCATION, '--accelerator_type=v5p-64', '--project=my-proj',
+                         '--version=custom-runtime', trainer_flags=TRAINER_FLAGS)
+  gcloud_commands = [argv for argv in commands if argv[0] == 'gcloud']
+  assert len(gcloud_commands) == 4
+  assert all('--project=my-proj' in argv for argv in gcloud_commands)
+  assert '--version=custom-runtime' in commands[0]
+  assert '--spot' not in commands[0]
+
+
+@pytest.mark.parametrize('accelerator_type, version', [
+    ('v4-8', 'tpu-ubuntu2204-base'), ('v5p-128', 'v2-alpha-tpuv5'),
+    ('v6e-16', 'v2-alpha-tpuv6e')])
+def test_default_runtime_version_follows_the_generation(capsys, accelerator_type, version):
+  commands, _ = _dry_run(capsys, 'create', *LOCATION, f'--accelerator_type={accelerator_type}')
+  assert commands[0][-1] == f'--version={version}'
+
+
+def test_unknown_generation_asks_for_version(capsys):
+  with pytest.raises(SystemExit, match='--accelerator_type=v9x-8: pass --version'):
+    _dry_run(capsys, 'create', *LOCATION, '--accelerator_type=v9x-8')
+
+
+@pytest.mark.parametrize('launcher_args, expected', [
+    (['status'], [GCLOUD_TPU_VM + ['describe', 'vit-a', '--zone=us-central2-b'], 'ssh all']),
+    (['status', '--queued'],
+     [GCLOUD_QUEUED + ['describe', 'vit-a', '--zone=us-central2-b'], 'ssh all']),
+    (['logs', '--lines=20'], ['ssh 0: tail -n 20 vit_jax.log']),
+    (['logs', '--follow'], ['ssh 0: tail -n 100 -F vit_jax.log']),
+    (['stop'], ['ssh all']),
+    (['delete'], [GCLOUD_TPU_VM + ['delete', 'vit-a', '--zone=us-central2-b']]),
+    (['delete', '--queued'],
+     [GCLOUD_QUEUED + ['delete', 'vit-a', '--zone=us-central2-b', '--force']]),
+])
+def test_management_commands(capsys, launcher_args, expected):
+  commands, _ = _dry_run(capsys, *launcher_args, *LOCATION)
+  assert len(commands) == len(expected)
+  for argv, want in zip(commands, expected):
+    if isinstance(want, list):
+      assert argv == want
+    else:
+      worker, _, script = want.removeprefix('ssh ').partition(': ')
+      assert argv[:-1] == GCLOUD_TPU_VM + ['ssh', 'vit-a', '--zone=us-central2-b',
+                                          f'--worker={worker}']
+      assert not script or _remote_script(argv) == script
+
+
+@pytest.mark.parametrize('trainer_flags, message', [
+    (['--config=configs/quickstart.py', '--workdir=/tmp/run'], r'--workdir=/tmp/run: .*gs://'),
+    (['--config=configs/quickstart.py'], r'--workdir=None'),
+    (['--workdir=gs://b/r'], r'--config'),
+])
+def test_trainer_flags_that_cannot_work_on_a_slice_are_refused(capsys, trainer_flags, message):
+  with pytest.raises(SystemExit, match=message):
+    _dry_run(capsys, *LOCATION, '--accelerator_type=v4-32', trainer_flags=trainer_flags)
+  assert capsys.readouterr().out == ''
+
+
+def test_usage_errors_name_the_problem(capsys):
+  with pytest.raises(SystemExit):
+    _dry_run(capsys, 'status', *LOCATION, trainer_flags=['--config=c.py'])
+  assert 'go with launch or run, not status: --config=c.py' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    _dry_run(capsys, *LOCATION, trainer_flags=TRAINER_FLAGS)
+  assert 'launch needs --accelerator_type' in capsys.readouterr().err
+
+
+def test_real_mode_without_gcloud_fails_clearly(tmp_path, monkeypatch):
+  monkeypatch.setenv('PATH', str(tmp_path))
+  with pytest.raises(SystemExit, match='gcloud not found on PATH'):
+    tpu_vm.main(['status', *LOCATION])
+
+
+def test_real_mode_runs_the_planned_commands(tmp_path, monkeypatch, capsys):
+  calls = tmp_path / 'calls'
+  _recording_stub(tmp_path / 'bin' / 'gcloud', calls, then='echo "${STUB_STATE:-ACTIVE}"')
+  monkeypatch.setenv('PATH', f'{tmp_path / "bin"}{os.pathsep}{os.environ["PATH"]}')
+  launcher_args = ['create', *LOCATION, '--accelerator_type=v4-32', '--queued']
+  planned, _ = _dry_run(capsys, *launcher_args)
+  tpu_vm.main(launcher_args)
+  assert _read_calls(calls) == planned
+  monkeypatch.setenv('STUB_STATE', 'FAILED')
+  with pytest.raises(SystemExit, match='says FAILED'):
+    tpu_vm.main(launcher_args)
+
+
+def test_uncommitted_files_are_named(tmp_path):
+  subprocess.run(['git', 'init', '-q', str(tmp_path)], check=True)
+  assert tpu_vm.uncommitted_files(str(tmp_path)) == []
+  (tmp_path / 'edited.py').write_text('x = 1\n')
+  assert tpu_vm.uncommitted_files(str(tmp_path)) == ['edited.py']
+
+
+def _remote_scripts(capsys):
+  commands, _ = _dry_run(capsys, *LOCATION, '--accelerator_type=v4-8',
+                         trainer_flags=TRAINER_FLAGS)
+  scripts = {'setup': _remote_script(commands[3]), 'run': _remote_script(commands[4])}
+  for name in ('status', 'stop'):
+    scripts[name] = _remote_script(_dry_run(capsys, name, *LOCATION)[0][-1])
+  return scripts
+
+
+def _on_worker(home, script):
+  """Runs a remote script as gcloud's ssh would: bash, in the home directory."""
+  env = dict(os.environ, HOME=str(home), PATH=f'{home / "bin"}{os.pathsep}{os.environ["PATH"]}')
+  return subprocess.run(['bash', '-c', script], cwd=home, env=env, capture_output=True,
+                        text=True, timeout=60)
+
+
+def test_setup_script_unpacks_and_installs(tmp_path, capsys):
+  scripts = _remote_scripts(capsys)
+  project = tmp_path / 'project'
+  (project / 'vit_jax').mkdir(parents=True)
+  (project / 'vit_jax' / 'main.py').write_text('# trainer\n')
+  with tarfile.open(tmp_path / 'vit_jax.tar.gz', 'w:gz') as tarball:
+    tarball.add(project / 'vit_jax', arcname='vit_jax')
+  calls = tmp_path / 'calls'
+  for name in ('bin/python3', '.local/bin/uv'):
+    _recording_stub(tmp_path / name, calls)
+  result = _on_worker(tmp_path, scripts['setup'])
+  assert result.returncode == 0, result.stderr
+  assert (tmp_path / 'vit_jax' / 'vit_jax' / 'main.py').read_text() == '# trainer\n'
+  assert _read_calls(calls) == [
+      ['python3', '-m', 'pip', 'install', '--user', '--quiet', '--upgrade', 'uv'],
+      ['uv', 'venv', '--quiet', '--python', '3.11', 'vit_jax_venv'],
+      ['uv', 'pip', 'install', '--quiet', '--python', 'vit_jax_venv/bin/python', '-e',
+       './vit_jax', 'jax[tpu]'],
+  ]
+
+
+def test_run_status_stop_scripts_manage_a_detached_trainer(tmp_path, capsys):
+  scripts = _remote_scripts(capsys)
+  (tmp_path / 'vit_jax').mkdir()
+  argv_file = tmp_path / 'trainer_argv'
+  _stub(tmp_path / 'vit_jax_venv' / 'bin' / 'python',
+        f'printf "%s\\0" "$PWD" "$@" > {argv_file}.tmp; mv {argv_file}.tmp {argv_file}; '
+        'echo training output; exec sleep 60')
+  result = _on_worker(tmp_path, scripts['run'])
+  pid = int((tmp_path / 'vit_jax.pid').read_text())
+  try:
+    assert result.returncode == 0, result.stderr
+    for _ in range(100):
+      if argv_file.exists():
+        break
+      time.sleep(0.05)
+    cwd, *argv = argv_file.read_text().split('\0')[:-1]
+    assert cwd == str(tmp_path / 'vit_jax')
+    assert argv == ['-m', 'vit_jax.main', *TRAINER_FLAGS]
+    assert 'training output' in (tmp_path / 'vit_jax.log').read_text()
+    assert 'training, pid' in _on_worker(tmp_path, scripts['status']).stdout
+    second = _on_worker(tmp_path, scripts['run'])
+    assert second.returncode == 1 and 'already training' in second.stderr
+    stopped = _on_worker(tmp_path, scripts['stop'])
+    assert stopped.stdout.strip().endswith('not training')
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
+    assert 'not training' in _on_worker(tmp_path, scripts['status']).stdout
+  finally:
+    try:
+      os.kill(pid, 9)
+    except ProcessLookupError:
+      pass
+
+
+SLURM_ENV = {'SLURM_JOB_NODELIST': 'gpu[07-08]', 'SLURM_NTASKS': '2', 'SLURM_JOB_NUM_NODES': '2',
+             'SLURM_PROCID': '1', 'SLURM_JOB_ID': '4242'}
+
+
+@pytest.fixture
+def slurm(tmp_path, monkeypatch):
+  """SLURM's variables, and an scontrol on PATH that expands gpu[07-08] and records its argv."""
+  for name, value in SLURM_ENV.items():
+    monkeypatch.setenv(name, value)
+  calls = tmp_path / 'scontrol_calls'
+  _recording_stub(tmp_path / 'bin' / 'scontrol', calls, then='printf "gpu07\\ngpu08\\n"')
+  monkeypatch.setenv('PATH', f'{tmp_path / "bin"}{os.pathsep}{os.environ["PATH"]}')
+  return calls
+
+
+def test_slurm_task_gets_coordinator_flags(slurm, capsys):
+  gpu_slurm.main(['--dry_run', '--', *TRAINER_FLAGS])
+  assert shlex.split(capsys.readouterr().out) == [
+      sys.executable, '-m', 'vit_jax.main', *TRAINER_FLAGS,
+      f'--coordinator_address=gpu07:{20000 + 4242}', '--num_processes=2', '--process_id=1']
+  assert _read_calls(slurm) == [['scontrol', 'show', 'hostnames', 'gpu[07-08]']]
+
+
+def test_slurm_real_mode_replaces_itself_with_the_trainer(slurm, monkeypatch):
+  executed = []
+  monkeypatch.setattr(os, 'execv', lambda path, argv: executed.append((path, argv)))
+  gpu_slurm.main(['--port=1234', '--', '--config=c.py', '--workdir=/shared/w'])
+  assert executed == [(sys.executable, [
+      sys.executable, '-m', 'vit_jax.main', '--config=c.py', '--workdir=/shared/w',
+      '--coordinator_address=gpu07:1234', '--num_processes=2', '--process_id=1'])]
+
+
+def test_slurm_errors_name_the_variable(slurm, monkeypatch):
+  monkeypatch.setenv('SLURM_NTASKS', '16')
+  with pytest.raises(SystemExit, match='SLURM_NTASKS=16 but SLURM_JOB_NUM_NODES=2'):
+    gpu_slurm.trainer_command(os.environ, [])
+  monkeypatch.delenv('SLURM_NTASKS')
+  with pytest.raises(SystemExit, match='SLURM_NTASKS is not set'):
+    gpu_slurm.trainer_command(os.environ, [])
+
+
+def test_sbatch_script_hands_trainer_flags_to_one_task_per_node(tmp_path):
+  script = os.path.join(tpu_vm.PROJECT_ROOT, 'launch', 'gpu_slurm.sbatch')
+  directives = [line.split()[1] for line in open(script) if line.startswith('#SBATCH')]
+  assert {'--ntasks-per-node=1', '--signal=TERM@120'} <= set(directives)
+  calls = tmp_path / 'srun_calls'
+  _recording_stub(tmp_path / 'bin' / 'srun', calls)
+  env = dict(os.environ, PATH=f'{tmp_path / "bin"}{os.pathsep}{os.environ["PATH"]}')
+  subprocess.run(['bash', script, *TRAINER_FLAGS], env=env, check=True, timeout=60)
+  assert _read_calls(calls) == [
+      ['srun', '--kill-on-bad-exit=1', 'python', '-m', 'launch.gpu_slurm', '--', *TRAINER_FLAGS]]
