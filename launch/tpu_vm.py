@@ -49,7 +49,7 @@ RUNTIME_VERSIONS = {
     'v6e': 'v2-alpha-tpuv6e',
 }
 QUEUED_POLL_S = 30
-QUEUED_FAILED_STATES = ('FAILED', 'SUSPENDED')
+QUEUED_FAILED_STATES = ('FAILED', 'SUSPENDING', 'SUSPENDED')
 STOP_GRACE_S = 300  # time the trainer gets to write its SIGTERM checkpoint before SIGKILL
 _IS_TRAINING = f'test -f {REMOTE_PID} && kill -0 "$(cat {REMOTE_PID})" 2>/dev/null'
 
