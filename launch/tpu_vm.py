@@ -14,8 +14,9 @@ COMMAND (default: launch)
   stop    SIGTERM the trainer on every worker (it checkpoints, then exits); the slice stays up
   delete  delete the slice (the queued resource with --queued); gcloud asks to confirm
 
-Multi-host needs no coordinator flags: on a TPU slice JAX finds its peers itself. The workdir must
-be gs://: every host writes its checkpoint shards there, and the VMs' disks go with the slice.
+Multi-host needs no coordinator flags: the trainer gets --distributed, and JAX finds the slice's
+hosts itself. The workdir must be gs://: every host writes its checkpoint shards there, and the
+VMs' disks go with the slice.
 With --dry_run each command is printed (one per line, shell-quoted; lines starting with # are
 notes) and nothing runs.
 """
@@ -127,7 +128,8 @@ def setup_commands(args, tarball):
 
 
 def run_commands(args, trainer_flags):
-  trainer = shlex.join([f'../{REMOTE_VENV}/bin/python', '-m', 'vit_jax.main', *trainer_flags])
+  trainer = shlex.join([f'../{REMOTE_VENV}/bin/python', '-m', 'vit_jax.main', *trainer_flags,
+                        '--distributed'])
   remote = (f'if {_IS_TRAINING}; then echo "$(hostname): already training, pid '
             f'$(cat {REMOTE_PID})" >&2; exit 1; fi; '
             f'cd {REMOTE_DIR} || exit 1; '

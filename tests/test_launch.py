@@ -9,8 +9,11 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 
+import jax
 import pytest
+from absl import flags
 
 from launch import gpu_slurm, tpu_vm
 
@@ -66,7 +69,7 @@ def test_launch_creates_ships_installs_and_runs(capsys):
   for ssh in (setup, run):
     assert ssh[:-1] == GCLOUD_TPU_VM + ['ssh', 'vit-a', '--zone=us-central2-b', '--worker=all']
   assert "-e ./vit_jax 'jax[tpu]'" in _remote_script(setup)
-  assert '--coordinator_address' not in _remote_script(run)  # TPU peers find each other
+  assert '--coordinator_address' not in _remote_script(run)  # TPU hosts find each other
 
 
 def test_queued_spot_slice_waits_until_active(capsys):
@@ -229,7 +232,7 @@ def test_run_status_stop_scripts_manage_a_detached_trainer(tmp_path, capsys):
       time.sleep(0.05)
     cwd, *argv = argv_file.read_text().split('\0')[:-1]
     assert cwd == str(tmp_path / 'vit_jax')
-    assert argv == ['-m', 'vit_jax.main', *TRAINER_FLAGS]
+    assert argv == ['-m', 'vit_jax.main', *TRAINER_FLAGS, '--distributed']
     assert 'training output' in (tmp_path / 'vit_jax.log').read_text()
     assert 'training, pid' in _on_worker(tmp_path, scripts['status']).stdout
     second = _on_worker(tmp_path, scripts['run'])
@@ -244,6 +247,22 @@ def test_run_status_stop_scripts_manage_a_detached_trainer(tmp_path, capsys):
       os.kill(pid, 9)
     except ProcessLookupError:
       pass
+
+
+def test_distributed_flag_starts_jax_distributed_auto_detected(monkeypatch):
+  from vit_jax import main as vit_main  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
+  trainer = types.ModuleType('vit_jax.train.trainer')  # the real one imports TF: slow here
+  trainer.train_and_evaluate = lambda config, workdir: calls.append(workdir)
+  monkeypatch.setitem(sys.modules, 'vit_jax.train.trainer', trainer)
+  monkeypatch.delattr('vit_jax.train.trainer', raising=False)
+  flags.FLAGS(['prog', '--config=configs/quickstart.py', '--workdir=/tmp/w', '--distributed'])
+  try:
+    vit_main.main(['prog'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None), '/tmp/w']
 
 
 SLURM_ENV = {'SLURM_JOB_NODELIST': 'gpu[07-08]', 'SLURM_NTASKS': '2', 'SLURM_JOB_NUM_NODES': '2',

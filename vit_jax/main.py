@@ -9,6 +9,9 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'HOST:PORT of process 0 for multi-host runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-host run.')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False,
+                                 'Start jax.distributed with the cluster auto-detected (Cloud TPU '
+                                 'slice, SLURM, Open MPI): multi-host without the flags above.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -19,7 +22,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax and TF log a lot at INFO; -v 0 shows it
   import jax  # pylint: disable=g-import-not-at-top
   # jax.distributed must start before any JAX computation.
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
+  if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
