@@ -215,7 +215,8 @@ def test_setup_script_unpacks_and_installs(tmp_path, capsys):
   ]
 
 
-def test_run_status_stop_scripts_manage_a_detached_trainer(tmp_path, capsys):
+def test_run_status_stop_scripts_manage_a_detached_trainer(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(tpu_vm, 'STOP_GRACE_S', 6)  # bounds the wait if the stub ignored SIGTERM
   scripts = _remote_scripts(capsys)
   (tmp_path / 'vit_jax').mkdir()
   argv_file = tmp_path / 'trainer_argv'
@@ -226,7 +227,7 @@ def test_run_status_stop_scripts_manage_a_detached_trainer(tmp_path, capsys):
   pid = int((tmp_path / 'vit_jax.pid').read_text())
   try:
     assert result.returncode == 0, result.stderr
-    for _ in range(100):
+    for _ in range(400):
       if argv_file.exists():
         break
       time.sleep(0.05)
