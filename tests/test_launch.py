@@ -221,8 +221,9 @@ def test_run_status_stop_scripts_manage_a_detached_trainer(tmp_path, capsys, mon
   (tmp_path / 'vit_jax').mkdir()
   argv_file = tmp_path / 'trainer_argv'
   _stub(tmp_path / 'vit_jax_venv' / 'bin' / 'python',
+        f'trap "kill \\$!; touch {tmp_path}/got_sigterm; exit 0" TERM; '
         f'printf "%s\\0" "$PWD" "$@" > {argv_file}.tmp; mv {argv_file}.tmp {argv_file}; '
-        'echo training output; exec sleep 60')
+        'echo training output; sleep 60 & wait')
   result = _on_worker(tmp_path, scripts['run'])
   pid = int((tmp_path / 'vit_jax.pid').read_text())
   try:
@@ -240,6 +241,7 @@ def test_run_status_stop_scripts_manage_a_detached_trainer(tmp_path, capsys, mon
     assert second.returncode == 1 and 'already training' in second.stderr
     stopped = _on_worker(tmp_path, scripts['stop'])
     assert stopped.stdout.strip().endswith('not training')
+    assert (tmp_path / 'got_sigterm').exists()  # a checkpointing exit, not SIGKILL
     with pytest.raises(ProcessLookupError):
       os.kill(pid, 0)
     assert 'not training' in _on_worker(tmp_path, scripts['status']).stdout
