@@ -5,7 +5,7 @@ import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax.data import digits  # noqa: F401  (registers the 'sklearn_digits' builder)
+from vit_jax.data import digits, shapes  # noqa: F401  (register sklearn_digits, synthetic_shapes)
 
 
 @dataclasses.dataclass

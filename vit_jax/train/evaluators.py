@@ -6,7 +6,7 @@ import numpy as np
 
 from vit_jax import sharding
 from vit_jax.data import pipeline
-from vit_jax.train import steps
+from vit_jax.train import fewshot, steps
 
 
 class ClassificationEvaluator:
@@ -34,7 +34,58 @@ class ClassificationEvaluator:
             f'{self.prefix}_loss': float(totals['loss']) / count}
 
 
+
+
+class FewShotEvaluator:
+  """Linear few-shot accuracy on frozen pre-logit features: `fewshot_<name>_<k>shot`."""
+
+  def __init__(self, config, model, mesh, params_sharding):
+    fs = config.fewshot
+    self.mesh, self.fs = mesh, fs
+    # Feature extraction reuses the eval pipeline with the few-shot dataset and preprocessing.
+    self.data_config = config.copy_and_resolve_references()
+    with self.data_config.unlocked():
+      self.data_config.data = dict(name=fs.dataset, data_dir=config.data.get('data_dir', ''))
+      self.data_config.pp_eval = fs.pp
+    feature_model = model.clone(num_classes=None)
+    self._features = jax.jit(
+        lambda params, batch: (feature_model.apply({'params': params}, batch['image']),
+                               batch['labels'], batch['mask']),
+        in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh))
+
+  def _extract(self, params, split: str):
+    _, batches = pipeline.eval_batches(self.data_config, self.mesh, split)
+    features, labels = [], []
+    for batch in batches:
+      f, y, mask = jax.device_get(self._features(params, batch))
+      keep = mask > 0
+      features.append(f[keep])
+      labels.append(np.argmax(y[keep], axis=-1))
+    return np.concatenate(features), np.concatenate(labels)
+
+  def run(self, params) -> dict:
+    train_x, train_y = self._extract(params, self.fs.train_split)
+    test_x, test_y = self._extract(params, self.fs.test_split)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    results = {}
+    for shots in self.fs.shots:
+      accuracies = []
+      for seed in range(self.fs.get('seeds', 3)):
+        idx = fewshot.select_shots(train_y, shots, seed)
+        accuracies.append(fewshot.fewshot_accuracy(
+            train_x[idx], train_y[idx], test_x, test_y, num_classes=num_classes,
+            l2_reg=self.fs.get('l2_reg', 2.**10)))
+      results[f'fewshot_{self.fs.get("name", self.fs.dataset)}_{shots}shot'] = float(
+          np.mean(accuracies))
+    return results
+
+
 def build(config, model, mesh, params_sharding) -> list:
-  if not config.data.get('eval_split'):
-    return []
-  return [ClassificationEvaluator(config, model, mesh, params_sharding)]
+  """The evaluators a config asks for: classification on data.eval_split, few-shot if set."""
+  evaluators = []
+  if config.data.get('eval_split'):
+    evaluators.append(ClassificationEvaluator(config, model, mesh, params_sharding))
+  if config.get('fewshot') and config.fewshot.get('dataset'):
+    evaluators.append(FewShotEvaluator(config, model, mesh, params_sharding))
+  return evaluators

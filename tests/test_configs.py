@@ -1,0 +1,53 @@
+"""Every config in configs/ loads, with each of its arguments, and builds a (tiny) run."""
+import glob
+import importlib
+import os
+
+import jax
+import pytest
+
+from vit_jax import sharding
+from vit_jax.train import optim, steps, trainer
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
+DOCUMENTED_KEYS = ('total_steps', 'batch_size', 'seed', 'log_every', 'eval_every',
+                   'checkpoint_every', 'init_from')
+
+
+def _configs():
+  for path in sorted(glob.glob(os.path.join(CONFIG_DIR, '*.py'))):
+    name = os.path.basename(path)[:-3]
+    if name == '__init__':
+      continue
+    module = importlib.import_module(f'configs.{name}')
+    for arg in getattr(module, 'ARGS', (None,)):
+      yield pytest.param(module, arg, id=f'{name}:{arg}' if arg else name)
+
+
+@pytest.mark.parametrize('module,arg', _configs())
+def test_config_loads_and_builds_with_a_tiny_model(module, arg):
+  config = module.get_config(arg) if arg else module.get_config()
+  for key in DOCUMENTED_KEYS:
+    assert key in config, f'{module.__name__} lacks {key}'
+  assert set(config.mesh) == {'data', 'fsdp', 'model'}
+  assert config.schedule.get('warmup_steps', 0) < config.total_steps
+  assert 0 < config.schedule.base_lr < 1
+  # Real sizes are checked abstractly; the built run uses the 'testing' model at 16px.
+  with config.unlocked():
+    config.model.name = 'testing'
+    config.image_size = 16
+    config.mesh = dict(data=-1, fsdp=1, model=1)
+  model = trainer.build_model(config)
+  tx, schedule = optim.make_optimizer(config)
+  steps.get_loss_fn(config.loss)
+  _, abstract_state, _ = trainer.create_state(config, model, tx,
+                                              sharding.make_mesh(config.mesh),
+                                              sharding.rules_from_config(config))
+  assert abstract_state.params['head']['kernel'].shape[-1] == config.num_classes
+  assert float(schedule(config.total_steps // 2)) > 0
+
+
+def test_unknown_preset_names_it():
+  finetune = importlib.import_module('configs.finetune')
+  with pytest.raises(ValueError, match='cifar11'):
+    finetune.get_config('cifar11')
