@@ -14,12 +14,15 @@ console and DIR/transfer.md, the plot to DIR/transfer.png.
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
 
-from configs import quickstart
-from vit_jax.train import trainer
+# Run as a script from a checkout: the repository root holds `configs` and `vit_jax`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import quickstart  # noqa: E402  pylint: disable=g-import-not-at-top
+from vit_jax.train import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def pretrain_config(steps: int):
