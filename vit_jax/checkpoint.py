@@ -145,7 +145,11 @@ def load_pretrained(path: str, init_params, num_heads: int | None = None) -> dic
         problems.append(f'missing in checkpoint: {key}')
       merged[key] = value
       continue
-    restored = _resize_to(key, loaded[key], value.shape)
+    try:
+      restored = _resize_to(key, loaded[key], value.shape)
+    except ValueError as e:
+      problems.append(f'{key}: {e}')
+      continue
     if restored.shape != value.shape:
       problems.append(f'shape mismatch for {key}: checkpoint {restored.shape}, model {value.shape}')
     merged[key] = restored.astype(value.dtype)
