@@ -166,6 +166,10 @@ def test_timm_fused_qkv_safetensors_give_the_same_logits(tmp_path):
   _assert_same_logits(model, params, tmp_path / 'model.safetensors', num_heads=HEADS)
   with pytest.raises(ValueError, match='num_heads'):
     checkpoint.load(str(tmp_path / 'model.safetensors'))  # width 16 is no named variant
+  ti_width = models.get_model('testing', num_classes=5, hidden_size=192, num_heads=3)
+  params = _params(ti_width)
+  save_file(_to_timm(_flat(params)), str(tmp_path / 'ti.safetensors'))
+  _assert_same_logits(ti_width, params, tmp_path / 'ti.safetensors')  # ViT-Ti's 3 heads
 
 
 def test_hf_split_qkv_safetensors_give_the_same_logits(tmp_path):
@@ -176,10 +180,10 @@ def test_hf_split_qkv_safetensors_give_the_same_logits(tmp_path):
 
 
 def test_released_hybrid_npz_with_4d_group_norm(tmp_path):
-  model = models.get_model('testing', num_classes=5, resnet_layers=(1, 1), patch_size=1)
+  model = models.get_model('testing', num_classes=5, resnet_layers=(1,), patch_size=1)
   params = _params(model)
   flat = _flat(params)
-  assert flat['block2/unit1/conv_proj/kernel'].shape == (1, 1, 256, 512)
+  assert flat['block1/unit1/conv_proj/kernel'].shape == (1, 1, 64, 256)
   released = {k: v.reshape(1, 1, 1, -1) if re.search(r'(^|/)gn', k) else v
               for k, v in flat.items()}
   assert released['gn_root/scale'].shape == (1, 1, 1, 64)

@@ -221,9 +221,8 @@ _HF_RULES = [
 
 def _from_torch(flat: dict, rules, num_heads, path: str) -> dict:
   if num_heads is None:
-    width = next(v.shape[0] for k, v in flat.items() if k.endswith('cls_token') or
-                 k.endswith('embeddings.cls_token') or k.endswith('patch_embed.proj.bias') or
-                 k.endswith('projection.bias'))
+    width = next((v.shape[0] for k, v in flat.items()
+                  if k.endswith(('patch_embed.proj.bias', 'projection.bias'))), None)
     if width not in _HEADS_BY_WIDTH:
       raise ValueError(f'{path}: cannot tell the number of attention heads for width {width} '
                        '(PyTorch files do not record it); pass num_heads')
