@@ -1,4 +1,4 @@
-"""Training checkpoints (Orbax) and released-format weights (.npz) import/export."""
+"""Training checkpoints (Orbax) and released weights (vit_jax, big_vision, timm, HF) import/export."""
 import os
 
 import flax
@@ -6,6 +6,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import scipy.ndimage
+
+from vit_jax import weight_formats
 
 
 # --- training checkpoints ----------------------------------------------------------------------
@@ -34,7 +36,7 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state, step: int | No
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
-# --- released .npz weights ---------------------------------------------------------------------
+# --- released weights (vit_jax / big_vision .npz, timm / Hugging Face safetensors) -------------
 
 def _flatten(params) -> dict:
   return {k: np.asarray(v) for k, v in
@@ -42,16 +44,43 @@ def _flatten(params) -> dict:
 
 
 def save_npz(params, path: str) -> None:
-  """Writes params in the released vit_jax layout: one array per '/'-joined key."""
+  """Writes params in the released vit_jax layout: one array per '/'-joined key.
+
+  Scanned blocks are written per layer (`encoderblock_{i}`), so other tools read the file.
+  """
   with open(path, 'wb') as f:
-    np.savez(f, **_flatten(jax.device_get(params)))
+    np.savez(f, **weight_formats.unscan(_flatten(jax.device_get(params))))
 
 
-def load(path: str) -> dict:
-  """Loads a released vit_jax .npz into our parameter tree (never unpickles)."""
-  with np.load(path, allow_pickle=False) as npz:
-    flat = {k: npz[k] for k in npz.files}
+def load(path: str, num_heads: int | None = None) -> dict:
+  """Loads weights into our (unscanned) parameter tree; never unpickles.
+
+  `path`: a vit_jax or big_vision .npz, timm / Hugging Face .safetensors (the layout is detected
+  from the keys), or the workdir of an earlier run (its newest checkpoint's params). PyTorch
+  files do not record the number of heads: it is taken from the width of the named variants
+  unless given. Unknown or missing keys raise, naming them.
+  """
+  if os.path.isdir(path):
+    flat = weight_formats.unscan(_restore_run_params(path))
+  else:
+    flat, _ = weight_formats.to_vit_jax(weight_formats.read_flat(path), path, num_heads)
   return flax.traverse_util.unflatten_dict(flat, sep='/')
+
+
+def _restore_run_params(workdir: str) -> dict:
+  """The params of the newest complete Orbax checkpoint under WORKDIR[/checkpoints], as numpy."""
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  ckpt_dir = ckpt_dir if os.path.isdir(ckpt_dir) else workdir
+  step = ocp.CheckpointManager(os.path.abspath(ckpt_dir)).latest_step()
+  if step is None:
+    raise ValueError(f'init_from={workdir!r}: no complete checkpoint in {ckpt_dir}')
+  item = os.path.join(os.path.abspath(ckpt_dir), str(step), 'default')
+  checkpointer = ocp.PyTreeCheckpointer()
+  params_meta = checkpointer.metadata(item).item_metadata.tree['params']
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
+  restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+      item={'params': params_meta}, restore_args={'params': restore_args}, partial_restore=True))
+  return _flatten(restored['params'])
 
 
 def resize_posemb(posemb: np.ndarray, target_tokens: int) -> np.ndarray:
@@ -82,14 +111,32 @@ def resize_posemb(posemb: np.ndarray, target_tokens: int) -> np.ndarray:
   return np.concatenate([head, grid.astype(posemb.dtype)], axis=1)
 
 
-def load_pretrained(path: str, init_params) -> dict:
+def _resize_to(key: str, value: np.ndarray, shape: tuple) -> np.ndarray:
+  """Grid-shaped leaves follow a new image size: 1D/2D position embeddings, relative biases."""
+  if key.endswith('/pos_embedding'):
+    return resize_posemb(value, shape[1])
+  if key.endswith(('/pos_embedding_x', '/pos_embedding_y', '/relative_bias')) and (
+      value.ndim == len(shape)):
+    return scipy.ndimage.zoom(value, np.divide(shape, value.shape), order=1).astype(value.dtype)
+  return value
+
+
+def load_pretrained(path: str, init_params, num_heads: int | None = None) -> dict:
   """Pretrained weights for transfer into the tree of `init_params`.
 
-  Head (and pre_logits where the target has none) come from `init_params`; position embeddings
-  are resized to the target grid; every other leaf must match in name and shape.
+  `path`: anything `load` reads, or the workdir of an earlier run (its newest checkpoint). Head
+  (and pre_logits where the target has none) come from `init_params`; position embeddings (and
+  relative-position biases) are resized to the target grid; every other leaf must match in name
+  and shape. Scanned or not, on either side, is converted to the target's form.
   """
-  loaded = _flatten(load(path))
   target = _flatten(init_params)
+  scanned = weight_formats.is_scanned(target)
+  target = weight_formats.unscan(target)
+  if num_heads is None:
+    query = next((v for k, v in target.items() if k.endswith(
+        weight_formats.ATTN + '/query/kernel')), None)
+    num_heads = None if query is None else query.shape[1]
+  loaded = _flatten(load(path, num_heads))
   merged, problems = {}, []
   for key, value in target.items():
     top = key.split('/')[0]
@@ -98,14 +145,19 @@ def load_pretrained(path: str, init_params) -> dict:
         problems.append(f'missing in checkpoint: {key}')
       merged[key] = value
       continue
-    restored = loaded[key]
-    if key.endswith('pos_embedding') and restored.shape != value.shape:
-      restored = resize_posemb(restored, value.shape[1])
+    try:
+      restored = _resize_to(key, loaded[key], value.shape)
+    except ValueError as e:
+      problems.append(f'{key}: {e}')
+      continue
     if restored.shape != value.shape:
       problems.append(f'shape mismatch for {key}: checkpoint {restored.shape}, model {value.shape}')
     merged[key] = restored.astype(value.dtype)
-  unused = sorted(k for k in loaded if k not in target and k.split('/')[0] != 'pre_logits')
+  unused = sorted(k for k in loaded if k not in target and k.split('/')[0] not in
+                  ('head', 'pre_logits'))
   problems += [f'not in model: {k}' for k in unused]
   if problems:
     raise ValueError(f'cannot load {path} into this model:\n  ' + '\n  '.join(problems))
+  if scanned:
+    merged = weight_formats.scan(merged)
   return flax.traverse_util.unflatten_dict(merged, sep='/')

@@ -1,5 +1,12 @@
-"""Named model variants: get_model('ViT-B_16', num_classes=1000, **overrides)."""
+"""Named model variants: get_model('ViT-B_16', num_classes=1000, **overrides).
+
+'ViT-<size>_<patch>' for size in Ti/S/B/L/H/g and any patch size; hybrids
+'R<depth>+ViT-<size>_<patch>' where the ResNet stem's stride times the embedding's patch
+(1 for the released hybrids) gives <patch>; 'testing' is a tiny ViT for tests.
+"""
 import re
+
+import jax.numpy as jnp
 
 from vit_jax.models import vit
 
@@ -13,10 +20,20 @@ VIT_SIZES = {
     'g': (1408, 40, 6144, 16),
 }
 
+# (ResNet depth, total patch size) -> stage sizes of the released hybrids. The stem strides 4,
+# every stage after the first 2 more: 3 stages = 16, 4 stages = 32.
+HYBRID_STAGES = {
+    (50, 16): (3, 4, 9),
+    (50, 32): (3, 4, 6, 3),
+    (26, 32): (2, 2, 2, 2),
+    (26, 16): (2, 2, 2),
+}
+
 # A few-thousand-parameter ViT for tests.
 TESTING = dict(patch_size=4, hidden_size=16, num_layers=2, mlp_dim=32, num_heads=2)
 
-_VIT_NAME = re.compile(r'^ViT-(?P<size>[A-Za-z]+)_(?P<patch>\d+)$')
+_VIT_NAME = re.compile(r'^(R(?P<depth>\d+)\+)?ViT-(?P<size>[A-Za-z]+)_(?P<patch>\d+)$')
+_DTYPE_FIELDS = ('dtype', 'param_dtype')
 
 
 def model_config(name: str) -> dict:
@@ -25,11 +42,26 @@ def model_config(name: str) -> dict:
     return dict(TESTING)
   match = _VIT_NAME.match(name)
   if not match or match['size'] not in VIT_SIZES:
-    raise ValueError(f'unknown model name {name!r}; expected "testing" or "ViT-<size>_<patch>" '
-                     f'with size in {sorted(VIT_SIZES)}, e.g. "ViT-B_16"')
+    raise ValueError(f'unknown model name {name!r}; expected "testing", "ViT-<size>_<patch>" or '
+                     f'"R50+ViT-<size>_<patch>" with size in {sorted(VIT_SIZES)}, e.g. "ViT-B_16"')
   hidden, layers, mlp, heads = VIT_SIZES[match['size']]
-  return dict(patch_size=int(match['patch']), hidden_size=hidden, num_layers=layers,
-              mlp_dim=mlp, num_heads=heads)
+  config = dict(patch_size=int(match['patch']), hidden_size=hidden, num_layers=layers,
+                mlp_dim=mlp, num_heads=heads)
+  if match['depth']:
+    key = (int(match['depth']), int(match['patch']))
+    if key not in HYBRID_STAGES:
+      raise ValueError(f'unknown hybrid {name!r}; known (ResNet depth, patch): '
+                       f'{sorted(HYBRID_STAGES)}')
+    config.update(resnet_layers=HYBRID_STAGES[key], patch_size=1)
+  return config
+
+
+def _dtype(key: str, value):
+  """Accepts dtype strings from configs ('bfloat16', 'float32')."""
+  try:
+    return jnp.dtype(value)
+  except TypeError:
+    raise ValueError(f'model option {key}={value!r} is not a dtype name') from None
 
 
 def get_model(name: str, num_classes=1000, **overrides) -> vit.VisionTransformer:
@@ -40,4 +72,9 @@ def get_model(name: str, num_classes=1000, **overrides) -> vit.VisionTransformer
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise ValueError(f'unknown model option(s) {unknown} for {name!r}; known: {sorted(fields)}')
+  for key in _DTYPE_FIELDS:
+    if key in kwargs:
+      kwargs[key] = _dtype(key, kwargs[key])
+  if kwargs.get('resnet_layers') is not None:
+    kwargs['resnet_layers'] = tuple(kwargs['resnet_layers'])  # configs may hold lists
   return vit.VisionTransformer(num_classes=num_classes, **kwargs)

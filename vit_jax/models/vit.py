@@ -2,8 +2,10 @@
 
 Module and parameter names follow the released vit_jax checkpoints
 (`Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/query/kernel`, ...), so those
-weights load without renaming. Every parameter carries logical axis names; `vit_jax.sharding`
-maps them to mesh axes.
+weights load without renaming; the MAP head uses big_vision's names (`MAPHead_0/probe`, ...).
+Every parameter carries logical axis names; `vit_jax.sharding` maps them to mesh axes. With
+`scan_layers=True` the blocks are one `nn.scan` whose params are stacked under
+`Transformer/encoderblock/...` with a leading 'layers' axis (big_vision's scanned layout).
 """
 from typing import Any, Callable, Optional
 
@@ -12,14 +14,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import resnet
+
 Dtype = Any
 
-# Logical axis names used on parameters (see vit_jax/sharding.py for the rules).
-EMBED, MLP, HEADS, KV, CLASSES = 'embed', 'mlp', 'heads', 'kv', 'classes'
+# Logical axis names used on parameters (see vit_jax/sharding.py for the rules). LAYERS leads
+# the stacked params of scanned blocks and is mapped to no mesh axis.
+EMBED, MLP, HEADS, KV, CLASSES, LAYERS = 'embed', 'mlp', 'heads', 'kv', 'classes', 'layers'
+
+CLASSIFIERS = ('token', 'gap', 'map', 'unpooled')
+POSEMBS = ('learn', 'learn2d', 'sincos2d', 'relative', 'none')
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'nothing_saveable', 'everything_saveable')
 
 
 def _param_init(init: Callable, axes: tuple) -> Callable:
   return nn.with_logical_partitioning(init, axes)
+
+
+def _layer_norm(name: str, dtype, param_dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=_param_init(nn.initializers.ones, (EMBED,)),
+                      bias_init=_param_init(nn.initializers.zeros, (EMBED,)))
 
 
 def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.) -> np.ndarray:
@@ -34,6 +50,20 @@ def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.) -> 
   return pe[None].astype(np.float32)
 
 
+def relative_offsets(h: int, w: int) -> np.ndarray:
+  """(h*w, h*w, 2) index into a (2h-1, 2w-1) table of every query-key 2D offset."""
+  y, x = np.mgrid[:h, :w]
+  pos = np.stack([y.reshape(-1), x.reshape(-1)], axis=-1)
+  return pos[:, None, :] - pos[None, :, :] + np.array([h - 1, w - 1])
+
+
+def remat_policy(name: str):
+  """Maps a config string to a jax.checkpoint policy ('full' saves nothing)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'unknown remat_policy={name!r}; choose one of {REMAT_POLICIES}')
+  return None if name == 'full' else getattr(jax.checkpoint_policies, name)
+
+
 class AddPositionEmbs(nn.Module):
   """Adds learned 1D position embeddings to a (B, N, D) sequence."""
   param_dtype: Dtype = jnp.float32
@@ -44,6 +74,22 @@ class AddPositionEmbs(nn.Module):
         'pos_embedding', _param_init(nn.initializers.normal(stddev=0.02), (None, None, EMBED)),
         (1, x.shape[1], x.shape[2]), self.param_dtype)
     return x + pos_embedding.astype(x.dtype)
+
+
+class AddPositionEmbs2D(nn.Module):
+  """The paper's 2D ablation: learned Y and X embeddings of D/2 each, concatenated per patch."""
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    _, h, w, d = x.shape
+    if d % 2:
+      raise ValueError(f'learn2d position embeddings need an even width, got {d}')
+    init = _param_init(nn.initializers.normal(stddev=0.02), (None, None, None, EMBED))
+    pe_y = self.param('pos_embedding_y', init, (1, h, 1, d // 2), self.param_dtype)
+    pe_x = self.param('pos_embedding_x', init, (1, 1, w, d // 2), self.param_dtype)
+    pe = jnp.concatenate([jnp.tile(pe_y, (1, 1, w, 1)), jnp.tile(pe_x, (1, h, 1, 1))], axis=-1)
+    return x + pe.astype(x.dtype)
 
 
 class MlpBlock(nn.Module):
@@ -67,14 +113,31 @@ class MlpBlock(nn.Module):
 
 
 class MultiHeadDotProductAttention(nn.Module):
-  """Self-attention with the released layout: q/k/v kernels (D, heads, D/heads)."""
+  """Attention with the released layout: q/k/v kernels (D, heads, D/heads).
+
+  Keys/values come from `kv` (default: `x`, self-attention). With `relative_grid=(h, w)` each
+  head adds a learned bias per relative 2D offset between the last h*w tokens (`relative_bias`,
+  (2h-1, 2w-1, heads)); leading tokens (the class token) get none.
+  """
   num_heads: int
   dropout_rate: float = 0.0
+  relative_grid: Optional[tuple] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  def _relative_bias(self, seq_len: int):
+    h, w = self.relative_grid
+    table = self.param('relative_bias', _param_init(nn.initializers.zeros, (None, None, HEADS)),
+                       (2 * h - 1, 2 * w - 1, self.num_heads), self.param_dtype)
+    offsets = relative_offsets(h, w)
+    bias = table[offsets[..., 0], offsets[..., 1]]  # (hw, hw, heads)
+    prefix = seq_len - h * w
+    bias = jnp.pad(bias, ((prefix, 0), (prefix, 0), (0, 0)))
+    return jnp.transpose(bias, (2, 0, 1))[None]  # (1, heads, T, S)
+
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
+  def __call__(self, x, kv=None, *, deterministic: bool):
+    kv = x if kv is None else kv
     d = x.shape[-1]
     if d % self.num_heads:
       raise ValueError(f'hidden size {d} is not divisible by num_heads={self.num_heads}')
@@ -83,15 +146,20 @@ class MultiHeadDotProductAttention(nn.Module):
         (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         kernel_init=_param_init(nn.initializers.xavier_uniform(), (EMBED, HEADS, KV)),
         bias_init=_param_init(nn.initializers.zeros, (HEADS, KV)))
-    q, k, v = dense('query')(x), dense('key')(x), dense('value')(x)
+    q, k, v = dense('query')(x), dense('key')(kv), dense('value')(kv)
+    bias = None
+    if self.relative_grid is not None:
+      bias = self._relative_bias(x.shape[1]).astype(q.dtype)
     if self.dropout_rate > 0. and not deterministic:
       # jax.nn.dot_product_attention has no dropout: spell attention out when it is needed.
       logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+      if bias is not None:
+        logits = logits + bias
       weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(q.dtype)
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
       out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     else:
-      out = jax.nn.dot_product_attention(q, k, v)
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias)
     return nn.DenseGeneral(
         d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name='out',
         kernel_init=_param_init(nn.initializers.xavier_uniform(), (HEADS, KV, EMBED)),
@@ -99,43 +167,43 @@ class MultiHeadDotProductAttention(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+  """Pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x)).
+
+  Called as block(x, drop_rate, deterministic) -> (x, None), the shape nn.scan needs;
+  drop_rate is this layer's stochastic-depth rate (None: no drop path).
+  """
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  stochastic_depth: float = 0.0
+  relative_grid: Optional[tuple] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _drop_path(self, y, deterministic: bool):
+  def _drop_path(self, y, drop_rate, deterministic: bool):
     """Stochastic depth: drop the whole residual branch per example."""
-    if deterministic or self.stochastic_depth == 0.:
+    if deterministic or drop_rate is None:
       return y
-    keep = 1. - self.stochastic_depth
+    keep = 1. - drop_rate
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
-    return jnp.where(mask, y / keep, jnp.zeros_like(y))
+    return jnp.where(mask, y / keep, jnp.zeros_like(y)).astype(y.dtype)
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
-    ln = lambda name: nn.LayerNorm(  # noqa: E731
-        epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        scale_init=_param_init(nn.initializers.ones, (EMBED,)),
-        bias_init=_param_init(nn.initializers.zeros, (EMBED,)))
-    y = ln('LayerNorm_0')(x)
+  def __call__(self, x, drop_rate, deterministic: bool):
+    y = _layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(x)
     y = MultiHeadDotProductAttention(
-        self.num_heads, self.attention_dropout_rate, self.dtype, self.param_dtype,
-        name='MultiHeadDotProductAttention_1')(y, deterministic=deterministic)
+        self.num_heads, self.attention_dropout_rate, self.relative_grid, self.dtype,
+        self.param_dtype, name='MultiHeadDotProductAttention_1')(y, deterministic=deterministic)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    x = x + self._drop_path(y, deterministic)
-    y = ln('LayerNorm_2')(x)
+    x = x + self._drop_path(y, drop_rate, deterministic)
+    y = _layer_norm('LayerNorm_2', self.dtype, self.param_dtype)(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype,
                  name='MlpBlock_3')(y, deterministic=deterministic)
-    return x + self._drop_path(y, deterministic)
+    return x + self._drop_path(y, drop_rate, deterministic), None
 
 
 class Encoder(nn.Module):
-  """Position embeddings, `num_layers` blocks, final LayerNorm."""
+  """Position embeddings, `num_layers` blocks (looped or scanned, optionally remat), LayerNorm."""
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -143,6 +211,9 @@ class Encoder(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
+  relative_grid: Optional[tuple] = None
+  scan_layers: bool = False
+  remat_policy: str = 'none'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -151,23 +222,62 @@ class Encoder(nn.Module):
     if self.posemb == 'learn':
       x = AddPositionEmbs(self.param_dtype, name='posembed_input')(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    for i in range(self.num_layers):
-      # Linearly increasing drop rate over depth (Huang et al. 2016).
-      sd = self.stochastic_depth * i / max(self.num_layers - 1, 1)
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout_rate,
-                         self.attention_dropout_rate, sd, self.dtype, self.param_dtype,
-                         name=f'encoderblock_{i}')(x, deterministic=not train)
-    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name='encoder_norm',
-                        scale_init=_param_init(nn.initializers.ones, (EMBED,)),
-                        bias_init=_param_init(nn.initializers.zeros, (EMBED,)))(x)
+    # Linearly increasing drop rate over depth (Huang et al. 2016).
+    rates = self.stochastic_depth * np.arange(self.num_layers) / max(self.num_layers - 1, 1)
+    block = Encoder1DBlock
+    if self.remat_policy != 'none':
+      # Recompute block activations in the backward pass; scan already stops CSE across layers.
+      block = nn.remat(block, policy=remat_policy(self.remat_policy),
+                       prevent_cse=not self.scan_layers, static_argnums=(3,))
+    kwargs = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                  dropout_rate=self.dropout_rate,
+                  attention_dropout_rate=self.attention_dropout_rate,
+                  relative_grid=self.relative_grid, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
+    if self.scan_layers:
+      scanned = nn.scan(block, variable_axes={'params': 0},
+                        split_rngs={'params': True, 'dropout': True},
+                        in_axes=(0, nn.broadcast), length=self.num_layers,
+                        metadata_params={nn.PARTITION_NAME: LAYERS})
+      drop_rates = jnp.asarray(rates, jnp.float32) if self.stochastic_depth else None
+      x, _ = scanned(name='encoderblock', **kwargs)(x, drop_rates, not train)
+    else:
+      for i in range(self.num_layers):
+        x, _ = block(name=f'encoderblock_{i}', **kwargs)(x, float(rates[i]) or None, not train)
+    return _layer_norm('encoder_norm', self.dtype, self.param_dtype)(x)
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling (big_vision): a learned probe attends over all tokens."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, _, d = x.shape
+    probe = self.param('probe', _param_init(nn.initializers.xavier_uniform(),
+                                            (None, None, EMBED)), (1, 1, d), self.param_dtype)
+    probe = jnp.tile(probe.astype(x.dtype), (b, 1, 1))
+    x = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
+                                     param_dtype=self.param_dtype,
+                                     name='MultiHeadDotProductAttention_0')(
+                                         probe, x, deterministic=True)
+    y = _layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(x)
+    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='MlpBlock_0')(y, deterministic=True)
+    return x[:, 0]
 
 
 class VisionTransformer(nn.Module):
   """ViT. Input NHWC images in [-1, 1]; output (B, num_classes) logits.
 
-  classifier: 'token' (class token), 'gap' (mean of tokens), or 'unpooled' (all tokens).
-  num_classes=None returns the pooled (pre-logits) representation.
+  classifier: 'token' (class token), 'gap' (mean of tokens), 'map' (attention pooling), or
+  'unpooled' (all tokens). num_classes=None returns the pooled (pre-logits) representation.
+  posemb: 'learn' (1D), 'learn2d' (Y/X halves), 'sincos2d' (fixed), 'relative' (learned bias
+  per 2D offset in every attention layer), 'none'. resnet_layers: a hybrid's ResNet stage sizes
+  (e.g. (3, 4, 9) for R50+ViT-B_16); patches are then cut from its feature map.
   """
   num_classes: Optional[int]
   patch_size: int
@@ -182,27 +292,37 @@ class VisionTransformer(nn.Module):
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   head_bias_init: float = 0.0
+  resnet_layers: Optional[tuple] = None
+  resnet_width: int = 1
+  scan_layers: bool = False
+  remat_policy: str = 'none'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    for key, value, allowed in (('classifier', self.classifier, ('token', 'gap', 'unpooled')),
-                                ('posemb', self.posemb, ('learn', 'sincos2d', 'none'))):
+    for key, value, allowed in (('classifier', self.classifier, CLASSIFIERS),
+                                ('posemb', self.posemb, POSEMBS),
+                                ('remat_policy', self.remat_policy, REMAT_POLICIES)):
       if value not in allowed:
         raise ValueError(f'unknown {key}={value!r}; choose one of {allowed}')
 
   def embed(self, images):
-    """Patchify + project: (B, H, W, C) -> (B, h, w, D)."""
+    """Patchify + project: (B, H, W, C) -> (B, h, w, D), through the ResNet stem if hybrid."""
+    x = images
+    if self.resnet_layers is not None:
+      x = resnet.stem(x, self.resnet_layers, self.resnet_width, self.dtype, self.param_dtype)
     p = self.patch_size
     return nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
                    dtype=self.dtype, param_dtype=self.param_dtype, name='embedding',
                    kernel_init=_param_init(nn.initializers.lecun_normal(),
                                            (None, None, None, EMBED)),
-                   bias_init=_param_init(nn.initializers.zeros, (EMBED,)))(images)
+                   bias_init=_param_init(nn.initializers.zeros, (EMBED,)))(x)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     x = self.embed(images.astype(self.dtype))
+    if self.posemb == 'learn2d':
+      x = AddPositionEmbs2D(self.param_dtype, name='posembed_input')(x)
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     if self.posemb == 'sincos2d':
@@ -213,12 +333,16 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
     x = Encoder(self.num_layers, self.mlp_dim, self.num_heads,
                 'learn' if self.posemb == 'learn' else 'none', self.dropout_rate,
-                self.attention_dropout_rate, self.stochastic_depth, self.dtype,
-                self.param_dtype, name='Transformer')(x, train=train)
+                self.attention_dropout_rate, self.stochastic_depth,
+                (h, w) if self.posemb == 'relative' else None, self.scan_layers,
+                self.remat_policy, self.dtype, self.param_dtype,
+                name='Transformer')(x, train=train)
     if self.classifier == 'token':
       x = x[:, 0]
     elif self.classifier == 'gap':
       x = x.mean(axis=1)
+    elif self.classifier == 'map':
+      x = MAPHead(self.mlp_dim, self.num_heads, self.dtype, self.param_dtype, name='MAPHead_0')(x)
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
                            param_dtype=self.param_dtype, name='pre_logits',
