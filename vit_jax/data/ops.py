@@ -144,13 +144,19 @@ def _hw(size) -> tuple[int, int]:
 def _resize(image, hw, method: str, antialias: bool):
   """tf.image.resize keeping the input dtype (uint8 rounded and clipped)."""
   resized = tf.image.resize(image, hw, method=method, antialias=antialias)
-  if image.dtype == tf.uint8:
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-  return tf.cast(resized, image.dtype)
+  if image.dtype != tf.uint8:
+    return tf.cast(resized, image.dtype)
+  if method in _CONVEX_METHODS and not antialias:  # output within the input's range: no clip
+    return tf.cast(resized + 0.5, tf.uint8)
+  return tf.saturate_cast(tf.round(resized), tf.uint8)
 
 
 _RESIZE_METHODS = ('bilinear', 'nearest', 'bicubic', 'area', 'lanczos3', 'lanczos5', 'gaussian',
                    'mitchellcubic')
+
+
+# Interpolations whose outputs are convex combinations of input pixels.
+_CONVEX_METHODS = ('bilinear', 'nearest', 'area')
 
 
 def _check_method(method: str):
