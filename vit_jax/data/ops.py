@@ -144,7 +144,7 @@ def _hw(size) -> tuple[int, int]:
 def _resize(image, hw, method: str, antialias: bool):
   """tf.image.resize keeping the input dtype (uint8 rounded and clipped)."""
   resized = tf.image.resize(image, hw, method=method, antialias=antialias)
-  if image.dtype != tf.uint8:
+  if image.dtype != tf.uint8 or resized.dtype == tf.uint8:  # 'nearest' keeps uint8
     return tf.cast(resized, image.dtype)
   if method in _CONVEX_METHODS and not antialias:  # output within the input's range: no clip
     return tf.cast(resized + 0.5, tf.uint8)
