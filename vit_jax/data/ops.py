@@ -223,8 +223,11 @@ def value_range(vmin: float = -1., vmax: float = 1., in_min: float = 0., in_max:
 
 @register('flip_lr')
 def flip_lr(key: str = 'image'):
+  """Mirrors left-right with probability 1/2 (a cond: only the chosen branch touches pixels)."""
   def fn(data):
-    data[key] = tf.image.stateless_random_flip_left_right(data[key], _split_seed(data))
+    image = data[key]
+    flip = tf.random.stateless_uniform([], _split_seed(data)) < 0.5
+    data[key] = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
     return data
   return fn
 
