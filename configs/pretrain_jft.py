@@ -7,7 +7,7 @@ Records come from `python -m vit_jax.data.make_records` (splits 'train' and 'val
     python -m vit_jax.main --config=configs/pretrain_jft.py --workdir=DIR \
       --config.data.path=RECORDS --config.data.num_classes=18291
 
-Small on CPU (a few hundred images; a few minutes on 2 cores):
+Small on CPU (a few hundred images in RECORDS/train-* and RECORDS/val-*):
 
     python -m vit_jax.main --config=configs/pretrain_jft.py --workdir=/tmp/jft_small \
       --config.data.path=RECORDS --config.data.num_classes=K --config.model.name=ViT-Ti_16 \

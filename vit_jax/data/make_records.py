@@ -15,6 +15,7 @@ import concurrent.futures
 import csv
 import json
 import os
+import re
 import sys
 
 import tensorflow as tf
@@ -53,8 +54,8 @@ def decode_error(data: bytes) -> str | None:
   """None if TensorFlow decodes the bytes completely (as the trainer will), else why not."""
   try:
     tf.io.decode_image(data, channels=3, expand_animations=False)
-  except tf.errors.InvalidArgumentError as e:
-    return e.message.strip().splitlines()[-1]
+  except tf.errors.InvalidArgumentError as e:  # drop TF's '{{function_node ...}}' / '[Op:..]'
+    return re.sub(r'\{\{.*?\}\}|\[Op:\w+\]', '', e.message).strip()
   return None
 
 
@@ -100,7 +101,7 @@ def write_records(image_dir: str, labels_csv: str, output: str, num_shards: int,
       if data is None:
         (missing if error == 'missing' else corrupt).append((line, name, error))
         what = 'not found in ' + image_dir if error == 'missing' else f'unreadable ({error})'
-        print(f'{labels_csv}:{line}: skipping {name}: {what}', file=log)
+        tqdm.tqdm.write(f'{labels_csv}:{line}: skipping {name}: {what}', file=log)
         continue
       shard = sum(shard_sizes) % num_shards
       writers[shard].write(_example(data, labels))
