@@ -160,8 +160,8 @@ def test_corrupt_images_at_training_time_are_skipped_and_counted(tmp_path):
 @pytest.mark.slow
 def test_pretrain_jft_small_cpu_run_logs_val_prec1(tmp_path):
   from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  for split, n, seed in (('train', 240, 0), ('val', 64, 1)):
-    rows = write_multilabel_images(str(tmp_path / split), n, size=32, seed=seed)
+  for split, n, seed in (('train', 192, 0), ('val', 64, 1)):
+    rows = write_multilabel_images(str(tmp_path / split), n, size=24, seed=seed)
     write_csv(tmp_path / f'{split}.csv', rows)
     make_records.write_records(str(tmp_path / split), str(tmp_path / f'{split}.csv'),
                                str(tmp_path / 'records'), 8, split=split, log=io.StringIO())
@@ -170,7 +170,7 @@ def test_pretrain_jft_small_cpu_run_logs_val_prec1(tmp_path):
   config.data.path = str(tmp_path / 'records')
   config.data.num_classes = 6
   config.data.shuffle_buffer = 64
-  config.image_size = 32
+  config.image_size = 16
   config.total_steps, config.log_every, config.eval_every, config.checkpoint_every = 6, 2, 6, 0
   config.batch_size = 16
   config.eval_batch_size = 32
