@@ -14,16 +14,22 @@ from typing import Callable
 
 import tensorflow as tf
 
+from vit_jax.data import randaugment
+
 _REGISTRY: dict[str, Callable] = {}
+_BATCH_OPS: set[str] = set()
 
 SEED_KEY = '_seed'
 
 
-def register(name: str):
+def register(name: str, batch: bool = False):
+  """Registers an op factory; batch ops act on whole batches and come last in a string."""
   def wrap(factory):
     if name in _REGISTRY:
       raise ValueError(f'preprocessing op {name!r} is registered twice')
     _REGISTRY[name] = factory
+    if batch:
+      _BATCH_OPS.add(name)
     return factory
   return wrap
 
@@ -53,6 +59,10 @@ def _parse_op(spec: str):
 
 def get_op(spec: str) -> Callable:
   name, args, kwargs = _parse_op(spec)
+  return _make_op(name, args, kwargs, spec)
+
+
+def _make_op(name: str, args: tuple, kwargs: dict, spec: str) -> Callable:
   if name not in _REGISTRY:
     raise ValueError(f'unknown preprocessing op {name!r} in {spec!r}; '
                      f'known ops: {", ".join(registered_ops())}')
@@ -61,19 +71,61 @@ def get_op(spec: str) -> Callable:
     inspect.signature(factory).bind(*args, **kwargs)
   except TypeError as e:
     raise ValueError(f'preprocessing op {name!r}: bad arguments in {spec!r}: {e}') from None
-  return factory(*args, **kwargs)
+  try:
+    return factory(*args, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'preprocessing op {name!r}: bad arguments in {spec!r}: {e}') from None
 
 
-def get_preprocess_fn(spec: str) -> Callable:
-  """Composes the ops of a '|'-separated string into one function."""
-  ops = [get_op(s) for s in spec.split('|') if s.strip()]
+def _fuse_decode_and_inception_crop(parsed: list) -> list:
+  """'decode|inception_crop(...)' -> 'inception_crop(..., channels=c)', which decodes only the
+  crop of a JPEG: the same pixels as decoding everything and cropping, in less time."""
+  fused = []
+  for entry in parsed:
+    name, args, kwargs, spec = entry
+    if name == 'inception_crop' and fused and fused[-1][0] == 'decode':
+      decode_args = inspect.signature(decode).bind(*fused[-1][1], **fused[-1][2])
+      decode_args.apply_defaults()
+      crop_key = kwargs.get('key', 'image')
+      if decode_args.arguments['key'] == crop_key and 'channels' not in kwargs:
+        fused[-1] = (name, args, dict(kwargs, channels=decode_args.arguments['channels']), spec)
+        continue
+    fused.append(entry)
+  return fused
 
+
+def _compose(ops: list) -> Callable:
   def preprocess(data):
     data = dict(data)
     for op in ops:
       data = op(data)
     return data
   return preprocess
+
+
+def parse_preprocess(spec: str) -> tuple[Callable, Callable | None]:
+  """(per-example fn, per-batch fn or None) for a '|'-separated string.
+
+  Batch ops (mixup) come after every per-example op; the pipeline applies them to each batch.
+  """
+  parsed = [(*_parse_op(s), s) for s in spec.split('|') if s.strip()]
+  for (name, _, _, spec_i), nxt in zip(parsed, parsed[1:]):
+    if name in _BATCH_OPS and nxt[0] not in _BATCH_OPS:
+      raise ValueError(f'preprocessing op {nxt[0]!r} follows the batch op {name!r} in {spec!r}; '
+                       'batch ops must come last')
+  parsed = _fuse_decode_and_inception_crop(parsed)
+  example_ops = [_make_op(*p) for p in parsed if p[0] not in _BATCH_OPS]
+  batch_ops = [_make_op(*p) for p in parsed if p[0] in _BATCH_OPS]
+  return _compose(example_ops), (_compose(batch_ops) if batch_ops else None)
+
+
+def get_preprocess_fn(spec: str) -> Callable:
+  """Composes the per-example ops of a '|'-separated string into one function."""
+  example_fn, batch_fn = parse_preprocess(spec)
+  if batch_fn is not None:
+    raise ValueError(f'{spec!r} has batch ops ({", ".join(sorted(_BATCH_OPS))}); '
+                     'they belong in pp_train, where the pipeline applies them per batch')
+  return example_fn
 
 
 def _split_seed(data):
@@ -85,9 +137,40 @@ def _split_seed(data):
 
 # --- image ops ---------------------------------------------------------------------------------
 
+def _hw(size) -> tuple[int, int]:
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _resize(image, hw, method: str, antialias: bool):
+  """tf.image.resize keeping the input dtype (uint8 rounded and clipped)."""
+  resized = tf.image.resize(image, hw, method=method, antialias=antialias)
+  if image.dtype != tf.uint8 or resized.dtype == tf.uint8:  # 'nearest' keeps uint8
+    return tf.cast(resized, image.dtype)
+  if method in _CONVEX_METHODS and not antialias:  # output within the input's range: no clip
+    return tf.cast(resized + 0.5, tf.uint8)
+  return tf.saturate_cast(tf.round(resized), tf.uint8)
+
+
+_RESIZE_METHODS = ('bilinear', 'nearest', 'bicubic', 'area', 'lanczos3', 'lanczos5', 'gaussian',
+                   'mitchellcubic')
+
+
+# Interpolations whose outputs are convex combinations of input pixels.
+_CONVEX_METHODS = ('bilinear', 'nearest', 'area')
+
+
+def _check_method(method: str):
+  methods = _RESIZE_METHODS
+  if method not in methods:
+    raise ValueError(f'method={method!r}; choose one of {methods}')
+
+
 @register('decode')
 def decode(channels: int = 3, key: str = 'image'):
   """Decodes JPEG/PNG/GIF/BMP bytes to uint8 with `channels` channels (1 or 3 -> RGB)."""
+  if channels not in (1, 3):
+    raise ValueError(f'channels={channels}; choose 1 or 3')
+
   def fn(data):
     image = data[key]
     if image.dtype == tf.string:
@@ -101,14 +184,28 @@ def decode(channels: int = 3, key: str = 'image'):
 
 @register('resize')
 def resize(size, method: str = 'bilinear', antialias: bool = False, key: str = 'image'):
-  """Resizes to size (int or (h, w)), keeping the input dtype."""
-  hw = (size, size) if isinstance(size, int) else tuple(size)
+  """Resizes to size (int or (h, w)) with a tf.image.ResizeMethod, keeping the input dtype."""
+  _check_method(method)
+  hw = _hw(size)
+
+  def fn(data):
+    data[key] = _resize(data[key], hw, method, antialias)
+    return data
+  return fn
+
+
+@register('resize_small')
+def resize_small(size: int, method: str = 'bilinear', antialias: bool = False,
+                 key: str = 'image'):
+  """Resizes the shorter side to `size`, keeping the aspect ratio (before a central crop)."""
+  _check_method(method)
 
   def fn(data):
     image = data[key]
-    resized = tf.image.resize(image, hw, method=method, antialias=antialias)
-    data[key] = tf.cast(tf.clip_by_value(resized, 0, 255), image.dtype) \
-        if image.dtype == tf.uint8 else tf.cast(resized, image.dtype)
+    h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
+    scale = size / tf.minimum(h, w)
+    hw = tf.cast(tf.round(tf.stack([h * scale, w * scale])), tf.int32)
+    data[key] = _resize(image, tf.maximum(hw, size), method, antialias)
     return data
   return fn
 
@@ -126,8 +223,11 @@ def value_range(vmin: float = -1., vmax: float = 1., in_min: float = 0., in_max:
 
 @register('flip_lr')
 def flip_lr(key: str = 'image'):
+  """Mirrors left-right with probability 1/2 (a cond: only the chosen branch touches pixels)."""
   def fn(data):
-    data[key] = tf.image.stateless_random_flip_left_right(data[key], _split_seed(data))
+    image = data[key]
+    flip = tf.random.stateless_uniform([], _split_seed(data)) < 0.5
+    data[key] = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
     return data
   return fn
 
@@ -135,7 +235,7 @@ def flip_lr(key: str = 'image'):
 @register('random_crop')
 def random_crop(size, pad: int = 0, key: str = 'image'):
   """Random (size x size) crop, after zero padding each side by `pad` pixels."""
-  hw = (size, size) if isinstance(size, int) else tuple(size)
+  hw = _hw(size)
 
   def fn(data):
     image = data[key]
@@ -149,7 +249,7 @@ def random_crop(size, pad: int = 0, key: str = 'image'):
 
 @register('central_crop')
 def central_crop(size, key: str = 'image'):
-  hw = (size, size) if isinstance(size, int) else tuple(size)
+  hw = _hw(size)
 
   def fn(data):
     image = data[key]
@@ -157,6 +257,87 @@ def central_crop(size, key: str = 'image'):
     top, left = (h - hw[0]) // 2, (w - hw[1]) // 2
     data[key] = image[top:top + hw[0], left:left + hw[1]]
     return data
+  return fn
+
+
+@register('inception_crop')
+def inception_crop(size, area_min: float = 0.05, area_max: float = 1.,
+                   aspect_min: float = 3 / 4, aspect_max: float = 4 / 3,
+                   method: str = 'bilinear', antialias: bool = False, channels: int = 3,
+                   key: str = 'image'):
+  """Random crop of area_min..area_max of the image, aspect (w/h) in aspect_min..aspect_max,
+  resized to `size` (Szegedy et al. 2015, the usual ImageNet/JFT training crop).
+
+  On still-encoded JPEG bytes only the crop is decoded (decode_and_crop_jpeg); other formats
+  are decoded whole with `channels`. 'decode|inception_crop(...)' is fused into this.
+  """
+  _check_method(method)
+  if not 0 < area_min <= area_max <= 1:
+    raise ValueError(f'need 0 < area_min <= area_max <= 1, got {area_min}, {area_max}')
+  if not 0 < aspect_min <= aspect_max:
+    raise ValueError(f'need 0 < aspect_min <= aspect_max, got {aspect_min}, {aspect_max}')
+  hw = _hw(size)
+
+  def window(image_shape, seed):
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_shape, tf.zeros([1, 0, 4], tf.float32), seed=seed, min_object_covered=0.,
+        aspect_ratio_range=(aspect_min, aspect_max), area_range=(area_min, area_max),
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    return begin, crop_size
+
+  def crop_encoded(image, seed):
+    def jpeg():
+      begin, crop_size = window(tf.io.extract_jpeg_shape(image), seed)
+      return tf.io.decode_and_crop_jpeg(
+          image, tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]]), channels=channels)
+
+    def other():
+      decoded = tf.io.decode_image(image, channels=channels, expand_animations=False)
+      begin, crop_size = window(tf.shape(decoded), seed)
+      return tf.slice(decoded, begin, crop_size)
+    return tf.cond(tf.io.is_jpeg(image), jpeg, other)
+
+  def fn(data):
+    image, seed = data[key], _split_seed(data)
+    if image.dtype == tf.string:
+      cropped = crop_encoded(image, seed)
+    else:
+      begin, crop_size = window(tf.shape(image), seed)
+      cropped = tf.slice(image, begin, crop_size)
+    data[key] = _resize(cropped, hw, method, antialias)
+    return data
+  return fn
+
+
+@register('randaug')
+def randaug(num_layers: int = 2, magnitude: float = 10., key: str = 'image'):
+  """RandAugment (Cubuk et al. 2020) on uint8 images: `num_layers` ops drawn uniformly from
+  randaugment.OPS, each at `magnitude` (0-10) with a random sign."""
+  if not 0 <= magnitude <= randaugment.MAX_MAGNITUDE:
+    raise ValueError(f'magnitude={magnitude}; choose 0..{randaugment.MAX_MAGNITUDE}')
+
+  def fn(data):
+    data[key] = randaugment.randaugment(data[key], num_layers, magnitude, _split_seed(data))
+    return data
+  return fn
+
+
+# --- batch ops (applied by the pipeline to each batch; the batch's seed comes from its step) -----
+
+@register('mixup', batch=True)
+def mixup(alpha: float = 0.2, keys: tuple = ('image', 'labels')):
+  """Mixes each example with its neighbour in the batch: x = lam*x + (1-lam)*roll(x, 1) for
+  every key, one lam ~ Beta(alpha, alpha) per batch (Zhang et al. 2018)."""
+  if alpha <= 0:
+    raise ValueError(f'alpha={alpha} must be > 0')
+
+  def fn(batch):
+    gammas = tf.random.stateless_gamma([2], _split_seed(batch), alpha)
+    lam = gammas[0] / (gammas[0] + gammas[1])
+    for k in keys:
+      x = tf.cast(batch[k], tf.float32)
+      batch[k] = lam * x + (1. - lam) * tf.roll(x, 1, axis=0)
+    return batch
   return fn
 
 

@@ -1,5 +1,8 @@
-"""Example sources: any tensorflow-datasets dataset (incl. the offline digits), split per process."""
+"""Example sources, split per process: any tensorflow-datasets dataset (incl. the offline digits)
+and the sharded TFRecord files that `python -m vit_jax.data.make_records` writes."""
 import dataclasses
+import json
+import os
 
 import jax
 import tensorflow as tf
@@ -39,3 +42,69 @@ def tfds_source(name: str, split: str, data_dir: str | None = None,
   label = builder.info.features.get('label') if hasattr(builder.info.features, 'get') else None
   num_classes = getattr(label, 'num_classes', None)
   return Source(ds, sizes[process_index], max(sizes), num_classes)
+
+
+# tf.train.Example features of the record files; `labels` is read into the example's 'label'
+# (a vector of class ids), so the same `onehot(K)` serves tfds and record sources.
+RECORD_FEATURES = {
+    'image': tf.io.FixedLenFeature([], tf.string),
+    'labels': tf.io.VarLenFeature(tf.int64),
+}
+
+
+def record_file_name(split: str, shard: int, num_shards: int) -> str:
+  return f'{split}-{shard:05d}-of-{num_shards:05d}.tfrecord'
+
+
+def record_info_path(path: str, split: str) -> str:
+  return os.path.join(path, f'{split}.json')
+
+
+def read_record_info(path: str, split: str) -> dict:
+  """The summary make_records writes beside the files: shard sizes, classes, skipped images."""
+  info_path = record_info_path(path, split)
+  if not tf.io.gfile.exists(info_path):
+    raise FileNotFoundError(
+        f'no records for split {split!r} in {path} ({info_path} is missing); write them with '
+        f'python -m vit_jax.data.make_records --output={path} --split={split} ...')
+  with tf.io.gfile.GFile(info_path) as f:
+    info = json.load(f)
+  num_shards = len(info['shard_sizes'])
+  files = [os.path.join(path, record_file_name(split, i, num_shards)) for i in range(num_shards)]
+  missing = [f for f in files if not tf.io.gfile.exists(f)]
+  if missing:
+    raise FileNotFoundError(f'{info_path} lists {num_shards} shards but {missing[0]} is missing '
+                            f'({len(missing)} missing in all)')
+  info['files'] = files
+  return info
+
+
+def _parse_record(serialized):
+  example = tf.io.parse_single_example(serialized, RECORD_FEATURES)
+  return {'image': example['image'], 'label': tf.sparse.to_dense(example['labels'])}
+
+
+def records_source(path: str, split: str, process_index: int | None = None,
+                   process_count: int | None = None) -> Source:
+  """This process's share of a split written by make_records, images left encoded.
+
+  With at least as many files as processes, process i reads files i, i+P, i+2P, ... (each host
+  reads only its own files; make num_shards a multiple of the process count for even shares).
+  With fewer files, every process reads all of them and keeps every P-th example.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  info = read_record_info(path, split)
+  files, sizes = info['files'], info['shard_sizes']
+  if len(files) >= process_count:
+    mine = files[process_index::process_count]
+    shares = [sum(sizes[i::process_count]) for i in range(process_count)]
+    ds = tf.data.Dataset.from_tensor_slices(mine).interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(mine), 16), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  else:
+    total = sum(sizes)
+    shares = [len(range(i, total, process_count)) for i in range(process_count)]
+    ds = tf.data.TFRecordDataset(files).shard(process_count, process_index)
+  ds = ds.map(_parse_record, num_parallel_calls=tf.data.AUTOTUNE)
+  return Source(ds, shares[process_index], max(shares), info.get('num_classes'))

@@ -98,7 +98,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       last = {'train_loss': train_loss,
               'learning_rate': float(schedule(step - 1)),
               'images_per_sec': (step - interval_step) * config.batch_size / elapsed,
-              'grad_norm': float(np.mean([m['grad_norm'] for m in fetched]))}
+              'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
+              'skipped_images': batches.skipped_images()}  # failed to decode, since start
       log.write(step, last)
       progress.log(step, last)
       pending, interval_start, interval_step = [], time.time(), step

@@ -1,0 +1,185 @@
+"""make_records, record sources, per-process splitting, determinism, skipped images, pretrain_jft."""
+import io
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from vit_jax import sharding
+from vit_jax.data import make_records, pipeline, sources
+
+COLOURS = np.array([[230, 30, 30], [30, 230, 30], [30, 30, 230], [230, 230, 30], [30, 230, 230],
+                    [230, 30, 230]])
+
+
+def write_multilabel_images(folder, n, size=24, seed=0, fmt='JPEG'):
+  """n images with 1-3 coloured squares each on noise; labels = the colours present."""
+  rng = np.random.RandomState(seed)
+  rows = []
+  os.makedirs(folder, exist_ok=True)
+  for i in range(n):
+    image = rng.randint(90, 160, (size, size, 3))
+    labels = sorted(rng.choice(len(COLOURS), rng.randint(1, 4), replace=False))
+    for k, label in enumerate(labels):
+      top, left = (k // 2) * size // 2, (k % 2) * size // 2
+      image[top:top + size // 2 - 2, left:left + size // 2 - 2] = COLOURS[label]
+    name = f'img{i:04d}.{"jpg" if fmt == "JPEG" else "png"}'
+    Image.fromarray(image.astype(np.uint8)).save(os.path.join(folder, name), fmt)
+    rows.append((name, labels))
+  return rows
+
+
+def write_csv(path, rows):
+  with open(path, 'w') as f:
+    f.write('image,labels\n')
+    for name, labels in rows:
+      f.write(f'{name},{" ".join(map(str, labels))}\n')
+
+
+@pytest.fixture(scope='module')
+def records(tmp_path_factory):
+  """24 good images, one missing, one truncated JPEG, one garbage file, in 4 shards."""
+  root = tmp_path_factory.mktemp('records')
+  images = str(root / 'images')
+  rows = write_multilabel_images(images, 24)
+  with open(os.path.join(images, rows[0][0]), 'rb') as f:
+    jpeg = f.read()
+  with open(os.path.join(images, 'truncated.jpg'), 'wb') as f:
+    f.write(jpeg[:len(jpeg) // 2])
+  with open(os.path.join(images, 'garbage.jpg'), 'wb') as f:
+    f.write(b'not an image' * 20)
+  rows = rows[:10] + [('nowhere.jpg', [1]), ('truncated.jpg', [2])] + rows[10:] + [
+      ('garbage.jpg', [0])]
+  write_csv(root / 'labels.csv', rows)
+  log = io.StringIO()
+  summary = make_records.write_records(images, str(root / 'labels.csv'), str(root / 'out'),
+                                       num_shards=4, log=log)
+  return str(root / 'out'), summary, log.getvalue(), rows
+
+
+def test_make_records_writes_shards_and_reports_bad_rows(records):
+  out, summary, log, rows = records
+  assert summary['num_examples'] == 24 and summary['shard_sizes'] == [6, 6, 6, 6]
+  assert (summary['skipped_missing'], summary['skipped_corrupt']) == (1, 2)
+  assert 'labels.csv:12: skipping nowhere.jpg: not found' in log  # header is line 1
+  assert 'labels.csv:13: skipping truncated.jpg: unreadable' in log
+  assert 'wrote 24 images' in log and 'skipped 3' in log
+  assert summary['num_classes'] == 6
+  with open(os.path.join(out, 'train.json')) as f:
+    assert json.load(f)['shard_sizes'] == [6, 6, 6, 6]
+  source = sources.records_source(out, 'train', 0, 1)
+  examples = list(source.dataset.as_numpy_iterator())
+  good = [r for r in rows if r[0].startswith('img')]
+  assert sorted(tuple(e['label']) for e in examples) == sorted(tuple(l) for _, l in good)
+  with open(os.path.join(os.path.dirname(out), 'images', good[3][0]), 'rb') as f:
+    assert f.read() in {e['image'] for e in examples}  # original bytes, not re-encoded
+
+
+def test_make_records_rejects_malformed_labels_naming_the_line(tmp_path):
+  csv_path = tmp_path / 'bad.csv'
+  csv_path.write_text('image,labels\na.jpg,1 2\nb.jpg,one\n')
+  with pytest.raises(ValueError, match='bad.csv:3: labels must be'):
+    make_records.write_records(str(tmp_path), str(csv_path), str(tmp_path / 'o'), 1)
+
+
+@pytest.mark.parametrize('process_count', [2, 3, 8])  # files by process; examples by process
+def test_processes_read_disjoint_shares_covering_the_split(records, process_count):
+  out = records[0]
+  shares = [sources.records_source(out, 'train', i, process_count) for i in range(process_count)]
+  images = [[e['image'] for e in s.dataset.as_numpy_iterator()] for s in shares]
+  assert [len(i) for i in images] == [s.num_examples for s in shares]
+  assert sum(len(i) for i in images) == 24 == len(set().union(*map(set, images)))
+  assert all(s.num_examples_max == max(map(len, images)) for s in shares)
+
+
+def _config(path, **overrides):
+  from configs import pretrain_jft  # pylint: disable=g-import-not-at-top
+  config = pretrain_jft.get_config()
+  config.data.path = path
+  config.data.num_classes = 6
+  config.image_size = 16
+  config.batch_size = 8
+  config.data.shuffle_buffer = 16
+  config.pp_train = ('decode|inception_crop(16)|flip_lr|randaug(2, 5)|value_range(-1, 1)|'
+                     'onehot(6)|mixup(0.5)')
+  for k, v in overrides.items():
+    setattr(config, k, v)
+  return config
+
+
+def test_resume_yields_exactly_the_batches_of_a_fresh_run(records):
+  config = _config(records[0])
+  mesh = sharding.make_mesh(config.mesh)
+  fresh = pipeline.train_iterator(config, mesh)
+  batches = [jax.device_get(next(fresh)) for _ in range(5)]
+  resumed = pipeline.train_iterator(config, mesh, start_step=3)
+  for expected in batches[3:]:
+    got = jax.device_get(next(resumed))
+    for key in ('image', 'labels'):
+      np.testing.assert_array_equal(got[key], expected[key])
+  assert batches[0]['image'].shape == (8, 16, 16, 3)
+  assert not np.array_equal(batches[0]['image'], batches[1]['image'])
+  labels = batches[0]['labels']  # multi-hot mixed by mixup: rows sum to >= 1 class
+  assert labels.shape == (8, 6) and (labels.sum(1) > 0.99).all()
+
+
+def test_processes_get_different_batches(records):
+  config = _config(records[0], pp_train='decode|inception_crop(16)|value_range(-1, 1)|onehot(6)')
+  first = [next(pipeline.train_dataset(config, 0, i, 2).as_numpy_iterator())
+           for i in range(2)]
+  assert first[0]['image'].shape == (4, 16, 16, 3)
+  assert not np.array_equal(first[0]['image'], first[1]['image'])
+
+
+def test_corrupt_images_at_training_time_are_skipped_and_counted(tmp_path):
+  """Records written by other tools may hold bad images; they are replaced and counted."""
+  good = tf.io.encode_png(np.full((8, 8, 3), 200, np.uint8)).numpy()
+  os.makedirs(tmp_path / 'out')
+  with tf.io.TFRecordWriter(str(tmp_path / 'out' / sources.record_file_name('train', 0, 1))) as w:
+    for i in range(8):
+      image = b'corrupt' if i in (2, 5) else good
+      w.write(make_records._example(image, [i % 3]))  # pylint: disable=protected-access
+  with open(sources.record_info_path(str(tmp_path / 'out'), 'train'), 'w') as f:
+    json.dump({'shard_sizes': [8], 'num_classes': 3}, f)
+  config = _config(str(tmp_path / 'out'))
+  config.data.shuffle_buffer = 1
+  config.pp_train = 'decode|resize(8)|value_range(0, 1)|onehot(3)'
+  batches = pipeline.train_iterator(config, sharding.make_mesh(config.mesh))
+  batch = jax.device_get(next(batches))
+  assert batches.skipped_images() == 2
+  np.testing.assert_allclose(batch['image'], 200 / 255, rtol=1e-6)  # no grey stand-in left
+  assert sorted(np.argmax(batch['labels'], 1)) == sorted([0, 1, 0, 1, 0, 1, 0, 1])
+  next(batches)
+  assert batches.skipped_images() == 4
+
+
+@pytest.mark.slow
+def test_pretrain_jft_small_cpu_run_logs_val_prec1(tmp_path):
+  from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  for split, n, seed in (('train', 192, 0), ('val', 64, 1)):
+    rows = write_multilabel_images(str(tmp_path / split), n, size=24, seed=seed)
+    write_csv(tmp_path / f'{split}.csv', rows)
+    make_records.write_records(str(tmp_path / split), str(tmp_path / f'{split}.csv'),
+                               str(tmp_path / 'records'), 8, split=split, log=io.StringIO())
+  from configs import pretrain_jft  # pylint: disable=g-import-not-at-top
+  config = pretrain_jft.get_config()  # pp strings follow image_size and data.num_classes
+  config.data.path = str(tmp_path / 'records')
+  config.data.num_classes = 6
+  config.data.shuffle_buffer = 64
+  config.image_size = 16
+  config.total_steps, config.log_every, config.eval_every, config.checkpoint_every = 6, 2, 6, 0
+  config.batch_size = 16
+  config.eval_batch_size = 32
+  config.model = dict(name='testing')
+  config.schedule.warmup_steps = 2
+  last = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  with open(tmp_path / 'run' / 'metrics.jsonl') as f:
+    lines = [json.loads(line) for line in f]
+  evals = [m for m in lines if 'val_prec@1' in m]
+  assert [m['step'] for m in evals] == [6] and 0 <= evals[0]['val_prec@1'] <= 1
+  assert last['skipped_images'] == 0
+  assert all(np.isfinite(m['train_loss']) for m in lines if 'train_loss' in m)

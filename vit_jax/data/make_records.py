@@ -1,0 +1,147 @@
+"""Folder of images + CSV of labels -> sharded TFRecord files the trainer reads (`data.path`).
+
+    python -m vit_jax.data.make_records --image_dir=DIR --labels=FILE.csv --output=OUT \
+        --num_shards=N [--split=train] [--num_classes=K]
+
+FILE.csv has a header `image,labels`; `image` is a path relative to DIR, `labels` the image's
+class ids separated by spaces (`3 17 250`). Every image is decoded once here, as the trainer will
+decode it, so a corrupt or truncated file is skipped and counted now instead of failing a run
+later; a row naming a missing file is reported with its line number and skipped. Images are
+stored as their original bytes (no re-encoding). Writes OUT/SPLIT-0000i-of-0000N.tfrecord
+(tf.train.Example: `image` bytes, `labels` int64 list; examples dealt round-robin so shards are
+even) and OUT/SPLIT.json (shard sizes, number of classes, what was skipped).
+"""
+import concurrent.futures
+import csv
+import json
+import os
+import re
+import sys
+
+import tensorflow as tf
+import tqdm
+from absl import app, flags
+
+from vit_jax.data import sources
+
+
+def read_labels_csv(path: str) -> list[tuple[int, str, list[int]]]:
+  """(line number, image, class ids) per row; a malformed row is an error naming its line."""
+  rows = []
+  with open(path, newline='', encoding='utf-8') as f:
+    reader = csv.reader(f)
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header] != ['image', 'labels']:
+      raise ValueError(f'{path}:1: expected the header "image,labels", got {header}')
+    for row in reader:
+      line = reader.line_num
+      if not row:
+        continue
+      if len(row) != 2 or not row[0].strip():
+        raise ValueError(f'{path}:{line}: expected "image,labels", got {row}')
+      try:
+        labels = [int(x) for x in row[1].split()]
+      except ValueError:
+        raise ValueError(f'{path}:{line}: labels must be space-separated class ids, '
+                         f'got {row[1]!r}') from None
+      if not labels or min(labels) < 0:
+        raise ValueError(f'{path}:{line}: need at least one class id >= 0, got {row[1]!r}')
+      rows.append((line, row[0].strip(), labels))
+  return rows
+
+
+def decode_error(data: bytes) -> str | None:
+  """None if TensorFlow decodes the bytes completely (as the trainer will), else why not."""
+  try:
+    tf.io.decode_image(data, channels=3, expand_animations=False)
+  except tf.errors.InvalidArgumentError as e:  # drop TF's '{{function_node ...}}' / '[Op:..]'
+    return re.sub(r'\{\{.*?\}\}|\[Op:\w+\]', '', e.message).strip()
+  return None
+
+
+def _load(image_dir: str, row):
+  line, name, labels = row
+  path = os.path.join(image_dir, name)
+  if not os.path.isfile(path):
+    return line, name, labels, None, 'missing'
+  with open(path, 'rb') as f:
+    data = f.read()
+  error = decode_error(data)
+  return line, name, labels, (None if error else data), error
+
+
+def _example(data: bytes, labels: list[int]) -> bytes:
+  return tf.train.Example(features=tf.train.Features(feature={
+      'image': tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
+      'labels': tf.train.Feature(int64_list=tf.train.Int64List(value=labels)),
+  })).SerializeToString()
+
+
+def write_records(image_dir: str, labels_csv: str, output: str, num_shards: int,
+                  split: str = 'train', num_classes: int = 0, log=sys.stderr) -> dict:
+  """Writes the shards and SPLIT.json; returns the summary (also stored in SPLIT.json)."""
+  if num_shards < 1:
+    raise ValueError(f'num_shards={num_shards} must be >= 1')
+  rows = read_labels_csv(labels_csv)
+  max_label = max((max(labels) for _, _, labels in rows), default=-1)
+  if num_classes and max_label >= num_classes:
+    line = next(line for line, _, labels in rows if max(labels) >= num_classes)
+    raise ValueError(f'{labels_csv}:{line}: class id {max_label} >= num_classes={num_classes}')
+  os.makedirs(output, exist_ok=True)
+  paths = [os.path.join(output, sources.record_file_name(split, i, num_shards))
+           for i in range(num_shards)]
+  writers = [tf.io.TFRecordWriter(p) for p in paths]
+  shard_sizes = [0] * num_shards
+  missing, corrupt, classes = [], [], set()
+  workers = min(32, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    loaded = pool.map(lambda row: _load(image_dir, row), rows)
+    for line, name, labels, data, error in tqdm.tqdm(loaded, total=len(rows), unit='img',
+                                                     desc=f'{split} records', file=log):
+      if data is None:
+        (missing if error == 'missing' else corrupt).append((line, name, error))
+        what = 'not found in ' + image_dir if error == 'missing' else f'unreadable ({error})'
+        tqdm.tqdm.write(f'{labels_csv}:{line}: skipping {name}: {what}', file=log)
+        continue
+      shard = sum(shard_sizes) % num_shards
+      writers[shard].write(_example(data, labels))
+      shard_sizes[shard] += 1
+      classes.update(labels)
+  for w in writers:
+    w.close()
+  summary = {
+      'num_examples': sum(shard_sizes), 'shard_sizes': shard_sizes,
+      'num_classes': num_classes or max_label + 1, 'classes_seen': len(classes),
+      'skipped_missing': len(missing), 'skipped_corrupt': len(corrupt),
+      'skipped': [{'line': line, 'image': name, 'error': error}
+                  for line, name, error in missing + corrupt],
+  }
+  with open(sources.record_info_path(output, split), 'w', encoding='utf-8') as f:
+    json.dump(summary, f, indent=1)
+  print(f'wrote {summary["num_examples"]} images to {output}/'
+        f'{sources.record_file_name(split, 0, num_shards).replace("00000-", "*-")}; '
+        f'skipped {len(missing) + len(corrupt)} ({len(missing)} missing, {len(corrupt)} '
+        f'corrupt); classes: {len(classes)} seen, num_classes={summary["num_classes"]}',
+        file=log)
+  return summary
+
+
+_IMAGE_DIR = flags.DEFINE_string('image_dir', None, 'Folder the CSV image paths are relative to.')
+_LABELS = flags.DEFINE_string('labels', None, 'CSV file with header "image,labels".')
+_OUTPUT = flags.DEFINE_string('output', None, 'Output folder (the trainer\'s data.path).')
+_NUM_SHARDS = flags.DEFINE_integer('num_shards', 1, 'Record files to write; a multiple of the '
+                                   'number of training processes.')
+_SPLIT = flags.DEFINE_string('split', 'train', 'Split name (train_split / eval_split).')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', 0, 'Number of classes; 0 = largest id + 1.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  write_records(_IMAGE_DIR.value, _LABELS.value, _OUTPUT.value, _NUM_SHARDS.value,
+                _SPLIT.value, _NUM_CLASSES.value)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['image_dir', 'labels', 'output'])
+  app.run(main)
