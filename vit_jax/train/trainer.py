@@ -42,6 +42,15 @@ def create_state(config, model, tx, mesh, rules):
   return init_fn, abstract_state, state_sharding
 
 
+def jit_train_step(model, tx, loss_fn, rng, mesh, state_sharding):
+  """steps.train_step jitted with the shardings training uses; the benchmark times this too."""
+  return jax.jit(
+      functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn, rng=rng),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=0)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per `config`, writing WORKDIR/{metrics.jsonl, checkpoints/}; returns last metrics."""
   mesh = sharding.make_mesh(config.mesh)
@@ -68,11 +77,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       out_shardings=state_sharding)(params)
   start_step = int(state.step)
 
-  train_step = jax.jit(
-      functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn, rng=dropout_rng),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
-      donate_argnums=0)
+  train_step = jit_train_step(model, tx, loss_fn, dropout_rng, mesh, state_sharding)
   evals = evaluators.build(config, model, mesh, state_sharding.params)
   log = metrics_log.MetricsLog(workdir)
   progress = metrics_log.Progress(config.total_steps, start_step)

@@ -1,0 +1,63 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from vit_jax import benchmark, cpu_defaults
+from vit_jax.models import registry
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _vit_forward_flops(image_size, num_classes, patch_size, hidden_size, num_layers, mlp_dim,
+                       num_heads):
+  """Matmul FLOPs of one image through a class-token ViT, from the architecture alone."""
+  del num_heads  # heads split the width; they do not change the count
+  patches = (image_size // patch_size)**2
+  tokens = patches + 1
+  embed = 2 * patches * patch_size**2 * 3 * hidden_size
+  qkv_and_out = 2 * tokens * hidden_size * 4 * hidden_size
+  attention = 2 * 2 * tokens**2 * hidden_size  # q.k logits and weights.v
+  mlp = 2 * 2 * tokens * hidden_size * mlp_dim
+  head = 2 * hidden_size * num_classes
+  return embed + num_layers * (qkv_and_out + attention + mlp) + head
+
+
+@pytest.mark.slow
+def test_benchmark_command_reports_json_with_exact_model_flops():
+  command = [sys.executable, '-m', 'vit_jax.benchmark', '--model=testing', '--batch_size=8',
+             '--image_size=16', '--steps=2', '--num_classes=10', '--peak_matmul_size=256']
+  out = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+
+  assert result['model_flops_per_image'] == 3 * _vit_forward_flops(16, 10, **registry.TESTING)
+  assert result['devices'] == 8  # conftest's host devices reach the child: the batch is sharded
+  assert 0 < result['step_time_s'] < 60
+  assert result['images_per_sec'] == pytest.approx(8 / result['step_time_s'], rel=1e-2)
+  expected_mfu = (result['model_flops_per_image'] * 8 / result['step_time_s']
+                  / (result['peak_gflops_per_sec'] * 1e9))
+  assert result['mfu'] == pytest.approx(expected_mfu, rel=2e-2)
+  assert result['compile_time_s'] > 0 and result['peak_memory_mb'] > 0
+  for name in cpu_defaults.CPU_XLA_FLAGS:
+    assert f'--{name}=' in result['xla_flags']
+  assert '--xla_force_host_platform_device_count=8' in result['xla_flags']
+
+
+def test_matmul_flops_counts_scanned_layers_and_convolutions():
+  def layers(x, kernels):
+    x = jax.lax.conv_general_dilated(x, jnp.ones((4, 4, 3, 8)), (4, 4), 'VALID',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    x = x.reshape(2, 16, 8)
+
+    def body(h, kernel):
+      return jnp.einsum('btd,de->bte', h, kernel), None
+    return jax.lax.scan(body, x, kernels)[0]
+
+  jaxpr = jax.make_jaxpr(layers)(jnp.ones((2, 16, 16, 3)), jnp.ones((5, 8, 8)))
+  conv = 2 * (2 * 4 * 4 * 8) * (4 * 4 * 3)
+  scanned = 5 * 2 * (2 * 16 * 8) * 8
+  assert benchmark.matmul_flops(jaxpr) == conv + scanned

@@ -1,0 +1,211 @@
+"""Train-step speed and MFU of the real trainer step on synthetic data.
+
+    python -m vit_jax.benchmark --model=ViT-S_16 --batch_size=16 --image_size=224 --steps=5
+
+Builds the model, AdamW optimizer, sharded state and jitted step with the trainer's own functions,
+so the figures are those of `python -m vit_jax.main`, minus the input pipeline. Prints one line per
+figure and, last, one JSON object with them all.
+
+Model FLOPs count the matmuls and convolutions of the forward pass (walked from its jaxpr, so any
+model change is counted) times 3 for forward + backward, the usual MFU convention. The peak is
+what a large f32 matmul reaches through JAX in the same process, so MFU here means "fraction of
+the matmul rate this machine gives JAX right now", which also cancels some of the noise of a
+shared machine.
+"""
+import json
+import math
+import os
+import resource
+import statistics
+import time
+
+from absl import app, flags
+import jax
+from jax.extend import core as jax_core
+import jax.numpy as jnp
+import ml_collections
+
+from vit_jax import cpu_defaults, sharding
+from vit_jax.train import optim, steps as steps_lib, trainer
+
+_MODEL = flags.DEFINE_string('model', 'ViT-S_16', 'Model name for vit_jax.models.get_model.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Global batch size.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Square image side in pixels.')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed train steps (after one untimed warm-up step).')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Classifier outputs.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           'Computation dtype of the model (parameters stay float32).')
+_MESH_FSDP = flags.DEFINE_integer('mesh_fsdp', 1, 'mesh.fsdp; mesh.data takes the rest.')
+_MESH_MODEL = flags.DEFINE_integer('mesh_model', 1, 'mesh.model; mesh.data takes the rest.')
+_PEAK_MATMUL_SIZE = flags.DEFINE_integer('peak_matmul_size', 2048,
+                                         'N of the N^3 f32 matmul that measures the peak rate.')
+_CPU_DEFAULTS = flags.DEFINE_bool('cpu_defaults', True,
+                                  'Apply vit_jax.cpu_defaults XLA flags (CPU backend only).')
+
+
+def benchmark_config(model: str, batch_size: int, image_size: int, num_classes: int,
+                     dtype: str = 'float32', mesh_fsdp: int = 1, mesh_model: int = 1):
+  """A training config as the trainer reads it: AdamW with clipping, as the ViT recipes."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 10_000
+  c.batch_size = batch_size
+  c.image_size = image_size
+  c.num_classes = num_classes
+  c.model = dict(name=model, dtype=dtype)
+  c.loss = 'softmax_xent'
+  c.optimizer = dict(name='adamw', b1=0.9, b2=0.999, weight_decay=1e-4, grad_clip_norm=1.0)
+  c.schedule = dict(base_lr=1e-3, warmup_steps=100, decay_type='cosine')
+  c.mesh = dict(data=-1, fsdp=mesh_fsdp, model=mesh_model)
+  return c
+
+
+def matmul_flops(closed_jaxpr) -> int:
+  """FLOPs (2 per multiply-add) of every dot_general and convolution in a jaxpr, sub-jaxprs
+  included; a scan's body counts `length` times."""
+  total = 0
+  for eqn in closed_jaxpr.jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'dot_general':
+      (lhs_contract, _), _ = eqn.params['dimension_numbers']
+      lhs_shape = eqn.invars[0].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+          lhs_shape[d] for d in lhs_contract)
+    elif name == 'conv_general_dilated':
+      rhs_shape = eqn.invars[1].aval.shape
+      out_features = rhs_shape[eqn.params['dimension_numbers'].rhs_spec[0]]
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs_shape) // out_features
+    repeat = eqn.params.get('length', 1) if name == 'scan' else 1
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+        if hasattr(sub, 'jaxpr') and hasattr(sub, 'consts'):  # ClosedJaxpr
+          total += repeat * matmul_flops(sub)
+        elif hasattr(sub, 'eqns'):  # open Jaxpr
+          total += repeat * matmul_flops(jax_core.ClosedJaxpr(sub, ()))
+  return total
+
+
+def forward_flops_per_image(model, params, image_size: int) -> int:
+  """Matmul FLOPs of one image's forward pass, counted on the model's traced computation."""
+  image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda p, x: model.apply({'params': p}, x, train=False))(params, image)
+  return matmul_flops(jaxpr)
+
+
+def matmul_times(n: int, repeats: int = 3) -> list:
+  """Seconds per (n, n) @ (n, n) float32 matmul on the default device, `repeats` runs."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()
+  return time_calls(lambda: matmul(a, b).block_until_ready(), repeats)
+
+
+def time_calls(fn, repeats: int) -> list:
+  """Seconds of each of `repeats` calls of fn (which must block until its work is done)."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+class TrainStep:
+  """The trainer's compiled step on one fixed synthetic batch; calling it runs one step."""
+
+  def __init__(self, config):
+    self.config = config
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.model = trainer.build_model(config)
+    tx, _ = optim.make_optimizer(config)
+    init_fn, self.abstract_state, state_sharding = trainer.create_state(
+        config, self.model, tx, self.mesh, sharding.rules_from_config(config))
+    train_step = trainer.jit_train_step(self.model, tx, steps_lib.get_loss_fn(config.loss),
+                                        jax.random.key(1), self.mesh, state_sharding)
+    self.state = init_fn(jax.random.key(0))
+    size, n, classes = config.image_size, config.batch_size, config.num_classes
+    images = jax.random.uniform(jax.random.key(2), (n, size, size, 3), jnp.float32, -1., 1.)
+    labels = jax.nn.one_hot(jnp.arange(n) % classes, classes)
+    self.batch = jax.device_put({'image': images, 'labels': labels},
+                                sharding.batch_sharding(self.mesh))
+    start = time.perf_counter()
+    self.compiled = train_step.lower(self.state, self.batch).compile()
+    self.compile_time = time.perf_counter() - start
+    self.metrics = None
+
+  def __call__(self):
+    self.state, self.metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready((self.state, self.metrics))
+
+  def model_flops_per_step(self) -> int:
+    """3 x forward matmul FLOPs (forward + backward) for the whole batch."""
+    forward = forward_flops_per_image(self.model, self.abstract_state.params,
+                                      self.config.image_size)
+    return 3 * forward * self.config.batch_size
+
+  def peak_memory_bytes(self) -> int:
+    """The device's peak where it keeps one (GPU); on CPU, XLA's account of the step's buffers."""
+    device_stats = jax.devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in device_stats:
+      return device_stats['peak_bytes_in_use']
+    memory = self.compiled.memory_analysis()
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+
+
+def run(config, steps: int, peak_matmul_size: int = 2048) -> dict:
+  """Compiles and times the trainer's step; returns the figures (see the module docstring)."""
+  step = TrainStep(config)
+  step()  # warm-up: first-run allocations, thread start
+  # The peak is timed before and after the steps, so that on a shared machine both see
+  # about the same load.
+  peak_times = matmul_times(peak_matmul_size)
+  step_times = time_calls(step, steps)
+  peak_times += matmul_times(peak_matmul_size)
+  step_time = statistics.median(step_times)
+
+  platform = jax.devices()[0].platform
+  num_devices = step.mesh.devices.size
+  # Host "devices" share the same cores; accelerators each bring their own.
+  peak = (2 * peak_matmul_size**3 / statistics.median(peak_times)
+          * (1 if platform == 'cpu' else num_devices))
+  model_flops = step.model_flops_per_step()
+  cost = step.compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {
+      'model': config.model.name, 'batch_size': config.batch_size,
+      'image_size': config.image_size, 'dtype': config.model.dtype, 'steps': steps,
+      'platform': platform, 'devices': num_devices, 'mesh': dict(step.mesh.shape),
+      'compile_time_s': round(step.compile_time, 3),
+      'step_time_s': round(step_time, 4),
+      'step_time_min_s': round(min(step_times), 4),
+      'step_time_max_s': round(max(step_times), 4),
+      'images_per_sec': round(config.batch_size / step_time, 3),
+      'model_flops_per_image': model_flops // config.batch_size,
+      'xla_flops_per_step': float(cost.get('flops', -1.)) if cost else -1.,
+      'achieved_gflops_per_sec': round(model_flops / step_time / 1e9, 2),
+      'peak_gflops_per_sec': round(peak / 1e9, 2),
+      'mfu': round(model_flops / step_time / peak, 4),
+      'peak_memory_mb': round(step.peak_memory_bytes() / 2**20, 1),
+      'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      'train_loss': float(step.metrics['train_loss']),
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _CPU_DEFAULTS.value:
+    cpu_defaults.apply()
+  config = benchmark_config(_MODEL.value, _BATCH_SIZE.value, _IMAGE_SIZE.value,
+                            _NUM_CLASSES.value, _DTYPE.value, _MESH_FSDP.value, _MESH_MODEL.value)
+  result = run(config, _STEPS.value, _PEAK_MATMUL_SIZE.value)
+  result['xla_flags'] = os.environ.get('XLA_FLAGS', '')
+  for key, value in result.items():
+    print(f'{key:>24}: {value}')
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  app.run(main)
