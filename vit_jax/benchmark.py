@@ -114,7 +114,9 @@ def time_calls(fn, repeats: int) -> list:
 class TrainStep:
   """The trainer's compiled step on one fixed synthetic batch; calling it runs one step."""
 
-  def __init__(self, config):
+  def __init__(self, config, compiler_options: dict | None = None):
+    """compiler_options: XLA DebugOptions fields for this compilation only, e.g.
+    {'xla_cpu_enable_fast_math': True}; lets one process compare XLA settings side by side."""
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh)
     self.model = trainer.build_model(config)
@@ -130,7 +132,7 @@ class TrainStep:
     self.batch = jax.device_put({'image': images, 'labels': labels},
                                 sharding.batch_sharding(self.mesh))
     start = time.perf_counter()
-    self.compiled = train_step.lower(self.state, self.batch).compile()
+    self.compiled = train_step.lower(self.state, self.batch).compile(compiler_options)
     self.compile_time = time.perf_counter() - start
     self.metrics = None
 
