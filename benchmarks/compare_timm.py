@@ -20,17 +20,11 @@ import types
 
 from absl import app, flags
 
-from vit_jax import benchmark, cpu_defaults
+from vit_jax import benchmark
 from vit_jax.models import registry
 
-_MODEL = flags.DEFINE_string('model', 'ViT-S_16', 'ViT-<size>_<patch> model name.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Batch size.')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Square image side in pixels.')
+FLAGS = flags.FLAGS  # --model, --batch_size, --image_size, ... from vit_jax.benchmark
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed (ours, timm) step pairs after one warm-up.')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Classifier outputs.')
-_PEAK_MATMUL_SIZE = flags.DEFINE_integer('peak_matmul_size', 2048,
-                                         'N of the N^3 f32 matmuls that measure both peaks.')
-_CPU_DEFAULTS = flags.DEFINE_bool('cpu_defaults', True, 'Apply vit_jax.cpu_defaults XLA flags.')
 
 _TIMM_SIZES = {'Ti': 'tiny', 'S': 'small', 'B': 'base', 'L': 'large', 'H': 'huge'}
 
@@ -82,15 +76,13 @@ def torch_matmul_times(n: int, repeats: int = 3) -> list:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CPU_DEFAULTS.value:
-    cpu_defaults.apply()
-  batch_size, image_size = _BATCH_SIZE.value, _IMAGE_SIZE.value
-  config = benchmark.benchmark_config(_MODEL.value, batch_size, image_size, _NUM_CLASSES.value)
+  batch_size, image_size = FLAGS.batch_size, FLAGS.image_size
+  config = benchmark.benchmark_config(FLAGS.model, batch_size, image_size, FLAGS.num_classes)
   ours = benchmark.TrainStep(config)
-  theirs = TimmTrainStep(_MODEL.value, batch_size, image_size, _NUM_CLASSES.value)
+  theirs = TimmTrainStep(FLAGS.model, batch_size, image_size, FLAGS.num_classes)
   ours()
   theirs()
-  n = _PEAK_MATMUL_SIZE.value
+  n = FLAGS.peak_matmul_size
   jax_peak_times, torch_peak_times = benchmark.matmul_times(n), torch_matmul_times(n)
   our_times, their_times = [], []
   for _ in range(_ROUNDS.value):
@@ -103,7 +95,7 @@ def main(argv):
   ratios = [t / o for o, t in zip(our_times, their_times)]
   jax_peak = 2 * n**3 / statistics.median(jax_peak_times)
   torch_peak = 2 * n**3 / statistics.median(torch_peak_times)
-  result = {'model': _MODEL.value, 'batch_size': batch_size, 'image_size': image_size,
+  result = {'model': FLAGS.model, 'batch_size': batch_size, 'image_size': image_size,
             'rounds': _ROUNDS.value, 'compile_time_s': round(ours.compile_time, 2)}
   for name, times, peak in (('ours', our_times, jax_peak), ('timm', their_times, torch_peak)):
     step_time = statistics.median(times)

@@ -16,9 +16,7 @@ from absl import app, flags
 
 from vit_jax import benchmark
 
-_MODEL = flags.DEFINE_string('model', 'ViT-S_16', 'Model name.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Batch size.')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Square image side in pixels.')
+FLAGS = flags.FLAGS  # --model, --batch_size, --image_size, ... from vit_jax.benchmark
 _ROUNDS = flags.DEFINE_integer('rounds', 4, 'Timed rounds (one step of every variant each).')
 _VARIANTS = flags.DEFINE_list('variants', None, 'Subset of VARIANTS to run (default: all).')
 
@@ -41,7 +39,7 @@ def main(argv):
   unknown = sorted(set(names) - set(VARIANTS))
   if unknown:
     raise app.UsageError(f'unknown --variants {unknown}; known: {sorted(VARIANTS)}')
-  config = benchmark.benchmark_config(_MODEL.value, _BATCH_SIZE.value, _IMAGE_SIZE.value, 1000)
+  config = benchmark.benchmark_config(FLAGS.model, FLAGS.batch_size, FLAGS.image_size, 1000)
   steps = {}
   for name in names:
     steps[name] = benchmark.TrainStep(config, compiler_options=VARIANTS[name])

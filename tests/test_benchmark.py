@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vit_jax import benchmark, cpu_defaults
+from vit_jax import benchmark
 from vit_jax.models import registry
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,8 +42,6 @@ def test_benchmark_command_reports_json_with_exact_model_flops():
                   / (result['peak_gflops_per_sec'] * 1e9))
   assert result['mfu'] == pytest.approx(expected_mfu, rel=2e-2)
   assert result['compile_time_s'] > 0 and result['peak_memory_mb'] > 0
-  for name in cpu_defaults.CPU_XLA_FLAGS:
-    assert f'--{name}=' in result['xla_flags']
   assert '--xla_force_host_platform_device_count=8' in result['xla_flags']
 
 

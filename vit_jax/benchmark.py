@@ -25,7 +25,7 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 import ml_collections
 
-from vit_jax import cpu_defaults, sharding
+from vit_jax import sharding
 from vit_jax.train import optim, steps as steps_lib, trainer
 
 _MODEL = flags.DEFINE_string('model', 'ViT-S_16', 'Model name for vit_jax.models.get_model.')
@@ -39,8 +39,6 @@ _MESH_FSDP = flags.DEFINE_integer('mesh_fsdp', 1, 'mesh.fsdp; mesh.data takes th
 _MESH_MODEL = flags.DEFINE_integer('mesh_model', 1, 'mesh.model; mesh.data takes the rest.')
 _PEAK_MATMUL_SIZE = flags.DEFINE_integer('peak_matmul_size', 2048,
                                          'N of the N^3 f32 matmul that measures the peak rate.')
-_CPU_DEFAULTS = flags.DEFINE_bool('cpu_defaults', True,
-                                  'Apply vit_jax.cpu_defaults XLA flags (CPU backend only).')
 
 
 def benchmark_config(model: str, batch_size: int, image_size: int, num_classes: int,
@@ -198,8 +196,6 @@ def run(config, steps: int, peak_matmul_size: int = 2048) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CPU_DEFAULTS.value:
-    cpu_defaults.apply()
   config = benchmark_config(_MODEL.value, _BATCH_SIZE.value, _IMAGE_SIZE.value,
                             _NUM_CLASSES.value, _DTYPE.value, _MESH_FSDP.value, _MESH_MODEL.value)
   result = run(config, _STEPS.value, _PEAK_MATMUL_SIZE.value)

@@ -20,8 +20,6 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and TF log a lot at INFO; -v 0 shows it
-  from vit_jax import cpu_defaults  # pylint: disable=g-import-not-at-top
-  cpu_defaults.apply()  # before JAX starts its backend, which reads XLA_FLAGS once
   import jax  # pylint: disable=g-import-not-at-top
   # jax.distributed must start before any JAX computation.
   if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value:
