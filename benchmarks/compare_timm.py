@@ -63,7 +63,7 @@ class TimmTrainStep:
     loss.backward()
     self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
     self.optimizer.step()
-    self.loss = float(loss)
+    self.loss = loss.detach().item()
 
 
 def torch_matmul_times(n: int, repeats: int = 3) -> list:
@@ -85,9 +85,11 @@ def main(argv):
   n = FLAGS.peak_matmul_size
   jax_peak_times, torch_peak_times = benchmark.matmul_times(n), torch_matmul_times(n)
   our_times, their_times = [], []
-  for _ in range(_ROUNDS.value):
+  for round_index in range(_ROUNDS.value):
     our_times += benchmark.time_calls(ours, 1)
     their_times += benchmark.time_calls(theirs, 1)
+    print(f'round {round_index}: ours {our_times[-1]:.3f} s, timm {their_times[-1]:.3f} s',
+          flush=True)
   jax_peak_times += benchmark.matmul_times(n)
   torch_peak_times += torch_matmul_times(n)
 
