@@ -7,6 +7,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import scipy.ndimage
 
+from vit_jax.models import mae
+
 
 # --- training checkpoints ----------------------------------------------------------------------
 
@@ -47,6 +49,18 @@ def save_npz(params, path: str) -> None:
     np.savez(f, **_flatten(jax.device_get(params)))
 
 
+def load_workdir(workdir: str) -> dict:
+  """The params of the newest complete training checkpoint in WORKDIR/checkpoints, as numpy."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
+  if not steps:
+    raise ValueError(f'init_from={workdir!r} is a directory without a complete training '
+                     f'checkpoint under {directory}')
+  with ocp.CheckpointManager(directory) as manager:
+    restored = manager.restore(max(steps), args=ocp.args.StandardRestore())
+  return jax.tree.map(np.asarray, flax.core.unfreeze(restored['params']))
+
+
 def load(path: str) -> dict:
   """Loads a released vit_jax .npz into our parameter tree (never unpickles)."""
   with np.load(path, allow_pickle=False) as npz:
@@ -85,10 +99,12 @@ def resize_posemb(posemb: np.ndarray, target_tokens: int) -> np.ndarray:
 def load_pretrained(path: str, init_params) -> dict:
   """Pretrained weights for transfer into the tree of `init_params`.
 
-  Head (and pre_logits where the target has none) come from `init_params`; position embeddings
-  are resized to the target grid; every other leaf must match in name and shape.
+  `path` is a released .npz or the workdir of an earlier run (its newest checkpoint). Head (and
+  pre_logits where the target has none) come from `init_params`; parts only pretraining uses
+  (an MAE decoder, masked patch prediction's mask embedding and head) are dropped; position
+  embeddings are resized to the target grid; every other leaf must match in name and shape.
   """
-  loaded = _flatten(load(path))
+  loaded = _flatten(load_workdir(path) if os.path.isdir(path) else load(path))
   target = _flatten(init_params)
   merged, problems = {}, []
   for key, value in target.items():
@@ -104,7 +120,8 @@ def load_pretrained(path: str, init_params) -> dict:
     if restored.shape != value.shape:
       problems.append(f'shape mismatch for {key}: checkpoint {restored.shape}, model {value.shape}')
     merged[key] = restored.astype(value.dtype)
-  unused = sorted(k for k in loaded if k not in target and k.split('/')[0] != 'pre_logits')
+  unused = sorted(k for k in loaded if k not in target
+                  and k.split('/')[0] not in ('pre_logits',) + mae.PRETRAINING_ONLY)
   problems += [f'not in model: {k}' for k in unused]
   if problems:
     raise ValueError(f'cannot load {path} into this model:\n  ' + '\n  '.join(problems))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from vit_jax.models import registry, vit
 
-# Top-level parameter names a classifier never has: dropped when an encoder is transferred.
+# Top-level parameter names a classifier never has: `checkpoint.load_pretrained` drops them.
 PRETRAINING_ONLY = ('decoder', 'mask_embedding', 'mpp_head')
 
 # Masked patch prediction targets: 3 bits per RGB channel of a patch's mean colour.
@@ -267,9 +267,3 @@ def get_model(task: str, name: str, **overrides) -> _SelfSupervisedViT:
     raise ValueError(f'unknown model option(s) {unknown} for task={task!r}; '
                      f'known: {sorted(fields)}')
   return cls(num_classes=None, **kwargs)
-
-
-def encoder_params(params: dict) -> dict:
-  """The classifier-compatible part of a pretraining model's params (drops PRETRAINING_ONLY)."""
-  return {k: v for k, v in params.items() if k not in PRETRAINING_ONLY}
-

@@ -22,7 +22,8 @@ class ClassificationEvaluator:
         in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh))
 
-  def run(self, params) -> dict:
+  def run(self, params, step: int) -> dict:
+    del step  # evaluators that write files (e.g. MAE's pictures) name them by the step
     _, batches = pipeline.eval_batches(self.config, self.mesh, self.split)
     totals = None
     for batch in batches:
