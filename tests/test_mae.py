@@ -1,4 +1,6 @@
 """MAE and masked patch prediction: masking, losses, targets, corruption, encoder transfer."""
+import importlib
+
 import flax
 import flax.linen as nn
 import jax
@@ -8,7 +10,7 @@ import pytest
 
 from vit_jax import checkpoint, models
 from vit_jax.models import mae
-from vit_jax.train import ssl_steps
+from vit_jax.train import ssl_steps, trainer
 
 TINY_DECODER = dict(decoder_width=8, decoder_layers=1, decoder_mlp_dim=16, decoder_heads=2)
 
@@ -140,3 +142,16 @@ def _encoded_tokens(model, params, images):
 def test_loading_a_workdir_without_checkpoints_names_it(tmp_path):
   with pytest.raises(ValueError, match='without a complete training checkpoint'):
     checkpoint.load_pretrained(str(tmp_path), {})
+
+
+@pytest.mark.parametrize('name', ['mae_quickstart', 'mae_i1k', 'masked_patch_quickstart'])
+def test_self_supervised_configs_build_their_models(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  model = trainer.build_model(config)
+  assert isinstance(model, mae.MaskedAutoencoder if config.task == 'mae' else
+                    mae.MaskedPatchPredictor)
+  assert config.init_from == '' and config.checkpoint_every > 0
+  if name == 'mae_i1k':  # the paper's recipe: lr = 1.5e-4 * batch / 256, AdamW b2=0.95
+    assert config.schedule.base_lr == pytest.approx(1.5e-4 * 4096 / 256)
+    assert (config.optimizer.b2, config.optimizer.weight_decay) == (0.95, 0.05)
+    assert (model.hidden_size, model.decoder_width, model.decoder_layers) == (768, 512, 8)
