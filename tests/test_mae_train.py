@@ -1,5 +1,5 @@
 """Self-supervised tasks in the sharded trainer: steps learn, MAE runs write pictures and
-metrics, and a classifier fine-tunes from an MAE workdir."""
+metrics, and a classifier takes its encoder from an MAE workdir."""
 import functools
 import json
 import os
@@ -61,7 +61,7 @@ def _metrics(workdir):
 
 
 @pytest.mark.slow
-def test_mae_trainer_writes_pictures_and_metrics_and_transfers(quickstart_config, tmp_path):
+def test_mae_trainer_writes_pictures_and_its_encoder_transfers(quickstart_config, tmp_path):
   workdir = str(tmp_path / 'mae')
   config = _self_supervised(quickstart_config, 'mae')
   config.total_steps, config.eval_every, config.checkpoint_every = 4, 2, 4
@@ -80,10 +80,10 @@ def test_mae_trainer_writes_pictures_and_metrics_and_transfers(quickstart_config
   assert grey_patches == 12
 
   mae_params = checkpoint.load_workdir(workdir)
+  assert 'decoder' in mae_params
   finetune = quickstart_config
   finetune.task = 'classification'
   finetune.model = dict(name='testing')
-  finetune.pp_train = finetune.pp_eval = 'decode|resize(16)|value_range(-1, 1)|onehot(10)'
   finetune_model = trainer.build_model(finetune)
   target = flax.linen.unbox(finetune_model.init(jax.random.key(0), np.zeros((1, 16, 16, 3)),
                                                 train=False)['params'])
@@ -91,7 +91,3 @@ def test_mae_trainer_writes_pictures_and_metrics_and_transfers(quickstart_config
   np.testing.assert_array_equal(loaded['embedding']['kernel'], mae_params['embedding']['kernel'])
   np.testing.assert_array_equal(loaded['head']['kernel'], np.zeros((16, 10)))  # a new head
   assert 'decoder' not in loaded
-  finetune.init_from = workdir
-  finetune.total_steps, finetune.eval_every = 2, 2
-  result = trainer.train_and_evaluate(finetune, str(tmp_path / 'finetune'))
-  assert 0 <= result['val_accuracy'] <= 1
