@@ -12,6 +12,7 @@ what a large f32 matmul reaches through JAX in the same process, so MFU here mea
 the matmul rate this machine gives JAX right now", which also cancels some of the noise of a
 shared machine.
 """
+import functools
 import json
 import math
 import os
@@ -121,8 +122,10 @@ class TrainStep:
     tx, _ = optim.make_optimizer(config)
     init_fn, self.abstract_state, state_sharding = trainer.create_state(
         config, self.model, tx, self.mesh, sharding.rules_from_config(config))
-    train_step = trainer.jit_train_step(self.model, tx, steps_lib.get_loss_fn(config.loss),
-                                        jax.random.key(1), self.mesh, state_sharding)
+    train_step = trainer.jit_train_step(
+        functools.partial(steps_lib.train_step, model=self.model, tx=tx,
+                          loss_fn=steps_lib.get_loss_fn(config.loss), rng=jax.random.key(1)),
+        self.mesh, state_sharding)
     self.state = init_fn(jax.random.key(0))
     size, n, classes = config.image_size, config.batch_size, config.num_classes
     images = jax.random.uniform(jax.random.key(2), (n, size, size, 3), jnp.float32, -1., 1.)

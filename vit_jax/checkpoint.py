@@ -8,6 +8,7 @@ import orbax.checkpoint as ocp
 import scipy.ndimage
 
 from vit_jax import weight_formats
+from vit_jax.models import mae
 
 
 # --- training checkpoints ----------------------------------------------------------------------
@@ -73,7 +74,8 @@ def _restore_run_params(workdir: str) -> dict:
   ckpt_dir = ckpt_dir if os.path.isdir(ckpt_dir) else workdir
   step = ocp.CheckpointManager(os.path.abspath(ckpt_dir)).latest_step()
   if step is None:
-    raise ValueError(f'init_from={workdir!r}: no complete checkpoint in {ckpt_dir}')
+    raise ValueError(f'init_from={workdir!r} is a directory without a complete training '
+                     f'checkpoint under {ckpt_dir}')
   item = os.path.join(os.path.abspath(ckpt_dir), str(step), 'default')
   checkpointer = ocp.PyTreeCheckpointer()
   params_meta = checkpointer.metadata(item).item_metadata.tree['params']
@@ -125,7 +127,8 @@ def load_pretrained(path: str, init_params, num_heads: int | None = None) -> dic
   """Pretrained weights for transfer into the tree of `init_params`.
 
   `path`: anything `load` reads, or the workdir of an earlier run (its newest checkpoint). Head
-  (and pre_logits where the target has none) come from `init_params`; position embeddings (and
+  (and pre_logits where the target has none) come from `init_params`; parts only pretraining uses
+  (an MAE decoder, masked patch prediction's mask embedding and head) are dropped; position embeddings (and
   relative-position biases) are resized to the target grid; every other leaf must match in name
   and shape. Scanned or not, on either side, is converted to the target's form.
   """
@@ -154,7 +157,7 @@ def load_pretrained(path: str, init_params, num_heads: int | None = None) -> dic
       problems.append(f'shape mismatch for {key}: checkpoint {restored.shape}, model {value.shape}')
     merged[key] = restored.astype(value.dtype)
   unused = sorted(k for k in loaded if k not in target and k.split('/')[0] not in
-                  ('head', 'pre_logits'))
+                  ('head', 'pre_logits') + mae.PRETRAINING_ONLY)
   problems += [f'not in model: {k}' for k in unused]
   if problems:
     raise ValueError(f'cannot load {path} into this model:\n  ' + '\n  '.join(problems))

@@ -22,7 +22,8 @@ class ClassificationEvaluator:
         in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh))
 
-  def run(self, params) -> dict:
+  def run(self, params, step: int | None = None) -> dict:
+    del step  # evaluators that write files (MAE's pictures) name them by the training step
     _, batches = pipeline.eval_batches(self.config, self.mesh, self.split)
     totals = None
     for batch in batches:
@@ -64,7 +65,8 @@ class FewShotEvaluator:
       labels.append(np.argmax(y[keep], axis=-1))
     return np.concatenate(features), np.concatenate(labels)
 
-  def run(self, params) -> dict:
+  def run(self, params, step: int | None = None) -> dict:
+    del step  # evaluators that write files (MAE's pictures) name them by the training step
     train_x, train_y = self._extract(params, self.fs.train_split)
     test_x, test_y = self._extract(params, self.fs.test_split)
     num_classes = int(max(train_y.max(), test_y.max())) + 1

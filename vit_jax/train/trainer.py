@@ -11,12 +11,20 @@ from absl import logging
 
 from vit_jax import checkpoint, models, sharding
 from vit_jax.data import pipeline
-from vit_jax.train import evaluators, metrics_log, optim, steps
+from vit_jax.models import mae
+from vit_jax.train import evaluators, metrics_log, optim, ssl_evaluators, ssl_steps, steps
 
 
 def build_model(config):
   overrides = {k: v for k, v in config.model.items() if k != 'name'}
+  if _task(config) != 'classification':
+    return mae.get_model(config.task, config.model.name, **overrides)
   return models.get_model(config.model.name, num_classes=config.num_classes, **overrides)
+
+
+def _task(config) -> str:
+  """'classification' (default), or self-supervised pretraining: 'mae', 'masked_patch'."""
+  return config.get('task', 'classification')
 
 
 def _interval_hit(step: int, every: int, total: int) -> bool:
@@ -42,10 +50,10 @@ def create_state(config, model, tx, mesh, rules):
   return init_fn, abstract_state, state_sharding
 
 
-def jit_train_step(model, tx, loss_fn, rng, mesh, state_sharding):
-  """steps.train_step jitted with the shardings training uses; the benchmark times this too."""
+def jit_train_step(step_fn, mesh, state_sharding):
+  """A (state, batch) step jitted with the shardings training uses; the benchmark times this."""
   return jax.jit(
-      functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn, rng=rng),
+      step_fn,
       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=0)
@@ -57,7 +65,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   rules = sharding.rules_from_config(config)
   model = build_model(config)
   tx, schedule = optim.make_optimizer(config)
-  loss_fn = steps.get_loss_fn(config.loss)
   init_fn, abstract_state, state_sharding = create_state(config, model, tx, mesh, rules)
   logging.info('mesh %s; model %s with %.2fM parameters', dict(mesh.shape), config.model.name,
                sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)) / 1e6)
@@ -77,8 +84,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       out_shardings=state_sharding)(params)
   start_step = int(state.step)
 
-  train_step = jit_train_step(model, tx, loss_fn, dropout_rng, mesh, state_sharding)
-  evals = evaluators.build(config, model, mesh, state_sharding.params)
+  if _task(config) == 'classification':
+    step_fn = functools.partial(steps.train_step, model=model, tx=tx,
+                                loss_fn=steps.get_loss_fn(config.loss), rng=dropout_rng)
+    evals = evaluators.build(config, model, mesh, state_sharding.params)
+  else:
+    step_fn = functools.partial(ssl_steps.train_step, model=model, tx=tx,
+                                objective=ssl_steps.get_objective(config), rng=dropout_rng)
+    evals = ssl_evaluators.build(config, model, mesh, state_sharding.params, workdir)
+  train_step = jit_train_step(step_fn, mesh, state_sharding)
   log = metrics_log.MetricsLog(workdir)
   progress = metrics_log.Progress(config.total_steps, start_step)
   batches = pipeline.train_iterator(config, mesh, start_step)
@@ -110,7 +124,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       pending, interval_start, interval_step = [], time.time(), step
     if evals and _interval_hit(step, config.eval_every, config.total_steps):
       for evaluator in evals:
-        result = evaluator.run(state.params)
+        result = evaluator.run(state.params, step)
         log.write(step, result)
         progress.log(step, result)
         last.update(result)
