@@ -13,6 +13,8 @@ import re
 
 import numpy as np
 
+from vit_jax.models.mae import PRETRAINING_ONLY
+
 BLOCK = 'Transformer/encoderblock_{i}/'
 ATTN = 'MultiHeadDotProductAttention_1'
 POSEMB = 'Transformer/posembed_input/pos_embedding'
@@ -31,7 +33,9 @@ _KNOWN = [re.compile(p) for p in (
     r'MAPHead_0/MultiHeadDotProductAttention_0/(query|key|value|out)/(kernel|bias)',
     r'MAPHead_0/LayerNorm_0/(scale|bias)', r'MAPHead_0/MlpBlock_0/Dense_[01]/(kernel|bias)',
     r'(pre_logits|head)/(kernel|bias)', r'conv_root/kernel', r'gn_root/(scale|bias)',
-    r'block\d+/unit\d+/conv([123]|_proj)/kernel', r'block\d+/unit\d+/gn([123]|_proj)/(scale|bias)')]
+    r'block\d+/unit\d+/conv([123]|_proj)/kernel', r'block\d+/unit\d+/gn([123]|_proj)/(scale|bias)',
+    # An MAE / masked-patch run's own parts; transfer drops them.
+    rf'({"|".join(PRETRAINING_ONLY)})(/.*)?')]
 
 # Leaves every encoder block has.
 BLOCK_LEAVES = tuple(

@@ -157,9 +157,9 @@ class MaeDecoder(nn.Module):
     x = x + jnp.asarray(vit.posemb_sincos_2d(*self.grid, self.width), x.dtype)
     x = jnp.concatenate([prefix, x], axis=1)  # the class token gets no position embedding
     for i in range(self.num_layers):
-      x = vit.Encoder1DBlock(self.mlp_dim, self.num_heads, dtype=self.dtype,
-                             param_dtype=self.param_dtype,
-                             name=f'decoderblock_{i}')(x, deterministic=not train)
+      x, _ = vit.Encoder1DBlock(self.mlp_dim, self.num_heads, dtype=self.dtype,
+                                param_dtype=self.param_dtype,
+                                name=f'decoderblock_{i}')(x, None, not train)
     x = _layer_norm('decoder_norm', self.dtype, self.param_dtype)(x)
     x = _dense(self.patch_dim, 'pred', (vit.EMBED, None), self.dtype, self.param_dtype)(x)
     return x[:, self.num_prefix_tokens:].astype(jnp.float32)
