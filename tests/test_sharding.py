@@ -55,6 +55,7 @@ def _mlp_kernel(tree):
 
 
 DATA_PARALLEL = dict(data=8, fsdp=1, model=1)
+MIXED = dict(data=2, fsdp=2, model=2)
 
 
 def _config():
@@ -75,7 +76,7 @@ def test_data_fsdp_and_tensor_parallel_meshes_agree_and_shard(reference):
   runs = {'data': reference}
   runs.update({name: _train(_config(), mesh, _batches()) for name, mesh in (
       ('fsdp', dict(data=1, fsdp=8, model=1)),
-      ('mixed', dict(data=2, fsdp=2, model=2)))})
+      ('mixed', MIXED))})
   reference_losses, reference_state = reference
   assert reference_losses[2] < reference_losses[0]  # the same batch, one update pair later
   for name in ('fsdp', 'mixed'):
