@@ -65,7 +65,7 @@ def _final(workdir, config):
 def test_sigterm_then_sigkill_then_restart_matches_an_uninterrupted_run(quickstart_config,
                                                                         tmp_path):
   config = quickstart_config
-  config.total_steps, config.batch_size = 300, 64
+  config.total_steps, config.batch_size = 200, 32
   config.log_every, config.checkpoint_every, config.eval_every = 20, 20, 0
   config.model = dict(name='testing', dropout_rate=0.1)  # the dropout rng must resume too
   reference_dir = str(tmp_path / 'reference')
