@@ -94,6 +94,16 @@ def test_data_fsdp_and_tensor_parallel_meshes_agree_and_shard(reference):
   assert shard_shapes(runs['mixed'][1]) == {(8, 16)}  # embed over fsdp=2, mlp over model=2
 
 
+def test_scanned_remat_model_trains_on_a_mixed_mesh():
+  config = _config()
+  config.model = dict(name='testing', scan_layers=True, remat_policy='full')
+  losses, state = _train(config, MIXED, _batches())
+  assert losses[2] < losses[0]
+  kernel = state.params['Transformer']['encoderblock']['MlpBlock_3']['Dense_0']['kernel']
+  assert kernel.shape == (2, 16, 32)  # (layers, embed, mlp)
+  assert kernel.addressable_shards[0].data.shape == (2, 8, 16)  # fsdp=2, model=2
+
+
 def test_dimensions_the_mesh_does_not_divide_stay_replicated():
   config = _config()
   config.model = dict(name='testing', num_heads=1, hidden_size=12)  # 12 over fsdp=8 does not go

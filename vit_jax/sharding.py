@@ -21,6 +21,7 @@ DEFAULT_RULES = (
     ('heads', 'model'),
     ('kv', None),
     ('classes', None),
+    ('layers', None),  # the stacked axis of scanned blocks
 )
 
 # The batch dimension is split over every data-like axis.
