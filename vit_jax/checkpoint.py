@@ -1,6 +1,7 @@
 """Training checkpoints (Orbax) and released weights (vit_jax, big_vision, timm, HF) import/export."""
 import os
 
+from absl import logging
 import flax
 import jax
 import numpy as np
@@ -31,9 +32,30 @@ def save_state(manager: ocp.CheckpointManager, step: int, state, *, force: bool 
   return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
+# Orbax writes this file into a step directory before it finalises (renames) it.
+_STEP_METADATA = '_CHECKPOINT_METADATA'
+
+
+def latest_complete_step(manager: ocp.CheckpointManager) -> int | None:
+  """The newest step Orbax finished writing; None when there is none.
+
+  Orbax never lists its temporary directories (`<step>.orbax-checkpoint-tmp-*`); a step directory
+  without Orbax's metadata (e.g. left by an interrupted copy) is skipped too.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
+    if os.path.exists(os.path.join(manager.directory, str(step), _STEP_METADATA)):
+      return step
+    logging.warning('skipping incomplete checkpoint %s/%d', manager.directory, step)
+  if steps:
+    raise ValueError(f'{manager.directory} holds step directories {steps} but none is a complete '
+                     'Orbax checkpoint; move them away to start from scratch')
+  return None
+
+
 def restore_state(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
-  """Restores `step` (default: newest) into the shapes/shardings of `abstract_state`."""
-  step = manager.latest_step() if step is None else step
+  """Restores `step` (default: newest complete) into the shapes/shardings of `abstract_state`."""
+  step = latest_complete_step(manager) if step is None else step
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 

@@ -3,6 +3,7 @@
 Parameters carry logical axis names (vit_jax/models/vit.py); `rules` map them to the mesh axes
 ('data', 'fsdp', 'model'). With fsdp=1 and model=1 the same rules give pure data parallelism.
 """
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ DEFAULT_RULES = (
     ('heads', 'model'),
     ('kv', None),
     ('classes', None),
+    ('layers', None),  # the stacked axis of scanned blocks
 )
 
 # The batch dimension is split over every data-like axis.
@@ -69,6 +71,24 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules) -> object:
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
-def param_shardings(boxed_params, mesh: Mesh, rules):
-  """NamedShardings for a tree of (possibly nn.Partitioned-boxed) abstract params."""
-  return logical_to_sharding(nn.get_partition_spec(boxed_params), mesh, rules)
+def _fit(named: NamedSharding, shape: tuple) -> NamedSharding:
+  """Replicates every dimension whose size the mesh axes assigned to it do not divide.
+
+  jit needs even shards; e.g. 12 heads over model=8 stay whole rather than failing to compile.
+  """
+  spec = []
+  for i, axes in enumerate(tuple(named.spec) + (None,) * (len(shape) - len(named.spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(named.mesh.shape[a] for a in names)
+    spec.append(axes if shape[i] % size == 0 else None)
+  return NamedSharding(named.mesh, P(*spec))
+
+
+def param_shardings(boxed_tree, mesh: Mesh, rules):
+  """NamedShardings for a tree of (possibly nn.Partitioned-boxed) abstract arrays.
+
+  Works on whole train states: optimizer moments are boxed like the params they track, so FSDP
+  and tensor parallelism shard them the same way.
+  """
+  shardings = logical_to_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
+  return jax.tree.map(lambda s, a: _fit(s, a.shape), shardings, nn.unbox(boxed_tree))

@@ -32,20 +32,57 @@ def get_loss_fn(name: str) -> Callable:
   return LOSSES[name]
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn, rng) -> tuple:
-  """One optimizer step on a global batch {'image', 'labels'}; returns (state, metrics)."""
+def _microbatches(batch: dict, accum_steps: int) -> dict:
+  """(B, ...) -> (accum_steps, B / accum_steps, ...), microbatch i = rows i, i + accum_steps, ...
+
+  Strided rows keep every microbatch spread over all devices of the sharded batch dimension
+  (a device's contiguous block of rows holds a share of each microbatch), so no data moves.
+  """
+  def split(x):
+    if x.shape[0] % accum_steps:
+      raise ValueError(f'batch of {x.shape[0]} is not divisible by accum_steps={accum_steps}')
+    x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn, rng,
+               accum_steps: int = 1) -> tuple:
+  """One optimizer step on a global batch {'image', 'labels'}; returns (state, metrics).
+
+  With accum_steps > 1 the batch is processed as that many equal microbatches in a loop inside
+  the step and their gradients averaged: the same update as one large batch, with the
+  activation memory of a microbatch.
+  """
   dropout_rng = jax.random.fold_in(rng, state.step)
 
-  def loss_of(params):
-    logits = model.apply({'params': params}, batch['image'], train=True,
-                         rngs={'dropout': dropout_rng})
-    return jnp.mean(loss_fn(logits, batch['labels']))
+  def loss_and_grads(microbatch, micro_rng):
+    def loss_of(params):
+      logits = model.apply({'params': params}, microbatch['image'], train=True,
+                           rngs={'dropout': micro_rng})
+      return jnp.mean(loss_fn(logits, microbatch['labels']))
+    return jax.value_and_grad(loss_of)(state.params)
 
-  loss, grads = jax.value_and_grad(loss_of)(state.params)
+  if accum_steps == 1:
+    loss, grads = loss_and_grads(batch, dropout_rng)
+  else:
+    def accumulate(carry, micro):
+      index, microbatch = micro
+      loss, grads = loss_and_grads(microbatch, jax.random.fold_in(dropout_rng, index))
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+    (loss, grads), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(accum_steps), _microbatches(batch, accum_steps)))
+    loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {'train_loss': loss, 'grad_norm': optax.tree.norm(grads)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def all_finite(tree) -> jax.Array:
+  """True when no leaf of `tree` holds a NaN or Inf."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def eval_step(params, batch: dict, *, model, loss_fn) -> dict:

@@ -12,7 +12,8 @@ from absl import logging
 from vit_jax import checkpoint, models, sharding
 from vit_jax.data import pipeline
 from vit_jax.models import mae
-from vit_jax.train import evaluators, metrics_log, optim, ssl_evaluators, ssl_steps, steps
+from vit_jax.train import (evaluators, metrics_log, optim, preemption, ssl_evaluators, ssl_steps,
+                           steps)
 
 
 def build_model(config):
@@ -31,6 +32,34 @@ def _interval_hit(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
+def _check_finite(metrics: list, step: int, workdir: str, manager) -> None:
+  """Stops on a NaN/Inf loss or gradient, after the checkpoints in flight (all good) are written."""
+  for name in ('train_loss', 'grad_norm'):
+    values = np.asarray([m[name] for m in metrics])
+    if not np.all(np.isfinite(values)):
+      manager.wait_until_finished()
+      raise FloatingPointError(
+          f'{name} is {values[~np.isfinite(values)][0]} by step {step}; stopping. The newest '
+          f'complete checkpoint in {workdir}/checkpoints is untouched: lower the learning rate '
+          'or enable clipping and start again.')
+
+
+def _save_if_finite(manager, step: int, state, pending: list, workdir: str) -> None:
+  """Saves `state` unless it (or the steps since the last log) holds NaN/Inf values.
+
+  Checked here, not only at log time, so that a bad state never replaces a good checkpoint.
+  """
+  _check_finite(jax.device_get(pending), step, workdir, manager)
+  if not bool(jax.device_get(_all_finite(state.params))):
+    manager.wait_until_finished()
+    raise FloatingPointError(f'parameters hold NaN/Inf after step {step}; not saving them. The '
+                             f'newest complete checkpoint in {workdir}/checkpoints is untouched.')
+  checkpoint.save_state(manager, step, state)
+
+
+_all_finite = jax.jit(steps.all_finite)
+
+
 def create_state(config, model, tx, mesh, rules):
   """(init_fn, abstract_state, state_sharding); init_fn(rng) builds a sharded TrainState."""
   image_shape = (1, config.image_size, config.image_size, 3)
@@ -41,8 +70,7 @@ def create_state(config, model, tx, mesh, rules):
                             opt_state=tx.init(params))
 
   abstract_boxed = jax.eval_shape(init, jax.random.key(0))
-  state_sharding = sharding.logical_to_sharding(
-      nn.get_partition_spec(abstract_boxed), mesh, rules)
+  state_sharding = sharding.param_shardings(abstract_boxed, mesh, rules)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       nn.unbox(abstract_boxed), state_sharding)
@@ -72,9 +100,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   manager = checkpoint.make_manager(workdir, max_to_keep=config.get('keep_checkpoints', 3))
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  if manager.latest_step() is not None:
-    logging.info('resuming from %s/checkpoints/%d', workdir, manager.latest_step())
-    state = checkpoint.restore_state(manager, abstract_state)
+  resume_step = checkpoint.latest_complete_step(manager)
+  if resume_step is not None:
+    logging.info('resuming from %s/checkpoints/%d', workdir, resume_step)
+    state = checkpoint.restore_state(manager, abstract_state, resume_step)
   else:
     state = init_fn(init_rng)
     if config.init_from:
@@ -86,9 +115,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   if _task(config) == 'classification':
     step_fn = functools.partial(steps.train_step, model=model, tx=tx,
-                                loss_fn=steps.get_loss_fn(config.loss), rng=dropout_rng)
+                                loss_fn=steps.get_loss_fn(config.loss), rng=dropout_rng,
+                                accum_steps=config.get('accum_steps', 1))
     evals = evaluators.build(config, model, mesh, state_sharding.params)
   else:
+    if config.get('accum_steps', 1) != 1:
+      raise ValueError(f'accum_steps={config.accum_steps} is supported for classification only, '
+                       f'not task={_task(config)!r}')
     step_fn = functools.partial(ssl_steps.train_step, model=model, tx=tx,
                                 objective=ssl_steps.get_objective(config), rng=dropout_rng)
     evals = ssl_evaluators.build(config, model, mesh, state_sharding.params, workdir)
@@ -96,6 +129,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   log = metrics_log.MetricsLog(workdir)
   progress = metrics_log.Progress(config.total_steps, start_step)
   batches = pipeline.train_iterator(config, mesh, start_step)
+  watch = preemption.PreemptionWatch()
 
   last = {}
   pending, interval_start, interval_step = [], time.time(), start_step
@@ -107,12 +141,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       pending, interval_start, interval_step = [], time.time(), step
     if pending and _interval_hit(step, config.log_every, config.total_steps):
       fetched = jax.device_get(pending)
+      _check_finite(fetched, step, workdir, manager)
       train_loss = float(np.mean([m['train_loss'] for m in fetched]))
-      if not np.isfinite(train_loss):
-        raise FloatingPointError(
-            f'train_loss is {train_loss} at step {step}; stopping. The newest complete '
-            f'checkpoint in {workdir}/checkpoints is untouched: lower the learning rate or '
-            'enable clipping and start again.')
       elapsed = time.time() - interval_start
       last = {'train_loss': train_loss,
               'learning_rate': float(schedule(step - 1)),
@@ -129,8 +159,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.log(step, result)
         last.update(result)
       interval_start = time.time()  # evaluation time is not training throughput
-    if _interval_hit(step, config.checkpoint_every, config.total_steps):
-      checkpoint.save_state(manager, step, state)
+    preempted = watch.reached(step)
+    if preempted or _interval_hit(step, config.checkpoint_every, config.total_steps):
+      _save_if_finite(manager, step, state, pending, workdir)
+    if preempted:
+      logging.warning('preemption notice: saved step %d to %s/checkpoints; stopping', step,
+                      workdir)
+      break
+  watch.close()
   manager.wait_until_finished()
   manager.close()
   log.close()
