@@ -96,9 +96,9 @@ def main():
       results[arm].append(trainer.train_and_evaluate(config, workdir)['val_accuracy'])
 
   minutes = (time.time() - start) / 60
-  title = (f'{args.num_labelled} labelled digits, 24px, {args.finetune_steps} steps; '
+  title = (f'{args.num_labelled} labelled digits, 24px, {args.finetune_steps} steps;\n'
            f'pretrain {args.pretrain_steps} steps on synthetic shapes')
-  lines = [f'# Transfer demo: {title}', '',
+  lines = [f'# Transfer demo: {title.replace(chr(10), " ")}', '',
            f'pretraining val_prec@1 on synthetic_shapes: {pretrained["val_prec@1"]:.3f}', '',
            '| arm | ' + ' | '.join(f'seed {s}' for s in range(args.seeds)) + ' | mean |',
            '|---|' + '---|' * (args.seeds + 1)]
