@@ -23,6 +23,7 @@ from absl import app, flags
 from vit_jax import benchmark
 from vit_jax.models import registry
 
+benchmark.define_flags()
 FLAGS = flags.FLAGS  # --model, --batch_size, --image_size, ... from vit_jax.benchmark
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed (ours, timm) step pairs after one warm-up.')
 

@@ -16,6 +16,7 @@ from absl import app, flags
 
 from vit_jax import benchmark
 
+benchmark.define_flags()
 FLAGS = flags.FLAGS  # --model, --batch_size, --image_size, ... from vit_jax.benchmark
 _ROUNDS = flags.DEFINE_integer('rounds', 4, 'Timed rounds (one step of every variant each).')
 _VARIANTS = flags.DEFINE_list('variants', None, 'Subset of VARIANTS to run (default: all).')

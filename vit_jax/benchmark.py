@@ -29,17 +29,21 @@ import ml_collections
 from vit_jax import sharding
 from vit_jax.train import optim, steps as steps_lib, trainer
 
-_MODEL = flags.DEFINE_string('model', 'ViT-S_16', 'Model name for vit_jax.models.get_model.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Global batch size.')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Square image side in pixels.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed train steps (after one untimed warm-up step).')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Classifier outputs.')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
-                           'Computation dtype of the model (parameters stay float32).')
-_MESH_FSDP = flags.DEFINE_integer('mesh_fsdp', 1, 'mesh.fsdp; mesh.data takes the rest.')
-_MESH_MODEL = flags.DEFINE_integer('mesh_model', 1, 'mesh.model; mesh.data takes the rest.')
-_PEAK_MATMUL_SIZE = flags.DEFINE_integer('peak_matmul_size', 2048,
-                                         'N of the N^3 f32 matmul that measures the peak rate.')
+
+def define_flags() -> None:
+  """The CLI's flags (benchmarks/compare_timm.py and xla_cpu_options.py reuse them); defined
+  when run as a program, so importing this module defines none."""
+  flags.DEFINE_string('model', 'ViT-S_16', 'Model name for vit_jax.models.get_model.')
+  flags.DEFINE_integer('batch_size', 16, 'Global batch size.')
+  flags.DEFINE_integer('image_size', 224, 'Square image side in pixels.')
+  flags.DEFINE_integer('steps', 5, 'Timed train steps (after one untimed warm-up step).')
+  flags.DEFINE_integer('num_classes', 1000, 'Classifier outputs.')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                    'Computation dtype of the model (parameters stay float32).')
+  flags.DEFINE_integer('mesh_fsdp', 1, 'mesh.fsdp; mesh.data takes the rest.')
+  flags.DEFINE_integer('mesh_model', 1, 'mesh.model; mesh.data takes the rest.')
+  flags.DEFINE_integer('peak_matmul_size', 2048,
+                       'N of the N^3 f32 matmul that measures the peak rate.')
 
 
 def benchmark_config(model: str, batch_size: int, image_size: int, num_classes: int,
@@ -199,9 +203,10 @@ def run(config, steps: int, peak_matmul_size: int = 2048) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = benchmark_config(_MODEL.value, _BATCH_SIZE.value, _IMAGE_SIZE.value,
-                            _NUM_CLASSES.value, _DTYPE.value, _MESH_FSDP.value, _MESH_MODEL.value)
-  result = run(config, _STEPS.value, _PEAK_MATMUL_SIZE.value)
+  f = flags.FLAGS
+  config = benchmark_config(f.model, f.batch_size, f.image_size, f.num_classes, f.dtype,
+                            f.mesh_fsdp, f.mesh_model)
+  result = run(config, f.steps, f.peak_matmul_size)
   result['xla_flags'] = os.environ.get('XLA_FLAGS', '')
   for key, value in result.items():
     print(f'{key:>24}: {value}')
@@ -209,4 +214,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

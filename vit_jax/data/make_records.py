@@ -126,22 +126,25 @@ def write_records(image_dir: str, labels_csv: str, output: str, num_shards: int,
   return summary
 
 
-_IMAGE_DIR = flags.DEFINE_string('image_dir', None, 'Folder the CSV image paths are relative to.')
-_LABELS = flags.DEFINE_string('labels', None, 'CSV file with header "image,labels".')
-_OUTPUT = flags.DEFINE_string('output', None, 'Output folder (the trainer\'s data.path).')
-_NUM_SHARDS = flags.DEFINE_integer('num_shards', 1, 'Record files to write; a multiple of the '
-                                   'number of training processes.')
-_SPLIT = flags.DEFINE_string('split', 'train', 'Split name (train_split / eval_split).')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', 0, 'Number of classes; 0 = largest id + 1.')
+def define_flags() -> None:
+  """The command's flags: defined when run as a program, so importing this module defines none."""
+  flags.DEFINE_string('image_dir', None, 'Folder the CSV image paths are relative to.')
+  flags.DEFINE_string('labels', None, 'CSV file with header "image,labels".')
+  flags.DEFINE_string('output', None, 'Output folder (the trainer\'s data.path).')
+  flags.DEFINE_integer('num_shards', 1, 'Record files to write; a multiple of the number of '
+                       'training processes.')
+  flags.DEFINE_string('split', 'train', 'Split name (train_split / eval_split).')
+  flags.DEFINE_integer('num_classes', 0, 'Number of classes; 0 = largest id + 1.')
+  flags.mark_flags_as_required(['image_dir', 'labels', 'output'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  write_records(_IMAGE_DIR.value, _LABELS.value, _OUTPUT.value, _NUM_SHARDS.value,
-                _SPLIT.value, _NUM_CLASSES.value)
+  f = flags.FLAGS
+  write_records(f.image_dir, f.labels, f.output, f.num_shards, f.split, f.num_classes)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['image_dir', 'labels', 'output'])
+  define_flags()
   app.run(main)
