@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from vit_jax import sharding
-from vit_jax.train import optim, steps, trainer
+from vit_jax.train import optim, ssl_steps, steps, trainer
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
 DOCUMENTED_KEYS = ('total_steps', 'batch_size', 'seed', 'log_every', 'eval_every',
@@ -39,11 +39,18 @@ def test_config_loads_and_builds_with_a_tiny_model(module, arg):
     config.mesh = dict(data=-1, fsdp=1, model=1)
   model = trainer.build_model(config)
   tx, schedule = optim.make_optimizer(config)
-  steps.get_loss_fn(config.loss)
+  classification = config.get('task', 'classification') == 'classification'
+  if classification:
+    steps.get_loss_fn(config.loss)
+  else:
+    ssl_steps.get_objective(config)
   _, abstract_state, _ = trainer.create_state(config, model, tx,
                                               sharding.make_mesh(config.mesh),
                                               sharding.rules_from_config(config))
-  assert abstract_state.params['head']['kernel'].shape[-1] == config.num_classes
+  if classification:
+    assert abstract_state.params['head']['kernel'].shape[-1] == config.num_classes
+  else:  # self-supervised: encoder names as the classifier's, no class head
+    assert 'head' not in abstract_state.params and 'Transformer' in abstract_state.params
   assert float(schedule(config.total_steps // 2)) > 0
 
 

@@ -12,9 +12,6 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                  'Start jax.distributed with the cluster auto-detected (Cloud TPU '
                                  'slice, SLURM, Open MPI): multi-host without the flags above.')
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -30,4 +27,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Required only when run as a program: tests parse these modules' flags side by side.
+  flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

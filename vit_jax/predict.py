@@ -21,7 +21,6 @@ _IMAGE_SIZE = flags.DEFINE_integer('image_size', 0, 'Input size; 0: from the pos
 _POSEMB = flags.DEFINE_string('posemb', '', 'Position embedding when the weights do not show '
                               "it (fixed 'sincos2d' or 'none'); empty: inferred.")
 _TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes shown per image.')
-flags.mark_flags_as_required(['checkpoint', 'model'])
 
 
 def model_overrides(params: dict, posemb: str = '') -> dict:
@@ -104,4 +103,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Required only when run as a program: tests parse these modules' flags side by side.
+  flags.mark_flags_as_required(['checkpoint', 'model'])
   app.run(main)
