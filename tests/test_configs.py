@@ -24,7 +24,7 @@ def _configs():
       yield pytest.param(module, arg, id=f'{name}:{arg}' if arg else name)
 
 
-@pytest.mark.parametrize('module,arg', _configs())
+@pytest.mark.parametrize('module,arg', list(_configs()))
 def test_config_loads_and_builds_with_a_tiny_model(module, arg):
   config = module.get_config(arg) if arg else module.get_config()
   for key in DOCUMENTED_KEYS:
