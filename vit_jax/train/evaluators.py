@@ -9,6 +9,17 @@ from vit_jax.data import pipeline
 from vit_jax.train import fewshot, steps
 
 
+def sum_over_split(eval_step, params, config, mesh, split: str) -> tuple[dict, float]:
+  """Adds up eval_step's per-batch sums over a whole (padded) split; returns (sums, count)."""
+  _, batches = pipeline.eval_batches(config, mesh, split)
+  totals = None
+  for batch in batches:
+    sums = eval_step(params, batch)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  totals = jax.device_get(totals)
+  return totals, max(float(totals['count']), 1.)
+
+
 class ClassificationEvaluator:
   """Top-1 over a whole split: `val_accuracy` (softmax) or `val_prec@1` (multi-label sigmoid)."""
 
@@ -24,13 +35,7 @@ class ClassificationEvaluator:
 
   def run(self, params, step: int | None = None) -> dict:
     del step  # evaluators that write files (MAE's pictures) name them by the training step
-    _, batches = pipeline.eval_batches(self.config, self.mesh, self.split)
-    totals = None
-    for batch in batches:
-      sums = self._step(params, batch)
-      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = max(float(totals['count']), 1.)
+    totals, count = sum_over_split(self._step, params, self.config, self.mesh, self.split)
     return {f'{self.prefix}_{self.metric}': float(totals['correct']) / count,
             f'{self.prefix}_loss': float(totals['loss']) / count}
 

@@ -5,12 +5,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vit_jax import sharding
 from vit_jax.data import pipeline
 from vit_jax.models import mae
-from vit_jax.train import ssl_steps, visualize
+from vit_jax.train import evaluators, ssl_steps, visualize
 
 # Masks at evaluation are drawn from this fixed key, so evaluations are comparable across steps.
 EVAL_MASK_SEED = 0
@@ -32,13 +31,8 @@ class SelfSupervisedEvaluator:
 
   def run(self, params, step: int) -> dict:
     del step  # the sums do not depend on it
-    _, batches = pipeline.eval_batches(self.config, self.mesh, self.split)
-    totals = None
-    for batch in batches:
-      sums = self._step(params, batch)
-      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = max(float(totals['count']), 1.)
+    totals, count = evaluators.sum_over_split(self._step, params, self.config, self.mesh,
+                                              self.split)
     result = {f'{self.prefix}_loss': float(totals['loss']) / count}
     if 'correct' in totals:
       result[f'{self.prefix}_accuracy'] = float(totals['correct']) / count
