@@ -2,10 +2,14 @@
 
     python -m benchmarks.compare_timm --model=ViT-S_16 --batch_size=16 --image_size=224 --rounds=5
 
-Both run in this process and alternate step by step (ours, timm, ours, timm, ...), so that a
-machine shared with other jobs loads both alike; the ratio is the median over rounds of
-timm's step time / ours (> 1: we are faster). Each step is a full AdamW training step with
-gradient clipping at global norm 1 on a fixed random batch.
+Our step runs in this process, timm's in a worker process (benchmarks/timm_worker.py), and they
+alternate step by step (ours, timm, ours, timm, ...), so that a machine shared with other jobs
+loads both alike while neither library's threads or allocator touch the other's steps. The
+ratio is the median over rounds of timm's step time / ours (> 1: we are faster). Each step is a
+full AdamW training step with gradient clipping at global norm 1 on a fixed random batch.
+
+Ours runs with vit_jax's CPU defaults (vit_jax/host_tuning.py); timm runs with torch's own,
+that is without the huge-page malloc setting unless --timm_huge_pages.
 
 Needs torch and timm, which are not dependencies of vit_jax (see benchmarks/README.md):
     pip install torch==2.13.0
@@ -13,65 +17,71 @@ Needs torch and timm, which are not dependencies of vit_jax (see benchmarks/READ
     pip install huggingface_hub safetensors pyyaml pillow
 """
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
-import types
 
 from absl import app, flags
 
-from vit_jax import benchmark
-from vit_jax.models import registry
+from vit_jax import benchmark, host_tuning
 
 benchmark.define_flags()
 FLAGS = flags.FLAGS  # --model, --batch_size, --image_size, ... from vit_jax.benchmark
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed (ours, timm) step pairs after one warm-up.')
-
-_TIMM_SIZES = {'Ti': 'tiny', 'S': 'small', 'B': 'base', 'L': 'large', 'H': 'huge'}
-
-
-def import_timm():
-  """timm, importable with CPU torch: the registry's torchvision registers CUDA-only meta
-  kernels from this module at import; timm needs none of them."""
-  sys.modules.setdefault('torchvision._meta_registrations',
-                         types.ModuleType('torchvision._meta_registrations'))
-  import timm  # pylint: disable=g-import-not-at-top
-  return timm
+_TIMM_HUGE_PAGES = flags.DEFINE_bool(
+    'timm_huge_pages', False, 'Give the timm worker the huge-page malloc setting that vit_jax '
+    'uses on CPU (default: torch as installed, without it).')
 
 
-class TimmTrainStep:
-  """timm's ViT with torch AdamW (weight decay 1e-4) and clipping; calling it runs one step."""
-
-  def __init__(self, model_name: str, batch_size: int, image_size: int, num_classes: int):
-    import torch  # pylint: disable=g-import-not-at-top
-    self.torch = torch
-    patch_size = registry.model_config(model_name)['patch_size']  # also checks the name
-    size = model_name.split('-')[-1].split('_')[0]
-    if size not in _TIMM_SIZES:
-      raise ValueError(f'--model={model_name!r} has no timm counterpart; sizes: {_TIMM_SIZES}')
-    timm_name = f'vit_{_TIMM_SIZES[size]}_patch{patch_size}_224'
-    self.model = import_timm().create_model(timm_name, pretrained=False, img_size=image_size,
-                                            num_classes=num_classes)
-    self.model.train()
-    self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    self.images = torch.rand(batch_size, 3, image_size, image_size, generator=generator) * 2 - 1
-    self.labels = torch.arange(batch_size) % num_classes
-
-  def __call__(self):
-    self.optimizer.zero_grad(set_to_none=True)
-    loss = self.torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
-    loss.backward()
-    self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-    self.optimizer.step()
-    self.loss = loss.detach().item()
+def worker_environ(huge_pages: bool) -> dict:
+  """This process' environment for the timm worker, with or without the huge-page tunable."""
+  env = dict(os.environ)
+  tunables = [t for t in env.pop('GLIBC_TUNABLES', '').split(':')
+              if t and not t.startswith('glibc.malloc.hugetlb')]
+  if huge_pages:
+    tunables.append(host_tuning.HUGE_PAGES_TUNABLE)
+  if tunables:
+    env['GLIBC_TUNABLES'] = ':'.join(tunables)
+  return env
 
 
-def torch_matmul_times(n: int, repeats: int = 3) -> list:
-  import torch  # pylint: disable=g-import-not-at-top
-  a, b = torch.randn(n, n), torch.randn(n, n)
-  torch.mm(a, b)
-  return benchmark.time_calls(lambda: torch.mm(a, b), repeats)
+class TimmWorker:
+  """The worker process; `step()` and `matmul_times(n)` run there and return its timings."""
+
+  def __init__(self, model: str, batch_size: int, image_size: int, num_classes: int,
+               huge_pages: bool):
+    command = [sys.executable, '-m', 'benchmarks.timm_worker', f'--model={model}',
+               f'--batch_size={batch_size}', f'--image_size={image_size}',
+               f'--num_classes={num_classes}']
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    self.process = subprocess.Popen(command, cwd=repo_root, env=worker_environ(huge_pages),
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.loss = None
+
+  def _ask(self, command: str) -> dict:
+    self.process.stdin.write(command + '\n')
+    self.process.stdin.flush()
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f'timm worker exited (code {self.process.wait()}) on {command!r}; '
+                         'its error is printed above')
+    answer = json.loads(line)
+    if 'error' in answer:
+      raise RuntimeError(answer['error'])
+    return answer
+
+  def step(self) -> float:
+    answer = self._ask('step')
+    self.loss = answer['loss']
+    return answer['seconds']
+
+  def matmul_times(self, n: int) -> list:
+    return self._ask(f'matmul {n}')['seconds']
+
+  def close(self) -> None:
+    self.process.communicate('quit\n', timeout=60)
 
 
 def main(argv):
@@ -79,20 +89,22 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   batch_size, image_size = FLAGS.batch_size, FLAGS.image_size
   config = benchmark.benchmark_config(FLAGS.model, batch_size, image_size, FLAGS.num_classes)
+  theirs = TimmWorker(FLAGS.model, batch_size, image_size, FLAGS.num_classes,
+                      _TIMM_HUGE_PAGES.value)
   ours = benchmark.TrainStep(config)
-  theirs = TimmTrainStep(FLAGS.model, batch_size, image_size, FLAGS.num_classes)
   ours()
-  theirs()
+  theirs.step()
   n = FLAGS.peak_matmul_size
-  jax_peak_times, torch_peak_times = benchmark.matmul_times(n), torch_matmul_times(n)
+  jax_peak_times, torch_peak_times = benchmark.matmul_times(n), theirs.matmul_times(n)
   our_times, their_times = [], []
   for round_index in range(_ROUNDS.value):
     our_times += benchmark.time_calls(ours, 1)
-    their_times += benchmark.time_calls(theirs, 1)
+    their_times.append(theirs.step())
     print(f'round {round_index}: ours {our_times[-1]:.3f} s, timm {their_times[-1]:.3f} s',
           flush=True)
   jax_peak_times += benchmark.matmul_times(n)
-  torch_peak_times += torch_matmul_times(n)
+  torch_peak_times += theirs.matmul_times(n)
+  theirs.close()
 
   flops = ours.model_flops_per_step()
   ratios = [t / o for o, t in zip(our_times, their_times)]
@@ -113,6 +125,9 @@ def main(argv):
   result.update({'timm_over_ours': round(statistics.median(ratios), 3),
                  'timm_over_ours_per_round': [round(r, 3) for r in ratios],
                  'ours_loss': float(ours.metrics['train_loss']), 'timm_loss': theirs.loss,
+                 'timm_huge_pages': _TIMM_HUGE_PAGES.value,
+                 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+                 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
                  'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})
   for key, value in result.items():
     print(f'{key:>32}: {value}')
@@ -120,4 +135,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_tuning.apply()
   app.run(main)

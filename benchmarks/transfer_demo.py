@@ -22,6 +22,7 @@ import numpy as np
 # Run as a script from a checkout: the repository root holds `configs` and `vit_jax`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import quickstart  # noqa: E402  pylint: disable=g-import-not-at-top
+from vit_jax import host_tuning  # noqa: E402  pylint: disable=g-import-not-at-top
 from vit_jax.train import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -116,4 +117,5 @@ def main():
 
 
 if __name__ == '__main__':
+  host_tuning.apply()
   main()

@@ -14,7 +14,7 @@ import statistics
 
 from absl import app, flags
 
-from vit_jax import benchmark
+from vit_jax import benchmark, host_tuning
 
 benchmark.define_flags()
 FLAGS = flags.FLAGS  # --model, --batch_size, --image_size, ... from vit_jax.benchmark
@@ -24,8 +24,9 @@ _VARIANTS = flags.DEFINE_list('variants', None, 'Subset of VARIANTS to run (defa
 # XLA DebugOptions, as compile(compiler_options=...) takes them: enum lists by full value name.
 _YNN_ALL = 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE'
 VARIANTS = {
-    'baseline': {},
+    'baseline': {},  # jax's own XLA CPU defaults
     'baseline_again': {},
+    'eigen_dots': host_tuning.XLA_CPU_OPTIONS,  # what vit_jax's programs use on CPU
     'ynn_dot_eltwise_reduce': {'xla_cpu_experimental_ynn_fusion_type': _YNN_ALL},
     'fast_math': {'xla_cpu_enable_fast_math': True},
     'ynn_dot_eltwise_reduce+fast_math': {'xla_cpu_experimental_ynn_fusion_type': _YNN_ALL,
@@ -66,4 +67,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_tuning.apply(xla_flags=False)  # huge pages for all; 'baseline' keeps jax's XLA defaults
   app.run(main)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vit_jax import benchmark
+from vit_jax import benchmark, host_tuning
 from vit_jax.models import registry
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +43,20 @@ def test_benchmark_command_reports_json_with_exact_model_flops():
   assert result['mfu'] == pytest.approx(expected_mfu, rel=2e-2)
   assert result['compile_time_s'] > 0 and result['peak_memory_mb'] > 0
   assert '--xla_force_host_platform_device_count=8' in result['xla_flags']
+  # vit_jax's CPU defaults reach the program (vit_jax/host_tuning.py).
+  assert '--xla_cpu_experimental_ynn_fusion_type=' in result['xla_flags'].split()
+  if host_tuning.transparent_huge_pages_mode() in ('always', 'madvise'):
+    assert 'glibc.malloc.hugetlb=1' in result['glibc_tunables']
+
+
+def test_compile_only_reports_scanned_depth_without_running():
+  config = benchmark.benchmark_config('testing', 8, 16, 10, scan_layers=True, num_layers=3)
+  result = benchmark.run(config, steps=2, compile_only=True)
+  assert (result['num_layers'], result['scan_layers']) == (3, True)
+  assert result['model_flops_per_image'] == 3 * _vit_forward_flops(
+      16, 10, **(registry.TESTING | {'num_layers': 3}))
+  assert result['compile_time_s'] > 0 and result['compiled_memory_mb'] > 0
+  assert 'step_time_s' not in result
 
 
 def test_matmul_flops_counts_scanned_layers_and_convolutions():

@@ -26,7 +26,7 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 import ml_collections
 
-from vit_jax import sharding
+from vit_jax import host_tuning, sharding
 from vit_jax.train import optim, steps as steps_lib, trainer
 
 
@@ -44,18 +44,25 @@ def define_flags() -> None:
   flags.DEFINE_integer('mesh_model', 1, 'mesh.model; mesh.data takes the rest.')
   flags.DEFINE_integer('peak_matmul_size', 2048,
                        'N of the N^3 f32 matmul that measures the peak rate.')
+  flags.DEFINE_bool('scan_layers', False, 'Scan over the encoder blocks (one compiled block).')
+  flags.DEFINE_string('remat_policy', 'none', 'Rematerialization of the encoder blocks.')
+  flags.DEFINE_integer('num_layers', 0, 'Encoder depth; 0: the named model\'s own.')
+  flags.DEFINE_bool('compile_only', False, 'Only compile the step (from abstract shapes, so no '
+                    'memory for the state) and report compile time, FLOPs and memory.')
 
 
 def benchmark_config(model: str, batch_size: int, image_size: int, num_classes: int,
-                     dtype: str = 'float32', mesh_fsdp: int = 1, mesh_model: int = 1):
-  """A training config as the trainer reads it: AdamW with clipping, as the ViT recipes."""
+                     dtype: str = 'float32', mesh_fsdp: int = 1, mesh_model: int = 1,
+                     **model_overrides):
+  """A training config as the trainer reads it: AdamW with clipping, as the ViT recipes.
+  model_overrides: architecture fields such as scan_layers=True or num_layers=2."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 10_000
   c.batch_size = batch_size
   c.image_size = image_size
   c.num_classes = num_classes
-  c.model = dict(name=model, dtype=dtype)
+  c.model = dict(name=model, dtype=dtype, **model_overrides)
   c.loss = 'softmax_xent'
   c.optimizer = dict(name='adamw', b1=0.9, b2=0.999, weight_decay=1e-4, grad_clip_norm=1.0)
   c.schedule = dict(base_lr=1e-3, warmup_steps=100, decay_type='cosine')
@@ -130,18 +137,30 @@ class TrainStep:
         functools.partial(steps_lib.train_step, model=self.model, tx=tx,
                           loss_fn=steps_lib.get_loss_fn(config.loss), rng=jax.random.key(1)),
         self.mesh, state_sharding)
-    self.state = init_fn(jax.random.key(0))
     size, n, classes = config.image_size, config.batch_size, config.num_classes
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    abstract_batch = {
+        'image': jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32, sharding=batch_sharding),
+        'labels': jax.ShapeDtypeStruct((n, classes), jnp.float32, sharding=batch_sharding)}
+    start = time.perf_counter()
+    self.compiled = train_step.lower(self.abstract_state, abstract_batch).compile(
+        compiler_options)
+    self.compile_time = time.perf_counter() - start
+    self._init_fn = init_fn
+    self.state = self.batch = self.metrics = None
+
+  def materialize(self) -> None:
+    """Builds the state and a fixed random batch (first call of the step does it too)."""
+    self.state = self._init_fn(jax.random.key(0))
+    size, n, classes = self.config.image_size, self.config.batch_size, self.config.num_classes
     images = jax.random.uniform(jax.random.key(2), (n, size, size, 3), jnp.float32, -1., 1.)
     labels = jax.nn.one_hot(jnp.arange(n) % classes, classes)
     self.batch = jax.device_put({'image': images, 'labels': labels},
                                 sharding.batch_sharding(self.mesh))
-    start = time.perf_counter()
-    self.compiled = train_step.lower(self.state, self.batch).compile(compiler_options)
-    self.compile_time = time.perf_counter() - start
-    self.metrics = None
 
   def __call__(self):
+    if self.state is None:
+      self.materialize()
     self.state, self.metrics = self.compiled(self.state, self.batch)
     jax.block_until_ready((self.state, self.metrics))
 
@@ -151,19 +170,42 @@ class TrainStep:
                                       self.config.image_size)
     return 3 * forward * self.config.batch_size
 
-  def peak_memory_bytes(self) -> int:
-    """The device's peak where it keeps one (GPU); on CPU, XLA's account of the step's buffers."""
-    device_stats = jax.devices()[0].memory_stats() or {}
-    if 'peak_bytes_in_use' in device_stats:
-      return device_stats['peak_bytes_in_use']
+  def compiled_memory_bytes(self) -> int:
+    """XLA's account of the step's buffers per device: arguments + outputs - donated + temps."""
     memory = self.compiled.memory_analysis()
     return (memory.argument_size_in_bytes + memory.output_size_in_bytes
             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
 
+  def peak_memory_bytes(self) -> int:
+    """The device's peak where it keeps one (GPU); elsewhere XLA's account of the buffers."""
+    device_stats = jax.devices()[0].memory_stats() or {}
+    return device_stats.get('peak_bytes_in_use') or self.compiled_memory_bytes()
 
-def run(config, steps: int, peak_matmul_size: int = 2048) -> dict:
+
+def compile_figures(config, step: TrainStep) -> dict:
+  """What compiling alone tells: the model, compile time, FLOPs and XLA's memory account."""
+  model = step.model
+  cost = step.compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {
+      'model': config.model.name, 'num_layers': model.num_layers,
+      'scan_layers': model.scan_layers, 'remat_policy': model.remat_policy,
+      'batch_size': config.batch_size, 'image_size': config.image_size,
+      'dtype': config.model.dtype, 'platform': jax.devices()[0].platform,
+      'devices': step.mesh.devices.size, 'mesh': dict(step.mesh.shape),
+      'compile_time_s': round(step.compile_time, 3),
+      'model_flops_per_image': step.model_flops_per_step() // config.batch_size,
+      'xla_flops_per_step': float(cost.get('flops', -1.)) if cost else -1.,
+      'compiled_memory_mb': round(step.compiled_memory_bytes() / 2**20, 1),
+  }
+
+
+def run(config, steps: int, peak_matmul_size: int = 2048, compile_only: bool = False) -> dict:
   """Compiles and times the trainer's step; returns the figures (see the module docstring)."""
   step = TrainStep(config)
+  result = compile_figures(config, step)
+  if compile_only:
+    return result
   step()  # warm-up: first-run allocations, thread start
   # The peak is timed before and after the steps, so that on a shared machine both see
   # about the same load.
@@ -172,25 +214,16 @@ def run(config, steps: int, peak_matmul_size: int = 2048) -> dict:
   peak_times += matmul_times(peak_matmul_size)
   step_time = statistics.median(step_times)
 
-  platform = jax.devices()[0].platform
-  num_devices = step.mesh.devices.size
   # Host "devices" share the same cores; accelerators each bring their own.
   peak = (2 * peak_matmul_size**3 / statistics.median(peak_times)
-          * (1 if platform == 'cpu' else num_devices))
-  model_flops = step.model_flops_per_step()
-  cost = step.compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return {
-      'model': config.model.name, 'batch_size': config.batch_size,
-      'image_size': config.image_size, 'dtype': config.model.dtype, 'steps': steps,
-      'platform': platform, 'devices': num_devices, 'mesh': dict(step.mesh.shape),
-      'compile_time_s': round(step.compile_time, 3),
+          * (1 if result['platform'] == 'cpu' else result['devices']))
+  model_flops = result['model_flops_per_image'] * config.batch_size
+  return result | {
+      'steps': steps,
       'step_time_s': round(step_time, 4),
       'step_time_min_s': round(min(step_times), 4),
       'step_time_max_s': round(max(step_times), 4),
       'images_per_sec': round(config.batch_size / step_time, 3),
-      'model_flops_per_image': model_flops // config.batch_size,
-      'xla_flops_per_step': float(cost.get('flops', -1.)) if cost else -1.,
       'achieved_gflops_per_sec': round(model_flops / step_time / 1e9, 2),
       'peak_gflops_per_sec': round(peak / 1e9, 2),
       'mfu': round(model_flops / step_time / peak, 4),
@@ -204,15 +237,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  overrides = dict(scan_layers=f.scan_layers, remat_policy=f.remat_policy)
+  if f.num_layers:
+    overrides['num_layers'] = f.num_layers
   config = benchmark_config(f.model, f.batch_size, f.image_size, f.num_classes, f.dtype,
-                            f.mesh_fsdp, f.mesh_model)
-  result = run(config, f.steps, f.peak_matmul_size)
+                            f.mesh_fsdp, f.mesh_model, **overrides)
+  result = run(config, f.steps, f.peak_matmul_size, f.compile_only)
   result['xla_flags'] = os.environ.get('XLA_FLAGS', '')
+  result['glibc_tunables'] = os.environ.get('GLIBC_TUNABLES', '')
   for key, value in result.items():
     print(f'{key:>24}: {value}')
   print(json.dumps(result))
 
 
 if __name__ == '__main__':
+  host_tuning.apply()
   define_flags()
   app.run(main)

@@ -2,6 +2,8 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vit_jax import host_tuning
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where metrics and checkpoints go.')
@@ -27,6 +29,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_tuning.apply()
   # Required only when run as a program: tests parse these modules' flags side by side.
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

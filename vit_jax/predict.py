@@ -12,6 +12,8 @@ import os
 
 from absl import app, flags
 
+from vit_jax import host_tuning
+
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Weights file or training workdir.')
 _MODEL = flags.DEFINE_string('model', None, "Model name, e.g. 'ViT-B_16' or 'R50+ViT-B_16'.")
 _LABELS = flags.DEFINE_string('labels', '', 'Label names: a text file (one per line) or a tfds '
@@ -103,6 +105,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_tuning.apply()
   # Required only when run as a program: tests parse these modules' flags side by side.
   flags.mark_flags_as_required(['checkpoint', 'model'])
   app.run(main)
