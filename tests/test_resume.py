@@ -146,6 +146,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(quickstart_config,
   config = quickstart_config
   config.total_steps, config.eval_every, config.checkpoint_every = 2, 0, 1
   config.data.eval_split = ''  # no evaluation: this is about training state
+  # test_transfer's schedule: the same compiled step serves both (compilation cache).
+  config.schedule = dict(base_lr=1e-3, warmup_steps=0, decay_type='constant')
   workdir = str(tmp_path / 'run')
   trainer.train_and_evaluate(config, workdir)
   config.total_steps, config.log_every = 5, 100  # logs only at the end: saves must check first
