@@ -133,7 +133,7 @@ def test_sigterm_then_sigkill_then_restart_matches_an_uninterrupted_run(quicksta
   reference_state, reference_losses = _final(reference_dir, reference, build_training)
   reference_losses = dict(reference_losses)
   assert len(reference_losses) == config.total_steps - 1  # all but the (compiling) first step
-  assert losses[-1][0] == config.total_steps  # logged by the restarted run
+  assert losses[-1][0] == config.total_steps
   # Every loss any of the three runs logged, restarted steps included, is the reference's.
   for step, loss in losses:
     assert loss == reference_losses[step], step
