@@ -49,14 +49,14 @@ def quickstart_config(tfds_data_dir):
 def build_training(config) -> types.SimpleNamespace:
   """What the trainer builds from `config` before its first step, without running any:
   mesh, model, tx (optimizer), schedule, init_fn (rng -> sharded TrainState), abstract_state
-  and state_sharding, with the default logical-axis rules."""
+  and state_sharding."""
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax.train import optim, trainer  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(config.mesh)
   model = trainer.build_model(config)
   tx, schedule = optim.make_optimizer(config)
-  init_fn, abstract_state, state_sharding = trainer.create_state(config, model, tx, mesh,
-                                                                 sharding.DEFAULT_RULES)
+  init_fn, abstract_state, state_sharding = trainer.create_state(
+      config, model, tx, mesh, sharding.rules_from_config(config))
   return types.SimpleNamespace(mesh=mesh, model=model, tx=tx, schedule=schedule,
                                init_fn=init_fn, abstract_state=abstract_state,
                                state_sharding=state_sharding)
