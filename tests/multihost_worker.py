@@ -1,10 +1,10 @@
 """One process of the 2-process CPU test in test_multihost.py (not a test itself).
 
-    python tests/multihost_worker.py COORDINATOR_ADDRESS NUM_PROCESSES PROCESS_ID WORKDIR
+    python tests/multihost_worker.py COORDINATOR_ADDRESS NUM_PROCESSES PROCESS_ID WORKDIR DATA_DIR
 
 Trains on fixed batches over a mesh spanning every process's devices, saves and restores an
-Orbax checkpoint from all processes together, runs the real trainer for a few steps, and prints
-one JSON line with the losses.
+Orbax checkpoint from all processes together, runs the real trainer for a few steps on the
+digits (already prepared in the tfds DATA_DIR), and prints one JSON line with the losses.
 """
 import json
 import os
@@ -17,7 +17,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def main(coordinator, num_processes, process_id, workdir):
+def main(coordinator, num_processes, process_id, workdir, data_dir):
   jax.distributed.initialize(coordinator, int(num_processes), int(process_id))
   from tests import test_sharding  # pylint: disable=g-import-not-at-top
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -35,13 +35,14 @@ def main(coordinator, num_processes, process_id, workdir):
       np.array_equal(np.asarray(a.addressable_data(0)), np.asarray(b.addressable_data(0)))
       for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)))
   config = test_sharding._config()  # pylint: disable=protected-access
-  config.data.data_dir = os.path.join(workdir, f'tfds{process_id}')  # no race to prepare
+  config.data.data_dir = data_dir
   config.update(dict(total_steps=2, batch_size=16, log_every=1, eval_every=0, checkpoint_every=2))
   config.mesh = test_sharding.MIXED
   last = trainer.train_and_evaluate(config, os.path.join(workdir, 'trainer'))
   print(json.dumps({'losses': losses.tolist(), 'restored_equal': restored_equal,
                     'process_count': jax.process_count(),
-                    'trainer_loss': last['train_loss']}), flush=True)
+                    'trainer_loss': last['train_loss'],
+                    'trainer_val_accuracy': last['val_accuracy']}), flush=True)
 
 
 if __name__ == '__main__':

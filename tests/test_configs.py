@@ -3,11 +3,9 @@ import glob
 import importlib
 import os
 
-import jax
 import pytest
 
-from vit_jax import sharding
-from vit_jax.train import optim, ssl_steps, steps, trainer
+from vit_jax.train import ssl_steps, steps
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
 DOCUMENTED_KEYS = ('total_steps', 'batch_size', 'seed', 'log_every', 'eval_every',
@@ -25,7 +23,7 @@ def _configs():
 
 
 @pytest.mark.parametrize('module,arg', list(_configs()))
-def test_config_loads_and_builds_with_a_tiny_model(module, arg):
+def test_config_loads_and_builds_with_a_tiny_model(module, arg, build_training):
   config = module.get_config(arg) if arg else module.get_config()
   for key in DOCUMENTED_KEYS:
     assert key in config, f'{module.__name__} lacks {key}'
@@ -37,21 +35,15 @@ def test_config_loads_and_builds_with_a_tiny_model(module, arg):
     config.model.name = 'testing'
     config.image_size = 16
     config.mesh = dict(data=-1, fsdp=1, model=1)
-  model = trainer.build_model(config)
-  tx, schedule = optim.make_optimizer(config)
-  classification = config.get('task', 'classification') == 'classification'
-  if classification:
+  training = build_training(config)
+  params = training.abstract_state.params
+  if config.get('task', 'classification') == 'classification':
     steps.get_loss_fn(config.loss)
-  else:
-    ssl_steps.get_objective(config)
-  _, abstract_state, _ = trainer.create_state(config, model, tx,
-                                              sharding.make_mesh(config.mesh),
-                                              sharding.rules_from_config(config))
-  if classification:
-    assert abstract_state.params['head']['kernel'].shape[-1] == config.num_classes
+    assert params['head']['kernel'].shape[-1] == config.num_classes
   else:  # self-supervised: encoder names as the classifier's, no class head
-    assert 'head' not in abstract_state.params and 'Transformer' in abstract_state.params
-  assert float(schedule(config.total_steps // 2)) > 0
+    ssl_steps.get_objective(config)
+    assert 'head' not in params and 'Transformer' in params
+  assert float(training.schedule(config.total_steps // 2)) > 0
 
 
 def test_unknown_preset_names_it():

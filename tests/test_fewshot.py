@@ -2,8 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax import sharding
-from vit_jax.train import evaluators, fewshot, optim, trainer
+from vit_jax.train import evaluators, fewshot
 
 
 def test_fit_matches_independent_least_squares():
@@ -34,18 +33,14 @@ def test_separable_features_give_perfect_fewshot_accuracy():
     fewshot.select_shots(labels, 500, seed=0)
 
 
-def test_fewshot_evaluator_on_digits(quickstart_config):
+def test_fewshot_evaluator_on_digits(quickstart_config, build_training):
   config = quickstart_config
   config.fewshot = dict(dataset='sklearn_digits', name='digits', train_split='train',
                         test_split='test[:100]', shots=[1, 5], seeds=2, l2_reg=1.0,
                         pp='decode|resize(16)|value_range(-1, 1)|onehot(10)')
-  mesh = sharding.make_mesh(config.mesh)
-  model = trainer.build_model(config)
-  tx, _ = optim.make_optimizer(config)
-  init_fn, _, state_sharding = trainer.create_state(config, model, tx, mesh,
-                                                    sharding.DEFAULT_RULES)
-  state = init_fn(jax.random.key(0))
-  evals = evaluators.build(config, model, mesh, state_sharding.params)
+  training = build_training(config)
+  state = training.init_fn(jax.random.key(0))
+  evals = evaluators.build(config, training.model, training.mesh, training.state_sharding.params)
   assert [type(e).__name__ for e in evals] == ['ClassificationEvaluator', 'FewShotEvaluator']
   results = evals[1].run(state.params)
   assert set(results) == {'fewshot_digits_1shot', 'fewshot_digits_5shot'}

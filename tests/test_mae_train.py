@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vit_jax import checkpoint, sharding
-from vit_jax.train import optim, ssl_steps, trainer
+from vit_jax.train import ssl_steps, trainer
 
 TINY_DECODER = dict(decoder_width=8, decoder_layers=1, decoder_mlp_dim=16, decoder_heads=2)
 
@@ -27,20 +27,18 @@ def _self_supervised(config, task):
 
 
 @pytest.mark.parametrize('task', ['mae', 'masked_patch'])
-def test_self_supervised_steps_lower_the_loss_on_a_fixed_batch(quickstart_config, task):
+def test_self_supervised_steps_lower_the_loss_on_a_fixed_batch(quickstart_config, build_training,
+                                                               task):
   config = _self_supervised(quickstart_config, task)
   config.norm_pix_loss = False
   config.schedule = dict(base_lr=1e-2, warmup_steps=0, decay_type='constant')
-  mesh = sharding.make_mesh(config.mesh)
-  model = trainer.build_model(config)
-  tx, _ = optim.make_optimizer(config)
-  init_fn, _, state_sharding = trainer.create_state(config, model, tx, mesh,
-                                                    sharding.DEFAULT_RULES)
-  state = init_fn(jax.random.key(0))
-  step = jax.jit(functools.partial(ssl_steps.train_step, model=model, tx=tx,
+  training = build_training(config)
+  mesh = training.mesh
+  state = training.init_fn(jax.random.key(0))
+  step = jax.jit(functools.partial(ssl_steps.train_step, model=training.model, tx=training.tx,
                                    objective=ssl_steps.get_objective(config),
                                    rng=jax.random.key(1)),
-                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)))
+                 in_shardings=(training.state_sharding, sharding.batch_sharding(mesh)))
   # One colour per image, a little noise: the visible patches tell what the hidden ones hold.
   rng = np.random.RandomState(0)
   images = (rng.uniform(-0.9, 0.9, (16, 1, 1, 3)) +
@@ -64,12 +62,12 @@ def _metrics(workdir):
 def test_mae_trainer_writes_pictures_and_its_encoder_transfers(quickstart_config, tmp_path):
   workdir = str(tmp_path / 'mae')
   config = _self_supervised(quickstart_config, 'mae')
-  config.total_steps, config.eval_every, config.checkpoint_every = 4, 2, 4
+  config.total_steps, config.eval_every, config.checkpoint_every = 2, 1, 2
   last = trainer.train_and_evaluate(config, workdir)
   lines = _metrics(workdir)
-  assert [m['step'] for m in lines if 'val_loss' in m] == [2, 4]
+  assert [m['step'] for m in lines if 'val_loss' in m] == [1, 2]
   assert 0 < last['val_loss'] < 10 and np.isfinite(last['train_loss'])
-  for step in (2, 4):
+  for step in (1, 2):
     picture = np.asarray(Image.open(os.path.join(workdir, f'mae_recon_{step}.png')))
     # 3 rows (original / masked / reconstruction) of 8 images, 16px enlarged 4x, 2px borders.
     assert picture.shape == (3 * 66 + 2, 8 * 66 + 2, 3)

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint, sharding
-from vit_jax.train import optim, trainer
+from vit_jax import checkpoint
+from vit_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,23 +24,38 @@ def _write_config(config, path) -> str:
   return str(path)
 
 
-def _complete_steps(workdir):
+def _checkpoint_names(workdir) -> list:
   directory = os.path.join(workdir, 'checkpoints')
-  names = os.listdir(directory) if os.path.isdir(directory) else []
-  return sorted(int(n) for n in names if n.isdigit())
+  return os.listdir(directory) if os.path.isdir(directory) else []
 
 
-def _run_until(command, workdir, sig, after_step, timeout=300):
-  """Starts `command`; once a checkpoint past `after_step` exists sends `sig`; returns rc."""
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+def _complete_steps(workdir):
+  return sorted(int(n) for n in _checkpoint_names(workdir) if n.isdigit())
+
+
+def _steps_being_saved(workdir):
+  """Steps whose Orbax temporary directory (`<step>.orbax-checkpoint-tmp...`) exists."""
+  return sorted(int(n.split('.')[0]) for n in _checkpoint_names(workdir)
+                if '.orbax-checkpoint-tmp' in n)
+
+
+def _wait(process, condition, timeout=300):
+  """Polls until `condition()` holds (True) or `process` ends or times out (False)."""
+  deadline = time.time() + timeout
+  while process.poll() is None and time.time() < deadline:
+    if condition():
+      return True
+    time.sleep(0.01)
+  return False
+
+
+def _start(command):
+  return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def _finish(process, timeout=300):
   try:
-    deadline = time.time() + timeout
-    while sig is not None and process.poll() is None and time.time() < deadline:
-      if any(s > after_step for s in _complete_steps(workdir)):
-        process.send_signal(sig)
-        break
-      time.sleep(0.02)
     output, _ = process.communicate(timeout=timeout)
   finally:
     if process.poll() is None:
@@ -49,53 +64,90 @@ def _run_until(command, workdir, sig, after_step, timeout=300):
   return process.returncode, output
 
 
-def _final(workdir, config):
-  mesh = sharding.make_mesh(config.mesh)
-  model = trainer.build_model(config)
-  tx, _ = optim.make_optimizer(config)
-  _, abstract_state, _ = trainer.create_state(config, model, tx, mesh, sharding.DEFAULT_RULES)
+def _kill_during_a_save(process, workdir, after_step):
+  """SIGKILLs `process` while it writes a checkpoint of a step past `after_step`; returns the
+  temporary directories it left. The process is stopped (SIGSTOP) before the check that the
+  save is still unfinished, so the kill cannot come after Orbax's final rename."""
+  while _wait(process, lambda: any(s > after_step for s in _steps_being_saved(workdir))):
+    process.send_signal(signal.SIGSTOP)
+    if any(s > after_step for s in _steps_being_saved(workdir)):
+      process.kill()
+      break
+    process.send_signal(signal.SIGCONT)  # that save finished in between: catch the next one
+  rc, output = _finish(process)
+  return rc, output, [n for n in _checkpoint_names(workdir) if '.orbax-checkpoint-tmp' in n]
+
+
+def _final(workdir, config, build_training):
+  abstract_state = build_training(config).abstract_state
   manager = checkpoint.make_manager(workdir)
   state = checkpoint.restore_state(manager, abstract_state, config.total_steps)
+  return state, _losses(workdir)
+
+
+def _losses(workdir):
+  """[(step, train_loss)] in the order metrics.jsonl holds them (restarts repeat steps)."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    losses = {m['step']: m['train_loss'] for m in map(json.loads, f) if 'train_loss' in m}
-  return state, losses
+    return [(m['step'], m['train_loss']) for m in map(json.loads, f) if 'train_loss' in m]
 
 
 @pytest.mark.slow
 def test_sigterm_then_sigkill_then_restart_matches_an_uninterrupted_run(quickstart_config,
+                                                                        build_training,
                                                                         tmp_path):
   config = quickstart_config
-  config.total_steps, config.batch_size = 200, 32
-  config.log_every, config.checkpoint_every, config.eval_every = 20, 20, 0
+  config.total_steps, config.batch_size = 8, 8
+  config.log_every, config.checkpoint_every, config.eval_every = 1, 1, 0
+  config.data.eval_split = ''  # no evaluation: this is about training state
   config.model = dict(name='testing', dropout_rate=0.1)  # the dropout rng must resume too
+  # Uninterrupted, saving only at the end (how often a run saves does not change its numbers).
+  reference = config.copy_and_resolve_references()
+  reference.checkpoint_every = 0
   reference_dir = str(tmp_path / 'reference')
-  trainer.train_and_evaluate(config, reference_dir)
+  trainer.train_and_evaluate(reference, reference_dir)
 
   workdir = str(tmp_path / 'interrupted')
   command = [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}',
              f'--config={_write_config(config, tmp_path / "config.py")}']
-  rc, output = _run_until(command, workdir, signal.SIGTERM, after_step=0)
+  # SIGTERM once the first checkpoint is complete (the run is in its loop): it saves and exits.
+  process = _start(command)
+  _wait(process, lambda: _complete_steps(workdir))
+  process.send_signal(signal.SIGTERM)
+  rc, output = _finish(process)
   assert rc == 0, output
   preempted_at = max(_complete_steps(workdir))
-  assert 'preemption notice: saved step' in output and preempted_at < config.total_steps, output
+  assert f'preemption notice: saved step {preempted_at}' in output, output
+  assert preempted_at < config.total_steps
 
-  rc, output = _run_until(command, workdir, signal.SIGKILL, after_step=preempted_at)
+  # It resumes; SIGKILL in the middle of a later save leaves that step's temporary directory.
+  rc, output, left_behind = _kill_during_a_save(_start(command), workdir, preempted_at)
   assert rc == -signal.SIGKILL, output
+  assert left_behind, 'the run ended before SIGKILL reached it during a save'
   killed_after = max(_complete_steps(workdir))
-  assert killed_after < config.total_steps, 'the run ended before SIGKILL reached it'
+  assert preempted_at <= killed_after < config.total_steps
 
-  rc, output = _run_until(command, workdir, None, after_step=config.total_steps)
-  assert rc == 0, output
-  state, losses = _final(workdir, config)
-  reference_state, reference_losses = _final(reference_dir, config)
-  assert losses[config.total_steps] == reference_losses[config.total_steps]
+  # Restarting (what main runs) skips the temporary directory and ends exactly as the reference.
+  trainer.train_and_evaluate(config, workdir)
+  assert max(_complete_steps(workdir)) == config.total_steps
+  state, losses = _final(workdir, config, build_training)
+  reference_state, reference_losses = _final(reference_dir, reference, build_training)
+  reference_losses = dict(reference_losses)
+  assert len(reference_losses) == config.total_steps - 1  # all but the (compiling) first step
+  assert losses[-1][0] == config.total_steps
+  # Every loss any of the three runs logged, restarted steps included, is the reference's.
+  for step, loss in losses:
+    assert loss == reference_losses[step], step
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(quickstart_config, tmp_path):
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(quickstart_config, build_training,
+                                                             tmp_path):
   config = quickstart_config
   config.total_steps, config.eval_every, config.checkpoint_every = 2, 0, 1
+  config.data.eval_split = ''  # no evaluation: this is about training state
+  # test_transfer's schedule: the same compiled step serves both (compilation cache).
+  config.schedule = dict(base_lr=1e-3, warmup_steps=0, decay_type='constant')
   workdir = str(tmp_path / 'run')
   trainer.train_and_evaluate(config, workdir)
   config.total_steps, config.log_every = 5, 100  # logs only at the end: saves must check first
@@ -104,5 +156,5 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(quickstart_config,
     trainer.train_and_evaluate(config, workdir)
   assert _complete_steps(workdir) == [1, 2]
   config.total_steps = 2
-  state, _ = _final(workdir, config)
+  state, _ = _final(workdir, config, build_training)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))

@@ -104,14 +104,11 @@ def test_scanned_remat_model_trains_on_a_mixed_mesh():
   assert kernel.addressable_shards[0].data.shape == (2, 8, 16)  # fsdp=2, model=2
 
 
-def test_dimensions_the_mesh_does_not_divide_stay_replicated():
+def test_dimensions_the_mesh_does_not_divide_stay_replicated(build_training):
   config = _config()
   config.model = dict(name='testing', num_heads=1, hidden_size=12)  # 12 over fsdp=8 does not go
   config.mesh = dict(data=1, fsdp=8, model=1)
-  mesh = sharding.make_mesh(config.mesh)
-  model = trainer.build_model(config)
-  tx, _ = optim.make_optimizer(config)
-  _, abstract_state, _ = trainer.create_state(config, model, tx, mesh, sharding.DEFAULT_RULES)
+  abstract_state = build_training(config).abstract_state
   for kernel in (_mlp_kernel(abstract_state.params), _mlp_kernel(abstract_state.opt_state[1][0].mu),
                  abstract_state.params['head']['kernel']):
     assert kernel.sharding.spec[0] is None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint, sharding
-from vit_jax.train import optim, steps, trainer
+from vit_jax.train import steps, trainer
 
 
 def _fixed_batch(n=16, size=16, classes=10):
@@ -17,18 +17,15 @@ def _fixed_batch(n=16, size=16, classes=10):
           'labels': np.eye(classes, dtype=np.float32)[rng.randint(0, classes, n)]}
 
 
-def test_train_steps_lower_loss_on_a_fixed_batch(quickstart_config):
+def test_train_steps_lower_loss_on_a_fixed_batch(quickstart_config, build_training):
   config = quickstart_config
   config.schedule = dict(base_lr=1e-2, warmup_steps=0, decay_type='constant')
-  mesh = sharding.make_mesh(config.mesh)
-  model = trainer.build_model(config)
-  tx, _ = optim.make_optimizer(config)
-  init_fn, _, state_sharding = trainer.create_state(config, model, tx, mesh,
-                                                    sharding.DEFAULT_RULES)
-  state = init_fn(jax.random.key(0))
-  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+  training = build_training(config)
+  mesh = training.mesh
+  state = training.init_fn(jax.random.key(0))
+  step = jax.jit(functools.partial(steps.train_step, model=training.model, tx=training.tx,
                                    loss_fn=steps.softmax_xent, rng=jax.random.key(1)),
-                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)))
+                 in_shardings=(training.state_sharding, sharding.batch_sharding(mesh)))
   batch = jax.device_put(_fixed_batch(), sharding.batch_sharding(mesh))
   losses = []
   for _ in range(15):
@@ -40,19 +37,15 @@ def test_train_steps_lower_loss_on_a_fixed_batch(quickstart_config):
   assert int(state.step) == 15
 
 
-def test_checkpoint_save_restore_is_exact(quickstart_config, tmp_path):
-  config = quickstart_config
-  mesh = sharding.make_mesh(config.mesh)
-  model = trainer.build_model(config)
-  tx, _ = optim.make_optimizer(config)
-  init_fn, abstract_state, _ = trainer.create_state(config, model, tx, mesh,
-                                                    sharding.DEFAULT_RULES)
-  state = init_fn(jax.random.key(3))
+def test_checkpoint_save_restore_is_exact(quickstart_config, build_training, tmp_path):
+  training = build_training(quickstart_config)
+  state = training.init_fn(jax.random.key(3))
   state = state.replace(step=jax.device_put(jnp.asarray(5, jnp.int32), state.step.sharding))
   manager = checkpoint.make_manager(str(tmp_path))
   checkpoint.save_state(manager, 5, state)
   manager.wait_until_finished()
-  restored = checkpoint.restore_state(checkpoint.make_manager(str(tmp_path)), abstract_state)
+  restored = checkpoint.restore_state(checkpoint.make_manager(str(tmp_path)),
+                                      training.abstract_state)
   assert int(restored.step) == 5
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -15,6 +15,9 @@ def _flat(params):
 def test_quickstart_fine_tunes_from_exported_npz_and_workdir(quickstart_config, tmp_path):
   config = quickstart_config
   config.total_steps, config.eval_every, config.checkpoint_every = 2, 0, 2
+  # The pretraining and the final fine-tuning share this schedule, hence one compiled step.
+  config.schedule = dict(base_lr=1e-3, warmup_steps=0, decay_type='constant')
+  config.data.eval_split = ''  # only the final fine-tuning evaluates
   trainer.train_and_evaluate(config, str(tmp_path / 'pretrain'))
   pretrained = checkpoint.load(str(tmp_path / 'pretrain'))
   checkpoint.save_npz(pretrained, str(tmp_path / 'export.npz'))
@@ -37,6 +40,7 @@ def test_quickstart_fine_tunes_from_exported_npz_and_workdir(quickstart_config, 
     np.testing.assert_array_equal(from_dir[key], value, err_msg=key)
   config.schedule = dict(base_lr=1e-3, warmup_steps=0, decay_type='constant')
   config.init_from, config.eval_every = str(tmp_path / 'pretrain'), 2
+  config.data.eval_split = 'test'
   last = trainer.train_and_evaluate(config, str(tmp_path / 'finetune'))
   assert np.isfinite(last['train_loss']) and 0 <= last['val_accuracy'] <= 1
   assert np.any(_flat(checkpoint.load(str(tmp_path / 'finetune')))['head/kernel'] != 0)
