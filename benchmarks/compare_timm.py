@@ -3,10 +3,13 @@
     python -m benchmarks.compare_timm --model=ViT-S_16 --batch_size=16 --image_size=224 --rounds=5
 
 Our step runs in this process, timm's in a worker process (benchmarks/timm_worker.py), and they
-alternate step by step (ours, timm, ours, timm, ...), so that a machine shared with other jobs
-loads both alike while neither library's threads or allocator touch the other's steps. The
-ratio is the median over rounds of timm's step time / ours (> 1: we are faster). Each step is a
-full AdamW training step with gradient clipping at global norm 1 on a fixed random batch.
+alternate in rounds: --steps_per_round steps of ours, then as many of timm's, so that a machine
+shared with other jobs loads both alike while neither library's threads or allocator touch the
+other's steps. A round's figure is the median of its steps: the first step after a switch pays
+for the other process having used the memory (ours ran 1.5x slower on it here), which a
+training run never does. The ratio is the median over rounds of timm's time / ours (> 1: we are
+faster). Each step is a full AdamW training step with gradient clipping at global norm 1 on a
+fixed random batch.
 
 Ours runs with vit_jax's CPU defaults (vit_jax/host_tuning.py); timm runs with torch's own,
 that is without the huge-page malloc setting unless --timm_huge_pages.
@@ -29,7 +32,9 @@ from vit_jax import benchmark, host_tuning
 
 benchmark.define_flags()
 FLAGS = flags.FLAGS  # --model, --batch_size, --image_size, ... from vit_jax.benchmark
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed (ours, timm) step pairs after one warm-up.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed rounds (ours, then timm) after one warm-up.')
+_STEPS_PER_ROUND = flags.DEFINE_integer('steps_per_round', 3,
+                                        'Steps of each in a round; the round keeps their median.')
 _TIMM_HUGE_PAGES = flags.DEFINE_bool(
     'timm_huge_pages', False, 'Give the timm worker the huge-page malloc setting that vit_jax '
     'uses on CPU (default: torch as installed, without it).')
@@ -98,8 +103,9 @@ def main(argv):
   jax_peak_times, torch_peak_times = benchmark.matmul_times(n), theirs.matmul_times(n)
   our_times, their_times = [], []
   for round_index in range(_ROUNDS.value):
-    our_times += benchmark.time_calls(ours, 1)
-    their_times.append(theirs.step())
+    our_times.append(statistics.median(benchmark.time_calls(ours, _STEPS_PER_ROUND.value)))
+    their_times.append(statistics.median(
+        [theirs.step() for _ in range(_STEPS_PER_ROUND.value)]))
     print(f'round {round_index}: ours {our_times[-1]:.3f} s, timm {their_times[-1]:.3f} s',
           flush=True)
   jax_peak_times += benchmark.matmul_times(n)
@@ -111,7 +117,8 @@ def main(argv):
   jax_peak = 2 * n**3 / statistics.median(jax_peak_times)
   torch_peak = 2 * n**3 / statistics.median(torch_peak_times)
   result = {'model': FLAGS.model, 'batch_size': batch_size, 'image_size': image_size,
-            'rounds': _ROUNDS.value, 'compile_time_s': round(ours.compile_time, 2)}
+            'rounds': _ROUNDS.value, 'steps_per_round': _STEPS_PER_ROUND.value,
+            'compile_time_s': round(ours.compile_time, 2)}
   for name, times, peak in (('ours', our_times, jax_peak), ('timm', their_times, torch_peak)):
     step_time = statistics.median(times)
     result.update({
