@@ -50,8 +50,11 @@ def _wait(process, condition, timeout=300):
 
 
 def _start(command):
+  # The last restart runs in this process, on jax's own XLA CPU kernels; bit-identity needs the
+  # program's runs on the same ones, so they go without vit_jax's CPU defaults (host_tuning).
+  env = os.environ | {'VIT_JAX_HOST_TUNING': '0'}
   return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+                          text=True, env=env)
 
 
 def _finish(process, timeout=300):
