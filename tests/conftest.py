@@ -8,7 +8,6 @@ import atexit
 import os
 import shutil
 import tempfile
-import types
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
@@ -45,24 +44,3 @@ def quickstart_config(tfds_data_dir):
   config.schedule.warmup_steps = 1
   return config
 
-
-def build_training(config) -> types.SimpleNamespace:
-  """What the trainer builds from `config` before its first step, without running any:
-  mesh, model, tx (optimizer), schedule, init_fn (rng -> sharded TrainState), abstract_state
-  and state_sharding."""
-  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vit_jax.train import optim, trainer  # pylint: disable=g-import-not-at-top
-  mesh = sharding.make_mesh(config.mesh)
-  model = trainer.build_model(config)
-  tx, schedule = optim.make_optimizer(config)
-  init_fn, abstract_state, state_sharding = trainer.create_state(
-      config, model, tx, mesh, sharding.rules_from_config(config))
-  return types.SimpleNamespace(mesh=mesh, model=model, tx=tx, schedule=schedule,
-                               init_fn=init_fn, abstract_state=abstract_state,
-                               state_sharding=state_sharding)
-
-
-@pytest.fixture(name='build_training')
-def build_training_fixture():
-  """`build_training(config)`, for tests that set up training state by hand."""
-  return build_training

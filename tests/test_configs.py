@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from vit_jax.train import ssl_steps, steps
+from vit_jax.train import ssl_steps, steps, trainer
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
 DOCUMENTED_KEYS = ('total_steps', 'batch_size', 'seed', 'log_every', 'eval_every',
@@ -23,7 +23,7 @@ def _configs():
 
 
 @pytest.mark.parametrize('module,arg', list(_configs()))
-def test_config_loads_and_builds_with_a_tiny_model(module, arg, build_training):
+def test_config_loads_and_builds_with_a_tiny_model(module, arg):
   config = module.get_config(arg) if arg else module.get_config()
   for key in DOCUMENTED_KEYS:
     assert key in config, f'{module.__name__} lacks {key}'
@@ -35,7 +35,7 @@ def test_config_loads_and_builds_with_a_tiny_model(module, arg, build_training):
     config.model.name = 'testing'
     config.image_size = 16
     config.mesh = dict(data=-1, fsdp=1, model=1)
-  training = build_training(config)
+  training = trainer.build(config)
   params = training.abstract_state.params
   if config.get('task', 'classification') == 'classification':
     steps.get_loss_fn(config.loss)

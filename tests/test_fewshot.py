@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax.train import evaluators, fewshot
+from vit_jax.train import evaluators, fewshot, trainer
 
 
 def test_fit_matches_independent_least_squares():
@@ -33,12 +33,12 @@ def test_separable_features_give_perfect_fewshot_accuracy():
     fewshot.select_shots(labels, 500, seed=0)
 
 
-def test_fewshot_evaluator_on_digits(quickstart_config, build_training):
+def test_fewshot_evaluator_on_digits(quickstart_config):
   config = quickstart_config
   config.fewshot = dict(dataset='sklearn_digits', name='digits', train_split='train',
                         test_split='test[:100]', shots=[1, 5], seeds=2, l2_reg=1.0,
                         pp='decode|resize(16)|value_range(-1, 1)|onehot(10)')
-  training = build_training(config)
+  training = trainer.build(config)
   state = training.init_fn(jax.random.key(0))
   evals = evaluators.build(config, training.model, training.mesh, training.state_sharding.params)
   assert [type(e).__name__ for e in evals] == ['ClassificationEvaluator', 'FewShotEvaluator']

@@ -27,12 +27,12 @@ def _self_supervised(config, task):
 
 
 @pytest.mark.parametrize('task', ['mae', 'masked_patch'])
-def test_self_supervised_steps_lower_the_loss_on_a_fixed_batch(quickstart_config, build_training,
+def test_self_supervised_steps_lower_the_loss_on_a_fixed_batch(quickstart_config,
                                                                task):
   config = _self_supervised(quickstart_config, task)
   config.norm_pix_loss = False
   config.schedule = dict(base_lr=1e-2, warmup_steps=0, decay_type='constant')
-  training = build_training(config)
+  training = trainer.build(config)
   mesh = training.mesh
   state = training.init_fn(jax.random.key(0))
   step = jax.jit(functools.partial(ssl_steps.train_step, model=training.model, tx=training.tx,

@@ -81,8 +81,8 @@ def _kill_during_a_save(process, workdir, after_step):
   return rc, output, [n for n in _checkpoint_names(workdir) if '.orbax-checkpoint-tmp' in n]
 
 
-def _final(workdir, config, build_training):
-  abstract_state = build_training(config).abstract_state
+def _final(workdir, config):
+  abstract_state = trainer.build(config).abstract_state
   manager = checkpoint.make_manager(workdir)
   state = checkpoint.restore_state(manager, abstract_state, config.total_steps)
   return state, _losses(workdir)
@@ -96,7 +96,6 @@ def _losses(workdir):
 
 @pytest.mark.slow
 def test_sigterm_then_sigkill_then_restart_matches_an_uninterrupted_run(quickstart_config,
-                                                                        build_training,
                                                                         tmp_path):
   config = quickstart_config
   config.total_steps, config.batch_size = 8, 8
@@ -132,8 +131,8 @@ def test_sigterm_then_sigkill_then_restart_matches_an_uninterrupted_run(quicksta
   # Restarting (what main runs) skips the temporary directory and ends exactly as the reference.
   trainer.train_and_evaluate(config, workdir)
   assert max(_complete_steps(workdir)) == config.total_steps
-  state, losses = _final(workdir, config, build_training)
-  reference_state, reference_losses = _final(reference_dir, reference, build_training)
+  state, losses = _final(workdir, config)
+  reference_state, reference_losses = _final(reference_dir, reference)
   reference_losses = dict(reference_losses)
   assert len(reference_losses) == config.total_steps - 1  # all but the (compiling) first step
   assert losses[-1][0] == config.total_steps
@@ -144,7 +143,7 @@ def test_sigterm_then_sigkill_then_restart_matches_an_uninterrupted_run(quicksta
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(quickstart_config, build_training,
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(quickstart_config,
                                                              tmp_path):
   config = quickstart_config
   config.total_steps, config.eval_every, config.checkpoint_every = 2, 0, 1
@@ -159,5 +158,5 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(quickstart_config,
     trainer.train_and_evaluate(config, workdir)
   assert _complete_steps(workdir) == [1, 2]
   config.total_steps = 2
-  state, _ = _final(workdir, config, build_training)
+  state, _ = _final(workdir, config)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))

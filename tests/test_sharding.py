@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint, sharding
-from vit_jax.train import optim, steps, trainer
+from vit_jax.train import steps, trainer
 
 
 def _batches(n=16, size=16, classes=10):
@@ -22,11 +22,7 @@ def _batches(n=16, size=16, classes=10):
 def _train(config, mesh_config, batches, accum_steps=1):
   """Runs train_step over `batches` on a mesh; returns (losses, final state)."""
   config.mesh = mesh_config
-  mesh = sharding.make_mesh(config.mesh)
-  model = trainer.build_model(config)
-  tx, _ = optim.make_optimizer(config)
-  init_fn, _, state_sharding = trainer.create_state(config, model, tx, mesh,
-                                                    sharding.DEFAULT_RULES)
+  mesh, model, tx, _, init_fn, _, state_sharding = trainer.build(config)
   step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                    loss_fn=steps.softmax_xent, rng=jax.random.key(1),
                                    accum_steps=accum_steps),
@@ -104,11 +100,11 @@ def test_scanned_remat_model_trains_on_a_mixed_mesh():
   assert kernel.addressable_shards[0].data.shape == (2, 8, 16)  # fsdp=2, model=2
 
 
-def test_dimensions_the_mesh_does_not_divide_stay_replicated(build_training):
+def test_dimensions_the_mesh_does_not_divide_stay_replicated():
   config = _config()
   config.model = dict(name='testing', num_heads=1, hidden_size=12)  # 12 over fsdp=8 does not go
   config.mesh = dict(data=1, fsdp=8, model=1)
-  abstract_state = build_training(config).abstract_state
+  abstract_state = trainer.build(config).abstract_state
   for kernel in (_mlp_kernel(abstract_state.params), _mlp_kernel(abstract_state.opt_state[1][0].mu),
                  abstract_state.params['head']['kernel']):
     assert kernel.sharding.spec[0] is None

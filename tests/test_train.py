@@ -17,10 +17,10 @@ def _fixed_batch(n=16, size=16, classes=10):
           'labels': np.eye(classes, dtype=np.float32)[rng.randint(0, classes, n)]}
 
 
-def test_train_steps_lower_loss_on_a_fixed_batch(quickstart_config, build_training):
+def test_train_steps_lower_loss_on_a_fixed_batch(quickstart_config):
   config = quickstart_config
   config.schedule = dict(base_lr=1e-2, warmup_steps=0, decay_type='constant')
-  training = build_training(config)
+  training = trainer.build(config)
   mesh = training.mesh
   state = training.init_fn(jax.random.key(0))
   step = jax.jit(functools.partial(steps.train_step, model=training.model, tx=training.tx,
@@ -37,8 +37,8 @@ def test_train_steps_lower_loss_on_a_fixed_batch(quickstart_config, build_traini
   assert int(state.step) == 15
 
 
-def test_checkpoint_save_restore_is_exact(quickstart_config, build_training, tmp_path):
-  training = build_training(quickstart_config)
+def test_checkpoint_save_restore_is_exact(quickstart_config, tmp_path):
+  training = trainer.build(quickstart_config)
   state = training.init_fn(jax.random.key(3))
   state = state.replace(step=jax.device_put(jnp.asarray(5, jnp.int32), state.step.sharding))
   manager = checkpoint.make_manager(str(tmp_path))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vit_jax import host_tuning, sharding
-from vit_jax.train import optim, steps as steps_lib, trainer
+from vit_jax.train import steps as steps_lib, trainer
 
 
 def define_flags() -> None:
@@ -128,11 +128,8 @@ class TrainStep:
     """compiler_options: XLA DebugOptions fields for this compilation only, e.g.
     {'xla_cpu_enable_fast_math': True}; lets one process compare XLA settings side by side."""
     self.config = config
-    self.mesh = sharding.make_mesh(config.mesh)
-    self.model = trainer.build_model(config)
-    tx, _ = optim.make_optimizer(config)
-    init_fn, self.abstract_state, state_sharding = trainer.create_state(
-        config, self.model, tx, self.mesh, sharding.rules_from_config(config))
+    self.mesh, self.model, tx, _, init_fn, self.abstract_state, state_sharding = (
+        trainer.build(config))
     train_step = trainer.jit_train_step(
         functools.partial(steps_lib.train_step, model=self.model, tx=tx,
                           loss_fn=steps_lib.get_loss_fn(config.loss), rng=jax.random.key(1)),

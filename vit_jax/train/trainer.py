@@ -2,6 +2,7 @@
 import functools
 import math
 import time
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -78,6 +79,28 @@ def create_state(config, model, tx, mesh, rules):
   return init_fn, abstract_state, state_sharding
 
 
+class Training(NamedTuple):
+  """What training builds from a config before its first step."""
+  mesh: jax.sharding.Mesh
+  model: nn.Module
+  tx: Any  # optax.GradientTransformation
+  schedule: Callable
+  init_fn: Callable  # rng -> sharded TrainState
+  abstract_state: Any
+  state_sharding: Any
+
+
+def build(config) -> Training:
+  """Mesh, model, optimizer, schedule and state layout from `config`, without running a step:
+  the loop, the benchmark and the tests all start here."""
+  mesh = sharding.make_mesh(config.mesh)
+  model = build_model(config)
+  tx, schedule = optim.make_optimizer(config)
+  init_fn, abstract_state, state_sharding = create_state(
+      config, model, tx, mesh, sharding.rules_from_config(config))
+  return Training(mesh, model, tx, schedule, init_fn, abstract_state, state_sharding)
+
+
 def jit_train_step(step_fn, mesh, state_sharding):
   """A (state, batch) step jitted with the shardings training uses; the benchmark times this."""
   return jax.jit(
@@ -89,11 +112,7 @@ def jit_train_step(step_fn, mesh, state_sharding):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per `config`, writing WORKDIR/{metrics.jsonl, checkpoints/}; returns last metrics."""
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config)
-  model = build_model(config)
-  tx, schedule = optim.make_optimizer(config)
-  init_fn, abstract_state, state_sharding = create_state(config, model, tx, mesh, rules)
+  mesh, model, tx, schedule, init_fn, abstract_state, state_sharding = build(config)
   logging.info('mesh %s; model %s with %.2fM parameters', dict(mesh.shape), config.model.name,
                sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)) / 1e6)
 
