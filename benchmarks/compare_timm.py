@@ -114,8 +114,8 @@ def main(argv):
 
   flops = ours.model_flops_per_step()
   ratios = [t / o for o, t in zip(our_times, their_times)]
-  jax_peak = 2 * n**3 / statistics.median(jax_peak_times)
-  torch_peak = 2 * n**3 / statistics.median(torch_peak_times)
+  jax_peak = benchmark.matmul_peak(n, jax_peak_times)
+  torch_peak = benchmark.matmul_peak(n, torch_peak_times)
   result = {'model': FLAGS.model, 'batch_size': batch_size, 'image_size': image_size,
             'rounds': _ROUNDS.value, 'steps_per_round': _STEPS_PER_ROUND.value,
             'compile_time_s': round(ours.compile_time, 2)}

@@ -3,7 +3,7 @@
     python -m benchmarks.timm_worker --model=ViT-S_16 --batch_size=16 --image_size=224
 
 Reads one command per line on stdin and answers each with one JSON line on stdout:
-`step` -> {"seconds": ..., "loss": ...}; `matmul N` -> {"seconds": [...]} for three (N, N) @ (N, N)
+`step` -> {"seconds": ..., "loss": ...}; `matmul N` -> {"seconds": [...]} for five (N, N) @ (N, N)
 f32 torch matmuls; `quit` ends. A process of its own keeps torch's OpenMP threads, allocator and
 environment apart from JAX's, so neither slows the other down between alternating steps.
 """
@@ -13,6 +13,7 @@ import sys
 import time
 import types
 
+from vit_jax import benchmark
 from vit_jax.models import registry
 
 _TIMM_SIZES = {'Ti': 'tiny', 'S': 'small', 'B': 'base', 'L': 'large', 'H': 'huge'}
@@ -60,16 +61,12 @@ class TimmTrainStep:
     self.loss = loss.detach().item()
 
 
-def torch_matmul_times(n: int, repeats: int = 3) -> list:
+def torch_matmul_times(n: int, repeats: int = 5) -> list:
+  """Seconds per (n, n) @ (n, n) float32 torch matmul, `repeats` runs (as JAX's are timed)."""
   import torch  # pylint: disable=g-import-not-at-top
   a, b = torch.randn(n, n), torch.randn(n, n)
   torch.mm(a, b)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    torch.mm(a, b)
-    times.append(time.perf_counter() - start)
-  return times
+  return benchmark.time_calls(lambda: torch.mm(a, b), repeats)
 
 
 def main():

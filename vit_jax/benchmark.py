@@ -111,6 +111,12 @@ def matmul_times(n: int, repeats: int = 5) -> list:
   return time_calls(lambda: matmul(a, b).block_until_ready(), repeats)
 
 
+def matmul_peak(n: int, times: list) -> float:
+  """FLOP/s of the fastest of the timed (n, n) @ (n, n) matmuls: a peak is what the machine
+  can give."""
+  return 2 * n**3 / min(times)
+
+
 def time_calls(fn, repeats: int) -> list:
   """Seconds of each of `repeats` calls of fn (which must block until its work is done)."""
   times = []
@@ -211,9 +217,8 @@ def run(config, steps: int, peak_matmul_size: int = 2048, compile_only: bool = F
   peak_times += matmul_times(peak_matmul_size)
   step_time = statistics.median(step_times)
 
-  # The best of the matmuls: a peak is what the machine can give. Host "devices" share the same
-  # cores; accelerators each bring their own.
-  peak = (2 * peak_matmul_size**3 / min(peak_times)
+  # Host "devices" share the same cores; accelerators each bring their own.
+  peak = (matmul_peak(peak_matmul_size, peak_times)
           * (1 if result['platform'] == 'cpu' else result['devices']))
   model_flops = result['model_flops_per_image'] * config.batch_size
   return result | {
