@@ -19,7 +19,13 @@ hosts itself. The workdir must be gs://: every host writes its checkpoint shards
 VMs' disks go with the slice.
 With --dry_run each command is printed (one per line, shell-quoted; lines starting with # are
 notes) and nothing runs.
+
+Before launch, create or run (dry runs included) with trainer flags and an --accelerator_type,
+the trainer's config is compiled for that slice on this machine (`python -m vit_jax.aot`, needs
+`pip install -e '.[tpu]'`): its per-device memory is printed, and a config that does not fit is
+refused with the shortfall and a change that fits. --skip_fit_check skips it.
 """
+import json
 import argparse
 import dataclasses
 import os
@@ -186,6 +192,44 @@ def check_trainer_flags(trainer_flags):
                      'gs:// path (every host writes checkpoints there; VM disks go with the slice)')
 
 
+def _config_flags(trainer_flags):
+  """The trainer flags that choose and override its config (--config=..., --config.KEY=...)."""
+  chosen, take_next = [], False
+  for flag in trainer_flags:
+    if take_next or flag.lstrip('-').split('=')[0].split('.')[0] == 'config':
+      chosen.append(flag)
+      take_next = not take_next and '=' not in flag
+    else:
+      take_next = False
+  return chosen
+
+
+def fit_check(accelerator_type, trainer_flags):
+  """Compiles the trainer's config for the slice (vit_jax.aot, in its own process: it loads
+  libtpu); prints its figures to stderr, stops on a config that does not fit."""
+  command = [sys.executable, '-m', 'vit_jax.aot', f'--topology={accelerator_type}',
+             *_config_flags(trainer_flags)]
+  print(f'checking that the config fits on {accelerator_type}: {shlex.join(command)}',
+        file=sys.stderr, flush=True)
+  result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+  *lines, last = result.stdout.strip().splitlines() or ['']
+  if result.returncode:
+    error = result.stderr.strip().splitlines()[-1:] or ['(no output)']
+    raise SystemExit(f'fit check failed ({shlex.join(command)}): {error[0]}\n'
+                     '(--skip_fit_check launches without it)')
+  print('\n'.join(lines), file=sys.stderr, flush=True)
+  report = json.loads(last)
+  if not report['fits']:
+    fix = report.get('fix')
+    raise SystemExit(
+        f'the config does not fit on {accelerator_type}: it needs {report["required_gib"]:.2f} '
+        f'GiB per device, {report["device_memory_gib"]:.2f} GiB are available. ' +
+        (f'It fits with: {" ".join(f"--config.{k}={v}" for k, v in fix.items())}' if fix else
+         'Neither full remat, fsdp over all devices nor accum_steps up to 8 make it fit: use a '
+         'larger slice or a smaller model'))
+  return report
+
+
 def plan(args, trainer_flags):
   """The commands `args.command` runs, in order."""
   tarball = os.path.join(tempfile.gettempdir(), f'vit_jax-{args.name}.tar.gz')
@@ -255,13 +299,15 @@ def parse_args(argv):
   parser.add_argument('--lines', type=int, default=100, help='logs: lines to show')
   parser.add_argument('--follow', action='store_true', help='logs: keep following')
   parser.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
+  parser.add_argument('--skip_fit_check', action='store_true',
+                      help='do not compile the config for the slice before starting')
   args = parser.parse_args(launcher_argv)
   if args.command in ('launch', 'create') and not args.accelerator_type:
     parser.error(f'{args.command} needs --accelerator_type (e.g. v4-32)')
   if args.command in ('launch', 'run'):
     check_trainer_flags(trainer_flags)
-  elif trainer_flags:
-    parser.error(f'trainer flags after -- go with launch or run, not {args.command}: '
+  elif trainer_flags and args.command != 'create':  # create: for the fit check only
+    parser.error(f'trainer flags after -- go with launch, create or run, not {args.command}: '
                  f'{shlex.join(trainer_flags)}')
   return args, trainer_flags
 
@@ -269,6 +315,9 @@ def parse_args(argv):
 def main(argv=None):
   args, trainer_flags = parse_args(sys.argv[1:] if argv is None else argv)
   commands = plan(args, trainer_flags)
+  if (args.command in ('launch', 'create', 'run') and trainer_flags and args.accelerator_type
+      and not args.skip_fit_check):
+    fit_check(args.accelerator_type, trainer_flags)
   if args.dry_run:
     for command in commands:
       print(shlex.join(command.argv))

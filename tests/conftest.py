@@ -12,6 +12,7 @@ import tempfile
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # not libtpu's or CUDA's, should the [tpu] extra be installed
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # set here, so subprocesses share it too
   _CACHE_DIR = tempfile.mkdtemp(prefix='vit_jax_test_xla_cache_')
   atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)

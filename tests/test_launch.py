@@ -3,6 +3,8 @@
 gcloud, srun and scontrol are never called: dry runs print, and real-mode tests put recording
 stubs first on PATH.
 """
+import importlib.util
+import json
 import os
 import shlex
 import subprocess
@@ -23,6 +25,19 @@ TRAINER_FLAGS = ['--config=configs/quickstart.py', '--workdir=gs://bucket/runs/a
                  """--config.init_from=gs://b/it's "quoted" $HOME.npz"""]
 GCLOUD_TPU_VM = ['gcloud', 'compute', 'tpus', 'tpu-vm']
 GCLOUD_QUEUED = ['gcloud', 'compute', 'tpus', 'queued-resources']
+
+
+REAL_FIT_CHECK = tpu_vm.fit_check
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                                  reason='needs libtpu: pip install -e ".[tpu]"')
+
+
+@pytest.fixture(autouse=True)
+def fit_checks(monkeypatch):
+  """The fit checks launches ask for; the real check compiles and is tested on its own below."""
+  checks = []
+  monkeypatch.setattr(tpu_vm, 'fit_check', lambda *args: checks.append(args))
+  return checks
 
 
 def _dry_run(capsys, *launcher_args, trainer_flags=()):
@@ -146,7 +161,7 @@ def test_trainer_flags_that_cannot_work_on_a_slice_are_refused(capsys, trainer_f
 def test_usage_errors_name_the_problem(capsys):
   with pytest.raises(SystemExit):
     _dry_run(capsys, 'status', *LOCATION, trainer_flags=['--config=c.py'])
-  assert 'go with launch or run, not status: --config=c.py' in capsys.readouterr().err
+  assert 'go with launch, create or run, not status: --config=c.py' in capsys.readouterr().err
   with pytest.raises(SystemExit):
     _dry_run(capsys, *LOCATION, trainer_flags=TRAINER_FLAGS)
   assert 'launch needs --accelerator_type' in capsys.readouterr().err
@@ -319,3 +334,41 @@ def test_sbatch_script_hands_trainer_flags_to_one_task_per_node(tmp_path):
   subprocess.run(['bash', script, *TRAINER_FLAGS], env=env, check=True, timeout=60)
   assert _read_calls(calls) == [
       ['srun', '--kill-on-bad-exit=1', 'python', '-m', 'launch.gpu_slurm', '--', *TRAINER_FLAGS]]
+
+
+def test_launch_create_and_run_check_the_fit_first(capsys, fit_checks):
+  _dry_run(capsys, *LOCATION, '--accelerator_type=v4-32', trainer_flags=TRAINER_FLAGS)
+  _dry_run(capsys, 'create', *LOCATION, '--accelerator_type=v4-32', trainer_flags=TRAINER_FLAGS)
+  _dry_run(capsys, 'run', *LOCATION, '--accelerator_type=v4-32', trainer_flags=TRAINER_FLAGS)
+  _dry_run(capsys, *LOCATION, '--accelerator_type=v4-32', '--skip_fit_check',
+           trainer_flags=TRAINER_FLAGS)
+  _dry_run(capsys, 'run', *LOCATION, trainer_flags=TRAINER_FLAGS)  # no slice named: no check
+  assert fit_checks == [('v4-32', TRAINER_FLAGS)] * 3
+
+
+def test_only_config_flags_reach_the_fit_check():
+  assert tpu_vm._config_flags(['--workdir=gs://b/r', '--config', 'configs/quickstart.py',
+                               '--config.batch_size=8', '--distributed',
+                               '--config.model.name', 'ViT-B_16']) == [
+      '--config', 'configs/quickstart.py', '--config.batch_size=8', '--config.model.name',
+      'ViT-B_16']
+
+
+@needs_libtpu
+def test_fit_check_compiles_the_trainer_config_for_the_slice(capsys):
+  report = REAL_FIT_CHECK('v4-8', ['--config=configs/quickstart.py', '--workdir=gs://b/r',
+                                   '--config.batch_size=32'])
+  assert report['fits'] and (report['devices'], report['batch_size']) == (4, 32)
+  assert 'GiB of 30.75 GiB: fits' in capsys.readouterr().err
+
+
+def test_fit_check_refuses_naming_the_shortfall_and_a_fix(monkeypatch):
+  report = {'fits': False, 'required_gib': 46.71, 'device_memory_gib': 30.75,
+            'fix': {'model.remat_policy': 'full', 'accum_steps': 2}}
+  monkeypatch.setattr(subprocess, 'run', lambda command, **kwargs: types.SimpleNamespace(
+      returncode=0, stdout='figures\n' + json.dumps(report), stderr=''))
+  with pytest.raises(SystemExit) as refused:
+    REAL_FIT_CHECK('v4-8', ['--config=configs/quickstart.py'])
+  assert str(refused.value) == (
+      'the config does not fit on v4-8: it needs 46.71 GiB per device, 30.75 GiB are available. '
+      'It fits with: --config.model.remat_policy=full --config.accum_steps=2')

@@ -22,13 +22,13 @@ def _batches(n=16, size=16, classes=10):
 def _train(config, mesh_config, batches, accum_steps=1):
   """Runs train_step over `batches` on a mesh; returns (losses, final state)."""
   config.mesh = mesh_config
-  mesh, model, tx, _, init_fn, _, state_sharding = trainer.build(config)
-  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                   loss_fn=steps.softmax_xent, rng=jax.random.key(1),
-                                   accum_steps=accum_steps),
-                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)))
-  state = init_fn(jax.random.key(0))
+  training = trainer.build(config)
+  mesh = training.mesh
+  step = trainer.jit_train_step(
+      functools.partial(steps.train_step, model=training.model, tx=training.tx,
+                        loss_fn=steps.softmax_xent, rng=jax.random.key(1),
+                        accum_steps=accum_steps), training)
+  state = training.init_fn(jax.random.key(0))
   losses = []
   for batch in batches:
     state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))

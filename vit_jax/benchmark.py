@@ -12,7 +12,6 @@ what a large f32 matmul reaches through JAX in the same process, so MFU here mea
 the matmul rate this machine gives JAX right now", which also cancels some of the noise of a
 shared machine.
 """
-import functools
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vit_jax import host_tuning, sharding
-from vit_jax.train import steps as steps_lib, trainer
+from vit_jax.train import trainer
 
 
 def define_flags() -> None:
@@ -134,17 +133,13 @@ class TrainStep:
     """compiler_options: XLA DebugOptions fields for this compilation only, e.g.
     {'xla_cpu_enable_fast_math': True}; lets one process compare XLA settings side by side."""
     self.config = config
-    self.mesh, self.model, tx, _, init_fn, self.abstract_state, state_sharding = (
-        trainer.build(config))
+    training = trainer.build(config)
+    self.mesh, self.model, self.abstract_state = (
+        training.mesh, training.model, training.abstract_state)
+    init_fn = training.init_fn
     train_step = trainer.jit_train_step(
-        functools.partial(steps_lib.train_step, model=self.model, tx=tx,
-                          loss_fn=steps_lib.get_loss_fn(config.loss), rng=jax.random.key(1)),
-        self.mesh, state_sharding)
-    size, n, classes = config.image_size, config.batch_size, config.num_classes
-    batch_sharding = sharding.batch_sharding(self.mesh)
-    abstract_batch = {
-        'image': jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32, sharding=batch_sharding),
-        'labels': jax.ShapeDtypeStruct((n, classes), jnp.float32, sharding=batch_sharding)}
+        trainer.make_train_step(config, training, jax.random.key(1)), training)
+    abstract_batch = trainer.abstract_batch(config, self.mesh)
     start = time.perf_counter()
     self.compiled = train_step.lower(self.abstract_state, abstract_batch).compile(
         compiler_options)

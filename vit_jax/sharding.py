@@ -1,8 +1,13 @@
-"""Device mesh from config, logical-axis rules, and the shardings of params and batches.
+"""Device mesh from config, logical-axis rules, and the shardings of params and activations.
 
-Parameters carry logical axis names (vit_jax/models/vit.py); `rules` map them to the mesh axes
-('data', 'fsdp', 'model'). With fsdp=1 and model=1 the same rules give pure data parallelism.
+Parameters and activations carry logical axis names (vit_jax/models/vit.py); `rules` map them to
+the mesh axes ('data', 'fsdp', 'model'). With fsdp=1 and model=1 the same rules give pure data
+parallelism. Activations keep their batch split over (data, fsdp) from input to loss, so FSDP
+all-gathers parameters (layer by layer) and never the batch: without these constraints XLA was
+free to follow the fsdp-sharded weights instead and gathered whole image batches to every device.
 """
+import contextvars
+import functools
 import math
 from typing import Sequence
 
@@ -14,18 +19,28 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'model')
 
-# logical axis -> mesh axis (None = replicated). Override with config.sharding_rules.
+# The batch dimension is split over every data-like axis.
+BATCH_AXES = ('data', 'fsdp')
+
+# logical axis -> mesh axis (None = replicated). config.sharding_rules come before these, so a
+# rule there wins for the logical axis it names.
 DEFAULT_RULES = (
+    # parameters
     ('embed', 'fsdp'),
     ('mlp', 'model'),
     ('heads', 'model'),
     ('kv', None),
     ('classes', None),
     ('layers', None),  # the stacked axis of scanned blocks
+    # activations
+    ('activation_batch', BATCH_AXES),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_mlp', 'model'),
+    ('activation_heads', 'model'),
+    ('activation_kv', None),
+    ('activation_classes', None),
 )
-
-# The batch dimension is split over every data-like axis.
-BATCH_AXES = ('data', 'fsdp')
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple:
@@ -54,8 +69,15 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def rules_from_config(config) -> tuple:
-  rules = config.get('sharding_rules', None)
-  return tuple(tuple(r) for r in rules) if rules else DEFAULT_RULES
+  """config.sharding_rules (pairs of logical axis, mesh axis or None), then DEFAULT_RULES."""
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                for name, axes in (config.get('sharding_rules', None) or ()))
+  unknown = [axes for _, axes in rules
+             if not set((axes,) if isinstance(axes, str) else axes or ()) <= set(MESH_AXES)]
+  if unknown:
+    raise ValueError(f'config.sharding_rules maps to {unknown}, which are not mesh axes; '
+                     f'use {MESH_AXES} or None')
+  return rules + DEFAULT_RULES
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -71,17 +93,51 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules) -> object:
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
-def _fit(named: NamedSharding, shape: tuple) -> NamedSharding:
+def _fit_spec(spec: P, mesh_shape, shape: tuple) -> P:
   """Replicates every dimension whose size the mesh axes assigned to it do not divide.
 
   jit needs even shards; e.g. 12 heads over model=8 stay whole rather than failing to compile.
   """
-  spec = []
-  for i, axes in enumerate(tuple(named.spec) + (None,) * (len(shape) - len(named.spec))):
+  fitted = []
+  for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = math.prod(named.mesh.shape[a] for a in names)
-    spec.append(axes if shape[i] % size == 0 else None)
-  return NamedSharding(named.mesh, P(*spec))
+    size = math.prod(mesh_shape[a] for a in names)
+    fitted.append(axes if shape[i] % size == 0 else None)
+  return P(*fitted)
+
+
+def _fit(named: NamedSharding, shape: tuple) -> NamedSharding:
+  return NamedSharding(named.mesh, _fit_spec(named.spec, named.mesh.shape, shape))
+
+
+# (mesh, rules) while `jit_with_rules` traces a function. Not flax's own logical-rules context:
+# under it, flax re-checks every DenseGeneral kernel's init shape with the rules applied and
+# fails on its flattened kernels (rank-3 names on a rank-2 value).
+_ACTIVATION_LAYOUT = contextvars.ContextVar('activation_layout', default=None)
+
+
+def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
+  """Shards activation `x` by logical axis names, one per dimension, with the mesh and rules of
+  the `jit_with_rules` tracing it; elsewhere (a plain model.apply) it returns x unchanged."""
+  layout = _ACTIVATION_LAYOUT.get()
+  if layout is None:
+    return x
+  mesh, rules = layout
+  spec = _fit_spec(nn.logical_to_mesh_axes(logical_axes, rules), mesh.shape, x.shape)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def jit_with_rules(fn, mesh: Mesh, rules, **jit_kwargs):
+  """jax.jit(fn, **jit_kwargs), fn traced with `mesh` and the logical-axis `rules` in effect for
+  the models' activation constraints (`constrain`)."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    token = _ACTIVATION_LAYOUT.set((mesh, rules))
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      _ACTIVATION_LAYOUT.reset(token)
+  return jax.jit(traced, **jit_kwargs)
 
 
 def param_shardings(boxed_tree, mesh: Mesh, rules):

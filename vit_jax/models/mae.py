@@ -123,8 +123,9 @@ class _SelfSupervisedViT(vit.VisionTransformer):
     return vit.Encoder(name='Transformer', num_layers=self.num_layers, mlp_dim=self.mlp_dim,
                        num_heads=self.num_heads, posemb=posemb, dropout_rate=self.dropout_rate,
                        attention_dropout_rate=self.attention_dropout_rate,
-                       stochastic_depth=self.stochastic_depth, dtype=self.dtype,
-                       param_dtype=self.param_dtype)
+                       stochastic_depth=self.stochastic_depth,
+                       scan_layers=self.scan_layers, remat_policy=self.remat_policy,
+                       dtype=self.dtype, param_dtype=self.param_dtype)
 
   @property
   def num_prefix_tokens(self) -> int:

@@ -6,6 +6,8 @@ weights load without renaming; the MAP head uses big_vision's names (`MAPHead_0/
 Every parameter carries logical axis names; `vit_jax.sharding` maps them to mesh axes. With
 `scan_layers=True` the blocks are one `nn.scan` whose params are stacked under
 `Transformer/encoderblock/...` with a leading 'layers' axis (big_vision's scanned layout).
+Activations are constrained by logical names too (`ACT_*`), so that under FSDP they stay split
+over the batch and only weights move between devices.
 """
 from typing import Any, Callable, Optional
 
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import sharding
 from vit_jax.models import resnet
 
 Dtype = Any
@@ -21,6 +24,11 @@ Dtype = Any
 # Logical axis names used on parameters (see vit_jax/sharding.py for the rules). LAYERS leads
 # the stacked params of scanned blocks and is mapped to no mesh axis.
 EMBED, MLP, HEADS, KV, CLASSES, LAYERS = 'embed', 'mlp', 'heads', 'kv', 'classes', 'layers'
+# ... and on activations.
+ACT_BATCH, ACT_LENGTH, ACT_EMBED, ACT_MLP, ACT_HEADS, ACT_KV, ACT_CLASSES = (
+    'activation_batch', 'activation_length', 'activation_embed', 'activation_mlp',
+    'activation_heads', 'activation_kv', 'activation_classes')
+TOKENS = (ACT_BATCH, ACT_LENGTH, ACT_EMBED)  # a (B, N, D) sequence
 
 CLASSIFIERS = ('token', 'gap', 'map', 'unpooled')
 POSEMBS = ('learn', 'learn2d', 'sincos2d', 'relative', 'none')
@@ -104,6 +112,7 @@ class MlpBlock(nn.Module):
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name='Dense_0',
                  kernel_init=_param_init(nn.initializers.xavier_uniform(), (EMBED, MLP)),
                  bias_init=_param_init(nn.initializers.normal(stddev=1e-6), (MLP,)))(x)
+    x = sharding.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_MLP))
     x = nn.gelu(x)  # tanh approximation, as the released JAX models were trained with
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name='Dense_1',
@@ -146,7 +155,9 @@ class MultiHeadDotProductAttention(nn.Module):
         (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         kernel_init=_param_init(nn.initializers.xavier_uniform(), (EMBED, HEADS, KV)),
         bias_init=_param_init(nn.initializers.zeros, (HEADS, KV)))
-    q, k, v = dense('query')(x), dense('key')(kv), dense('value')(kv)
+    heads = (ACT_BATCH, ACT_LENGTH, ACT_HEADS, ACT_KV)
+    q, k, v = (sharding.constrain(dense(name)(inputs), heads)
+               for name, inputs in (('query', x), ('key', kv), ('value', kv)))
     bias = None
     if self.relative_grid is not None:
       bias = self._relative_bias(x.shape[1]).astype(q.dtype)
@@ -160,6 +171,7 @@ class MultiHeadDotProductAttention(nn.Module):
       out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     else:
       out = jax.nn.dot_product_attention(q, k, v, bias=bias)
+    out = sharding.constrain(out, heads)
     return nn.DenseGeneral(
         d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name='out',
         kernel_init=_param_init(nn.initializers.xavier_uniform(), (HEADS, KV, EMBED)),
@@ -190,6 +202,7 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, drop_rate, deterministic: bool):
+    x = sharding.constrain(x, TOKENS)
     y = _layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(x)
     y = MultiHeadDotProductAttention(
         self.num_heads, self.attention_dropout_rate, self.relative_grid, self.dtype,
@@ -199,7 +212,7 @@ class Encoder1DBlock(nn.Module):
     y = _layer_norm('LayerNorm_2', self.dtype, self.param_dtype)(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype,
                  name='MlpBlock_3')(y, deterministic=deterministic)
-    return x + self._drop_path(y, drop_rate, deterministic), None
+    return sharding.constrain(x + self._drop_path(y, drop_rate, deterministic), TOKENS), None
 
 
 class Encoder(nn.Module):
@@ -244,7 +257,8 @@ class Encoder(nn.Module):
     else:
       for i in range(self.num_layers):
         x, _ = block(name=f'encoderblock_{i}', **kwargs)(x, float(rates[i]) or None, not train)
-    return _layer_norm('encoder_norm', self.dtype, self.param_dtype)(x)
+    return sharding.constrain(_layer_norm('encoder_norm', self.dtype, self.param_dtype)(x),
+                              TOKENS)
 
 
 class MAPHead(nn.Module):
@@ -312,11 +326,13 @@ class VisionTransformer(nn.Module):
     if self.resnet_layers is not None:
       x = resnet.stem(x, self.resnet_layers, self.resnet_width, self.dtype, self.param_dtype)
     p = self.patch_size
-    return nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
+    x = sharding.constrain(x, (ACT_BATCH, None, None, None))
+    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
                    dtype=self.dtype, param_dtype=self.param_dtype, name='embedding',
                    kernel_init=_param_init(nn.initializers.lecun_normal(),
                                            (None, None, None, EMBED)),
                    bias_init=_param_init(nn.initializers.zeros, (EMBED,)))(x)
+    return sharding.constrain(x, (ACT_BATCH, None, None, ACT_EMBED))
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -351,9 +367,10 @@ class VisionTransformer(nn.Module):
                            bias_init=_param_init(nn.initializers.zeros, (MLP,)))(x))
     if self.num_classes is None or self.classifier == 'unpooled':
       return x
+    x = sharding.constrain(x, (ACT_BATCH, ACT_EMBED))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                       name='head',
                       kernel_init=_param_init(nn.initializers.zeros, (EMBED, CLASSES)),
                       bias_init=_param_init(nn.initializers.constant(self.head_bias_init),
                                             (CLASSES,)))(x)
-    return logits.astype(jnp.float32)
+    return sharding.constrain(logits.astype(jnp.float32), (ACT_BATCH, ACT_CLASSES))

@@ -27,9 +27,10 @@ class ClassificationEvaluator:
     self.config, self.mesh, self.prefix = config, mesh, prefix
     self.split = config.data.eval_split
     self.metric = 'prec@1' if config.loss == 'sigmoid_xent' else 'accuracy'
-    self._step = jax.jit(
+    self._step = sharding.jit_with_rules(
         functools.partial(steps.eval_step, model=model,
                           loss_fn=steps.get_loss_fn(config.loss)),
+        mesh, sharding.rules_from_config(config),
         in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh))
 
@@ -54,9 +55,10 @@ class FewShotEvaluator:
       self.data_config.data = dict(name=fs.dataset, data_dir=config.data.get('data_dir', ''))
       self.data_config.pp_eval = fs.pp
     feature_model = model.clone(num_classes=None)
-    self._features = jax.jit(
+    self._features = sharding.jit_with_rules(
         lambda params, batch: (feature_model.apply({'params': params}, batch['image']),
                                batch['labels'], batch['mask']),
+        mesh, sharding.rules_from_config(config),
         in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh))
 

@@ -22,10 +22,11 @@ class SelfSupervisedEvaluator:
   def __init__(self, config, model, mesh, params_sharding, prefix: str = 'val'):
     self.config, self.mesh, self.prefix = config, mesh, prefix
     self.split = config.data.eval_split
-    self._step = jax.jit(
+    self._step = sharding.jit_with_rules(
         functools.partial(ssl_steps.eval_step, model=model,
                           objective=ssl_steps.get_objective(config),
                           rng=jax.random.key(EVAL_MASK_SEED)),
+        mesh, sharding.rules_from_config(config),
         in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh))
 

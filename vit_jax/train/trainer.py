@@ -88,31 +88,60 @@ class Training(NamedTuple):
   init_fn: Callable  # rng -> sharded TrainState
   abstract_state: Any
   state_sharding: Any
+  rules: tuple  # logical axis -> mesh axis, for parameters and activations
 
 
-def build(config) -> Training:
+def build(config, devices=None) -> Training:
   """Mesh, model, optimizer, schedule and state layout from `config`, without running a step:
-  the loop, the benchmark and the tests all start here."""
-  mesh = sharding.make_mesh(config.mesh)
+  the loop, the benchmark, the AOT check and the tests all start here. devices: the mesh's
+  devices (default jax.devices(); the AOT check passes a TPU or GPU topology's)."""
+  mesh = sharding.make_mesh(config.mesh, devices)
   model = build_model(config)
   tx, schedule = optim.make_optimizer(config)
-  init_fn, abstract_state, state_sharding = create_state(
-      config, model, tx, mesh, sharding.rules_from_config(config))
-  return Training(mesh, model, tx, schedule, init_fn, abstract_state, state_sharding)
+  rules = sharding.rules_from_config(config)
+  init_fn, abstract_state, state_sharding = create_state(config, model, tx, mesh, rules)
+  return Training(mesh, model, tx, schedule, init_fn, abstract_state, state_sharding, rules)
 
 
-def jit_train_step(step_fn, mesh, state_sharding):
+def jit_train_step(step_fn, training: Training):
   """A (state, batch) step jitted with the shardings training uses; the benchmark times this."""
-  return jax.jit(
-      step_fn,
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
+  mesh = training.mesh
+  return sharding.jit_with_rules(
+      step_fn, mesh, training.rules,
+      in_shardings=(training.state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(training.state_sharding, sharding.replicated(mesh)),
       donate_argnums=0)
+
+
+def make_train_step(config, training: Training, rng):
+  """The task's pure (state, batch) -> (state, metrics) step; jit it with jit_train_step."""
+  if _task(config) == 'classification':
+    return functools.partial(steps.train_step, model=training.model, tx=training.tx,
+                             loss_fn=steps.get_loss_fn(config.loss), rng=rng,
+                             accum_steps=config.get('accum_steps', 1))
+  if config.get('accum_steps', 1) != 1:
+    raise ValueError(f'accum_steps={config.accum_steps} is supported for classification only, '
+                     f'not task={_task(config)!r}')
+  return functools.partial(ssl_steps.train_step, model=training.model, tx=training.tx,
+                           objective=ssl_steps.get_objective(config), rng=rng)
+
+
+def abstract_batch(config, mesh, batch_size: int | None = None) -> dict:
+  """Shapes and shardings of the global training batch the input pipeline yields."""
+  batch_size = batch_size or config.batch_size
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch = {'image': jax.ShapeDtypeStruct((batch_size, config.image_size, config.image_size, 3),
+                                         jnp.float32, sharding=batch_sharding)}
+  if _task(config) == 'classification':
+    batch['labels'] = jax.ShapeDtypeStruct((batch_size, config.num_classes), jnp.float32,
+                                           sharding=batch_sharding)
+  return batch
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per `config`, writing WORKDIR/{metrics.jsonl, checkpoints/}; returns last metrics."""
-  mesh, model, tx, schedule, init_fn, abstract_state, state_sharding = build(config)
+  training = build(config)
+  mesh, model, tx, schedule, init_fn, abstract_state, state_sharding, _ = training
   logging.info('mesh %s; model %s with %.2fM parameters', dict(mesh.shape), config.model.name,
                sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)) / 1e6)
 
@@ -132,19 +161,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       out_shardings=state_sharding)(params)
   start_step = int(state.step)
 
+  train_step = jit_train_step(make_train_step(config, training, dropout_rng), training)
   if _task(config) == 'classification':
-    step_fn = functools.partial(steps.train_step, model=model, tx=tx,
-                                loss_fn=steps.get_loss_fn(config.loss), rng=dropout_rng,
-                                accum_steps=config.get('accum_steps', 1))
     evals = evaluators.build(config, model, mesh, state_sharding.params)
   else:
-    if config.get('accum_steps', 1) != 1:
-      raise ValueError(f'accum_steps={config.accum_steps} is supported for classification only, '
-                       f'not task={_task(config)!r}')
-    step_fn = functools.partial(ssl_steps.train_step, model=model, tx=tx,
-                                objective=ssl_steps.get_objective(config), rng=dropout_rng)
     evals = ssl_evaluators.build(config, model, mesh, state_sharding.params, workdir)
-  train_step = jit_train_step(step_fn, mesh, state_sharding)
   log = metrics_log.MetricsLog(workdir)
   progress = metrics_log.Progress(config.total_steps, start_step)
   batches = pipeline.train_iterator(config, mesh, start_step)

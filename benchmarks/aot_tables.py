@@ -1,0 +1,130 @@
+r"""Compiled per-device memory on real targets, as Markdown tables for benchmarks/README.md.
+
+    python benchmarks/aot_tables.py fsdp      # per-device GiB as mesh.fsdp grows, fixed batch
+    python benchmarks/aot_tables.py presets   # each preset on the slices it may run on
+
+Everything is compiled with `vit_jax.aot.check`, the check `python -m vit_jax.aot` and the
+launcher run: TPU targets need `pip install -e '.[tpu]'`; the h100 rows need jaxlib's CUDA plugin
+(about 5 GB: `pip install "jax[cuda12]==<jax version>"`) and are left out without it.
+--targets limits the targets; --find_batch adds the largest global batch that fits (several
+compiles per cell).
+"""
+import datetime
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
+
+from vit_jax import accelerators, aot  # noqa: E402
+
+_TARGETS = flags.DEFINE_list('targets', None, 'Only these targets (e.g. v5litepod-16,h100-8).')
+_FIND_BATCH = flags.DEFINE_bool('find_batch', False, 'Add the largest global batch that fits.')
+
+# (model, target, global batch, remat policy, fsdp sizes): the issue's ViT-S/16 case, then the
+# sizes FSDP is for, with full remat so that parameters and optimizer state weigh.
+FSDP_CASES = (
+    ('ViT-S_16', 'v5litepod-16', 256, 'none', (1, 4, 16)),
+    ('ViT-B_16', 'v5litepod-16', 1024, 'full', (1, 4, 16)),
+    ('ViT-H_14', 'v4-64', 1024, 'full', (1, 4, 8, 32)),
+    ('ViT-S_16', 'h100-8', 256, 'none', (1, 8)),
+    ('ViT-B_16', 'h100-8', 1024, 'full', (1, 8)),
+    ('ViT-H_14', 'h100-8', 256, 'full', (1, 8)),
+)
+# (config file, argument, targets): each preset's own slice first.
+PRESETS = (
+    ('pretrain_i21k', 'B/16', ('v5litepod-16', 'v4-32', 'v6e-16', 'h100-8')),
+    ('pretrain_i21k', 'L/16', ('v4-64', 'v5p-64', 'h100-16')),
+    ('pretrain_i21k', 'H/14', ('v4-64', 'v5p-128', 'h100-16')),
+    ('pretrain_jft', 'B/16', ('v5litepod-16', 'h100-8')),
+    ('finetune', 'cifar10', ('v5litepod-8', 'v4-8', 'h100-8')),
+    ('mae_i1k', '', ('v5litepod-16', 'v4-32', 'h100-8')),
+)
+
+
+def _usable(target_name: str) -> bool:
+  wanted = _TARGETS.value
+  if wanted and target_name not in wanted:
+    return False
+  plugin = 'libtpu' if not target_name.startswith('h100') else 'jax_cuda12_plugin'
+  if importlib.util.find_spec(plugin) is None:
+    logging.warning('skipping %s: %s is not installed', target_name, plugin)
+    return False
+  return True
+
+
+def _preset(config_name: str, arg: str):
+  module = importlib.import_module(f'configs.{config_name}')
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _gib(report: dict) -> str:
+  return f'{report["required_gib"]:.2f}' + ('' if report['fits'] else ' (no fit)')
+
+
+def fsdp_table() -> list:
+  from configs import pretrain_i21k  # pylint: disable=g-import-not-at-top
+  all_fsdp = sorted({f for *_, sizes in FSDP_CASES for f in sizes})
+  lines = ['| model, target, global batch, remat | ' + ' | '.join(f'fsdp={f}' for f in all_fsdp)
+           + ' |', '|---|' + '---|' * len(all_fsdp)]
+  for model, target_name, batch, remat, sizes in FSDP_CASES:
+    if not _usable(target_name):
+      continue
+    target = accelerators.get_target(target_name)
+    devices = target.devices()
+    cells = {}
+    for fsdp in sizes:
+      config = pretrain_i21k.get_config('B/16')
+      with config.unlocked():
+        config.model = dict(name=model, dtype='bfloat16', scan_layers=True, remat_policy=remat)
+        config.num_classes, config.loss = 1000, 'softmax_xent'
+        config.batch_size, config.mesh = batch, dict(data=-1, fsdp=fsdp, model=1)
+      report = aot.check(config, target, devices)
+      logging.info('%s %s fsdp=%d: %s', model, target_name, fsdp, report)
+      cells[fsdp] = _gib(report)
+    lines.append(f'| {model}, {target_name}, {batch}, {remat} | ' +
+                 ' | '.join(cells.get(f, '') for f in all_fsdp) + ' |')
+  return lines
+
+
+def presets_table() -> list:
+  lines = ['| preset | target | mesh | batch (per device) | GiB per device | headroom GiB | '
+           'largest batch | ideal step | compile s |', '|---|---|---|---|---|---|---|---|---|']
+  for config_name, arg, targets in PRESETS:
+    for target_name in targets:
+      if not _usable(target_name):
+        continue
+      config = _preset(config_name, arg)
+      target = accelerators.get_target(target_name)
+      devices = target.devices()
+      report = aot.check(config, target, devices)
+      largest = aot.find_batch(config, target, devices)[0] if _FIND_BATCH.value else ''
+      logging.info('%s:%s on %s: %s', config_name, arg, target_name, report)
+      mesh = 'x'.join(str(report['mesh'][a]) for a in ('data', 'fsdp', 'model'))
+      lines.append(
+          f'| {config_name}:{arg} | {target_name} | {mesh} | {report["batch_size"]} '
+          f'({report["per_device_batch"]:g}) | {_gib(report)} | {report["headroom_gib"]:.2f} | '
+          f'{largest} | {report["ideal_step_s"] * 1e3:.0f} ms | {report["compile_s"]:.0f} |')
+  return lines
+
+
+def main(argv):
+  tables = {'fsdp': fsdp_table, 'presets': presets_table}
+  if len(argv) != 2 or argv[1] not in tables:
+    raise app.UsageError(f'name one table: {sorted(tables)}')
+  versions = ', '.join(f'{p} {importlib.metadata.version(p)}' for p in ('jax', 'libtpu')
+                       if importlib.util.find_spec(p.replace('-', '_')))
+  print(f'Compiled {datetime.date.today()} with {versions}; data=-1 takes the devices fsdp '
+        f'leaves; GiB per device = XLA\'s arguments + outputs - aliased + temporaries.')
+  print('\n'.join(tables[argv[1]]()))
+
+
+if __name__ == '__main__':
+  jax.config.update('jax_platforms', 'cpu')
+  app.run(main)

@@ -1,0 +1,326 @@
+r"""Will this config fit on that slice? Compiles the real train step for a TPU slice or H100s on
+this machine, before anyone creates (and pays for) the hardware.
+
+    python -m vit_jax.aot --config=configs/pretrain_i21k.py:H/14 --topology=v4-64 \
+        [--config.KEY=VALUE ...] [--find_batch]
+
+The step is built from the config exactly as `python -m vit_jax.main` builds it (model, optimizer,
+shardings, task, accum_steps, remat, dtype) over the target's devices, lowered on abstract
+shapes and compiled by XLA for that target. Printed per device: parameters + optimizer state,
+temporaries, total against the device's memory, whether it fits, compile time, the collectives
+of one step and their bytes, the step's matmul FLOPs (counted on its jaxpr) and the step time at
+100% of the chips' peak bf16 rate, a lower bound. The last line is one JSON object. Exit status 0
+when a report was produced, fitting or not.
+
+TPU slices need libtpu (`pip install -e '.[tpu]'`); H100s need jaxlib's CUDA plugin (see
+README). XLA's TPU compiler refuses a program that does not fit; XLA's GPU compiler does not, so
+for GPUs the total is compared with the memory JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION of
+the card, 0.75 by default).
+"""
+import collections
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from absl import app, flags, logging
+import jax
+from ml_collections import config_flags
+
+from vit_jax import accelerators, benchmark, host_tuning
+from vit_jax.train import trainer
+
+GIB = 2**30
+COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
+# The deviceless GPU compile cannot pick Triton GEMM tilings for the attention output
+# projection ("Couldn't find output tile sizes"): use cuBLAS there, for this check only.
+GPU_COMPILER_OPTIONS = {'xla_gpu_enable_triton_gemm': False}
+_HBM_SHORTFALL = re.compile(
+    r'required for (?P<what>[\w ]+?) \((?P<need>[\d.]+)(?P<unit1>[KMGT])\) exceeds available HBM '
+    r'\((?P<have>[\d.]+)(?P<unit2>[KMGT])\)')
+_UNITS = {'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+
+
+def _state_bytes_per_device(abstract_state) -> int:
+  """Bytes of one device's shards of the sharded train state (params + optimizer state)."""
+  return sum(x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape))
+             for x in jax.tree.leaves(abstract_state))
+
+
+def _array_bytes(type_text: str) -> list:
+  """Bytes of each array in an HLO type such as 'bf16[16,197,384]{...}' or a tuple of them."""
+  sizes = []
+  for dtype, dims in re.findall(r'\b(pred|[subf]\d+|bf16|f8e\w+)\[([\d,]*)\]', type_text):
+    bits = 8 if dtype in ('pred',) or dtype.startswith('f8') else int(re.sub(r'\D', '', dtype))
+    sizes.append(math.prod(int(d) for d in dims.split(',') if d) * bits // 8)
+  return sizes
+
+
+def _computations(hlo: str) -> dict:
+  """HLO module text -> {computation name: [instruction lines]}; the entry is '__entry__'."""
+  computations, current = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r'^(ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if header and not line.startswith(' '):
+      current = '__entry__' if header[1] else header[2]
+      computations[current] = []
+    elif current and line.startswith('  '):
+      computations[current].append(line.strip())
+  return computations
+
+
+def _trip_count(while_line: str, computations: dict) -> int:
+  """A while loop's trip count: XLA's known_trip_count (GPU), else the bound its condition
+  compares the counter with (TPU's HLO shows a scanned body once, without the count)."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line)
+  if known:
+    return int(known[1])
+  condition = re.search(r'condition=%?([\w.\-]+)', while_line)
+  body = computations.get(condition[1], []) if condition else []
+  bounds = [int(c) for line in body for c in re.findall(r'[su]\d+\[\] constant\((\d+)\)', line)]
+  return bounds[0] if len(bounds) == 1 else 1
+
+
+def collectives(hlo: str) -> dict:
+  """{kind: {'count', 'bytes'}} of the collectives one execution of the compiled module runs,
+  loop bodies counted as many times as their loops run; bytes are the per-device results."""
+  computations = _computations(hlo)
+  totals = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
+  pattern = re.compile(r'= (.*?) (' + '|'.join(COLLECTIVES) + r')(-start)?\(')
+
+  def visit(name: str, times: int, depth: int = 0):
+    for line in computations.get(name, ()):
+      match = pattern.search(line)
+      if match:
+        sizes = _array_bytes(match[1])
+        totals[match[2]]['count'] += times
+        totals[match[2]]['bytes'] += times * (max(sizes) if match[3] else sum(sizes))
+      if depth > 50:
+        continue
+      repeat = _trip_count(line, computations) if ' while(' in line else 1
+      for callee in re.findall(r'(?:body|calls|to_apply)=%?([\w.\-]+)', line):
+        if callee in computations and not callee.startswith(('fused_', 'wrapped_')):
+          visit(callee, times * repeat, depth + 1)
+      branches = re.search(r'branch_computations=\{([^}]*)\}', line)
+      for callee in (branches[1].replace('%', '').split(', ') if branches else ()):
+        visit(callee.strip(), times, depth + 1)
+  visit('__entry__', 1)
+  return dict(totals)
+
+
+def _shortfall(error: Exception):
+  """(required GiB, what XLA counted) from TPU's out-of-HBM compile error, or None."""
+  match = _HBM_SHORTFALL.search(str(error))
+  if not match:
+    return None
+  return float(match['need']) * _UNITS[match['unit1']] / GIB, match['what']
+
+
+def compile_step(config, target: accelerators.Target, devices, batch_size: int | None = None):
+  """(training, jitted step, abstract batch, compiled or the compile's out-of-memory error,
+  compile seconds) for `config` on `devices`."""
+  training = trainer.build(config, devices)
+  step = trainer.jit_train_step(
+      trainer.make_train_step(config, training, jax.random.key(0)), training)
+  batch = trainer.abstract_batch(config, training.mesh, batch_size)
+  options = GPU_COMPILER_OPTIONS if target.platform == 'cuda' else None
+  start = time.perf_counter()
+  try:
+    compiled = step.lower(training.abstract_state, batch).compile(options)
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    compiled = e
+  return training, step, batch, compiled, time.perf_counter() - start
+
+
+def check(config, target: accelerators.Target, devices=None,
+          batch_size: int | None = None) -> dict:
+  """Compiles the train step of `config` (at `batch_size`, default config.batch_size) for
+  `target`; returns the report's figures."""
+  devices = target.devices() if devices is None else devices
+  batch_size = batch_size or config.batch_size
+  training, step, batch, compiled, compile_s = compile_step(config, target, devices, batch_size)
+  state_gib = _state_bytes_per_device(training.abstract_state) / GIB
+  report = {'topology': target.name, 'platform': target.platform,
+            'devices': target.num_devices, 'mesh': dict(training.mesh.shape),
+            'model': config.model.name, 'batch_size': batch_size,
+            'per_device_batch': batch_size / math.prod(
+                training.mesh.shape[a] for a in ('data', 'fsdp')),
+            'device_memory_gib': round(target.device_memory_gib, 2),
+            'state_gib': round(state_gib, 6)}
+  if isinstance(compiled, Exception):
+    required, what = _shortfall(compiled) or (float('nan'), '')
+    if what.startswith('HLO temporaries'):  # XLA counted only the temporaries
+      required += state_gib
+    report |= {'fits': False, 'required_gib': round(required, 2), 'temp_gib': None,
+               'compile_s': round(compile_s, 1), 'collectives': {},
+               'xla_message': str(compiled).splitlines()[0][:300]}
+  else:
+    memory = compiled.memory_analysis()
+    required = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / GIB
+    hlo = compiled.as_text()
+    report |= {'fits': required <= target.device_memory_gib,
+               'required_gib': round(required, 6),
+               'temp_gib': round(memory.temp_size_in_bytes / GIB, 6),
+               'compile_s': round(compile_s, 1),
+               'collectives': collectives(hlo)}
+    if target.platform == 'cuda':
+      report['cudnn_fused_attention'] = '__cudnn$fmha' in hlo
+  report['headroom_gib'] = round(target.device_memory_gib - report['required_gib'], 2)
+  flops = benchmark.matmul_flops(jax.make_jaxpr(step)(training.abstract_state, batch))
+  report['flops_per_step'] = flops
+  report['ideal_step_s'] = flops / (target.num_devices * target.peak_bf16_flops)
+  return report
+
+
+def find_batch(config, target: accelerators.Target, devices=None) -> tuple[int, dict]:
+  """The largest global batch that fits (a multiple of the batch-sharding devices times
+  accum_steps), by doubling from config.batch_size then bisecting; (batch, its report)."""
+  devices = target.devices() if devices is None else devices
+  mesh = trainer.build(config, devices).mesh
+  unit = mesh.shape['data'] * mesh.shape['fsdp'] * config.get('accum_steps', 1)
+  reports = {}
+
+  def fits(units: int) -> bool:
+    reports[units] = check(config, target, devices, units * unit)
+    logging.info('batch %d: %.2f GiB of %.2f', units * unit, reports[units]['required_gib'],
+                 target.device_memory_gib)
+    return reports[units]['fits']
+
+  units = max(config.batch_size // unit, 1)
+  if fits(units):
+    low = units
+    while fits(low * 2):
+      low *= 2
+    high = low * 2
+  else:
+    high = units
+    while high > 1 and not fits(high // 2):
+      high //= 2
+    if high == 1:
+      return 0, reports[1]
+    low = high // 2
+  while high - low > 1:
+    middle = (low + high) // 2
+    low, high = (middle, high) if fits(middle) else (low, middle)
+  return low * unit, reports[low]
+
+
+def _with(config, overrides: dict):
+  """A copy of config with dotted keys ('model.remat_policy') set."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for key, value in overrides.items():
+      *parents, leaf = key.split('.')
+      node = config
+      for parent in parents:
+        node = node[parent]
+      node[leaf] = value
+  return config
+
+
+def _fixes(config, num_devices: int):
+  """Overrides that lower memory without changing the training recipe, most effective last:
+  recompute activations, shard parameters and optimizer state over every device, accumulate
+  gradients over microbatches (the same update: not a smaller batch, which would change it)."""
+  if config.model.get('remat_policy', 'none') != 'full':
+    yield {'model.remat_policy': 'full'}
+  mesh = config.mesh
+  if mesh.get('model', 1) == 1 and mesh.get('fsdp', 1) not in (-1, num_devices):
+    yield {'mesh.data': 1, 'mesh.fsdp': -1}
+  if config.get('task', 'classification') == 'classification':
+    accum = config.get('accum_steps', 1)
+    for factor in (2, 4, 8):
+      if config.batch_size % (accum * factor * num_devices) == 0:
+        yield {'accum_steps': accum * factor}
+
+
+def suggest_fix(config, target: accelerators.Target, devices) -> tuple[dict, dict] | None:
+  """(overrides, report) of the first of `_fixes` with which the config fits on `target`, each
+  alone first, then together; None if nothing does."""
+  fixes = list(_fixes(config, target.num_devices))
+  together = [dict(collections.ChainMap(*reversed(fixes[:n]))) for n in range(2, len(fixes) + 1)]
+  for overrides in fixes + together:
+    report = check(_with(config, overrides), target, devices)
+    logging.info('with %s: %.2f GiB of %.2f', overrides, report['required_gib'],
+                 target.device_memory_gib)
+    if report['fits']:
+      return overrides, report
+  return None
+
+
+def as_flags(overrides: dict) -> str:
+  return ' '.join(f'--config.{key}={value}' for key, value in overrides.items())
+
+
+def format_report(report: dict) -> str:
+  """The human-readable lines above the JSON line."""
+  verdict = ('fits' if report['fits'] else
+             f'does NOT fit: {-report["headroom_gib"]:.2f} GiB short')
+  lines = [
+      f'{report["model"]} on {report["topology"]} ({report["devices"]} devices, mesh '
+      f'{report["mesh"]}), global batch {report["batch_size"]} '
+      f'({report["per_device_batch"]:g} per device)',
+      f'  per device: params + optimizer state {report["state_gib"]:.2f} GiB, temporaries '
+      + (f'{report["temp_gib"]:.2f} GiB' if report['temp_gib'] is not None else 'n/a')
+      + f', total {report["required_gib"]:.2f} GiB of {report["device_memory_gib"]:.2f} GiB: '
+      + verdict,
+      f'  compiled in {report["compile_s"]:.1f} s',
+      f'  matmul FLOPs per step {report["flops_per_step"]:.3e}; at 100% of peak bf16 the step '
+      f'takes at least {report["ideal_step_s"] * 1e3:.3g} ms (a lower bound)']
+  for kind, figures in sorted(report['collectives'].items()):
+    lines.append(f'  {kind}: {figures["count"]} per step, {figures["bytes"] / 2**20:.1f} MiB')
+  if 'cudnn_fused_attention' in report:
+    lines.append(f'  cuDNN fused attention: {report["cudnn_fused_attention"]}')
+  if 'xla_message' in report:
+    lines.append(f'  XLA: {report["xla_message"]}')
+  return '\n'.join(lines)
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file('config', None, 'Training config file (as for vit_jax.main).',
+                                  lock_config=True)
+  flags.DEFINE_string('topology', None, 'Target: a TPU accelerator type as for the launcher '
+                      f'(e.g. {", ".join(accelerators.EXAMPLES[:-2])}) or h100-N.')
+  flags.DEFINE_bool('find_batch', False, 'Also search the largest global batch that fits.')
+  flags.DEFINE_bool('suggest', True, 'When it does not fit, compile again with full remat, then '
+                    'fsdp over every device, then accum_steps, until it fits, and say with what.')
+  flags.mark_flags_as_required(['config', 'topology'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  try:
+    target = accelerators.get_target(f.topology)
+    devices = target.devices()
+  except (ValueError, RuntimeError) as e:
+    sys.exit(f'error: {e}')
+  try:
+    report = check(f.config, target, devices)
+  except ValueError as e:  # a config that cannot be built (mesh, model, optimizer, ...)
+    sys.exit(f'error: {e}')
+  print(format_report(report))
+  if not report['fits'] and f.suggest:
+    fix = suggest_fix(f.config, target, devices)
+    report['fix'] = fix and fix[0]
+    print(f'  fits with {as_flags(fix[0])} ({fix[1]["required_gib"]:.2f} GiB per device)' if fix
+          else '  no fix found among full remat, fsdp over all devices and accum_steps up to 8')
+  if f.find_batch:
+    largest, largest_report = find_batch(f.config, target, devices)
+    report['largest_batch'] = largest
+    print(f'  largest global batch that fits: {largest} '
+          f'({largest_report["required_gib"]:.2f} GiB per device)')
+  print(json.dumps(report))
+
+
+if __name__ == '__main__':
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for the target, run nothing here
+  host_tuning.apply()
+  define_flags()
+  app.run(main)
