@@ -41,6 +41,8 @@ def test_benchmark_command_reports_json_with_exact_model_flops():
   expected_mfu = (result['model_flops_per_image'] * 8 / result['step_time_s']
                   / (result['peak_gflops_per_sec'] * 1e9))
   assert result['mfu'] == pytest.approx(expected_mfu, rel=2e-2)
+  assert result['peak_source'] == 'measured f32 matmul'  # CPU: no spec-sheet bf16 peak
+  assert result['xla_flops_per_step'] > 0  # unscanned: XLA's count is a cross-check
   assert result['compile_time_s'] > 0 and result['peak_memory_mb'] > 0
   assert '--xla_force_host_platform_device_count=8' in result['xla_flags']
   # vit_jax's CPU defaults reach the program (vit_jax/host_tuning.py).
@@ -57,6 +59,7 @@ def test_compile_only_reports_scanned_depth_without_running():
       16, 10, **(registry.TESTING | {'num_layers': 3}))
   assert result['compile_time_s'] > 0 and result['compiled_memory_mb'] > 0
   assert 'step_time_s' not in result
+  assert 'xla_flops_per_step' not in result  # XLA counts a scanned body once: not reported
 
 
 def test_matmul_flops_counts_scanned_layers_and_convolutions():

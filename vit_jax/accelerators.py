@@ -67,6 +67,15 @@ GPUS_PER_HOST = 8
 # JAX preallocates this fraction of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says.
 JAX_GPU_MEMORY_FRACTION = 0.75
 
+# Peak bf16 FLOP/s of one JAX device, by its device_kind (what MFU on an accelerator is against).
+PEAK_BF16_FLOPS = {'TPU v2': TPU_GENERATIONS['v2'].peak_bf16_flops,
+                   'TPU v3': TPU_GENERATIONS['v3'].peak_bf16_flops,
+                   'TPU v4': TPU_GENERATIONS['v4'].peak_bf16_flops,
+                   'TPU v5': TPU_GENERATIONS['v5p'].peak_bf16_flops,
+                   'TPU v5 lite': TPU_GENERATIONS['v5litepod'].peak_bf16_flops,
+                   'TPU v6 lite': TPU_GENERATIONS['v6e'].peak_bf16_flops,
+                   'NVIDIA H100 80GB HBM3': H100_PEAK_BF16_FLOPS}
+
 EXAMPLES = ('v2-8', 'v3-32', 'v4-64', 'v5litepod-16', 'v5p-128', 'v6e-16', 'h100-8', 'h100-16')
 
 
