@@ -356,10 +356,15 @@ def test_only_config_flags_reach_the_fit_check():
 
 @needs_libtpu
 def test_fit_check_compiles_the_trainer_config_for_the_slice(capsys):
+  """`python -m vit_jax.aot`, as the launcher runs it: a report, and bad names refused."""
   report = REAL_FIT_CHECK('v4-8', ['--config=configs/quickstart.py', '--workdir=gs://b/r',
                                    '--config.batch_size=32'])
+  assert {'topology', 'devices', 'device_memory_gib', 'required_gib', 'fits', 'compile_s',
+          'flops_per_step', 'ideal_step_s', 'collectives'} <= set(report)
   assert report['fits'] and (report['devices'], report['batch_size']) == (4, 32)
   assert 'GiB of 30.75 GiB: fits' in capsys.readouterr().err
+  with pytest.raises(SystemExit, match=r'fit check failed .*v4-6.*TensorCores'):
+    REAL_FIT_CHECK('v4-6', ['--config=configs/quickstart.py'])
 
 
 def test_fit_check_refuses_naming_the_shortfall_and_a_fix(monkeypatch):
