@@ -145,3 +145,14 @@ def test_incomplete_step_directories_are_never_restored(reference, tmp_path):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
   np.testing.assert_array_equal(np.asarray(_mlp_kernel(restored.params)),
                                 np.asarray(_mlp_kernel(state.params)))
+
+
+def test_config_sharding_rules_come_before_the_defaults():
+  config = _config()
+  config.mesh = dict(data=1, fsdp=8, model=1)
+  config.sharding_rules = [('embed', None)]  # this run: no FSDP
+  kernel = _mlp_kernel(trainer.build(config).abstract_state.params)
+  assert tuple(kernel.sharding.spec) == (None, 'model')  # (embed, mlp): embed no longer fsdp
+  config.sharding_rules = [('embed', 'fsdp_typo')]
+  with pytest.raises(ValueError, match="fsdp_typo.*not mesh axes"):
+    trainer.build(config)
