@@ -38,8 +38,7 @@ COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'coll
 # projection ("Couldn't find output tile sizes"): use cuBLAS there, for this check only.
 GPU_COMPILER_OPTIONS = {'xla_gpu_enable_triton_gemm': False}
 _HBM_SHORTFALL = re.compile(
-    r'required for (?P<what>[\w ]+?) \((?P<need>[\d.]+)(?P<unit1>[KMGT])\) exceeds available HBM '
-    r'\((?P<have>[\d.]+)(?P<unit2>[KMGT])\)')
+    r'required for (?P<what>[\w ]+?) \((?P<need>[\d.]+)(?P<unit>[KMGT])\) exceeds available HBM')
 _UNITS = {'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 
 
@@ -53,7 +52,7 @@ def _array_bytes(type_text: str) -> list:
   """Bytes of each array in an HLO type such as 'bf16[16,197,384]{...}' or a tuple of them."""
   sizes = []
   for dtype, dims in re.findall(r'\b(pred|[subf]\d+|bf16|f8e\w+)\[([\d,]*)\]', type_text):
-    bits = 8 if dtype in ('pred',) or dtype.startswith('f8') else int(re.sub(r'\D', '', dtype))
+    bits = 8 if dtype == 'pred' or dtype.startswith('f8') else int(re.sub(r'\D', '', dtype))
     sizes.append(math.prod(int(d) for d in dims.split(',') if d) * bits // 8)
   return sizes
 
@@ -90,22 +89,20 @@ def collectives(hlo: str) -> dict:
   totals = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
   pattern = re.compile(r'= (.*?) (' + '|'.join(COLLECTIVES) + r')(-start)?\(')
 
-  def visit(name: str, times: int, depth: int = 0):
+  def visit(name: str, times: int):
     for line in computations.get(name, ()):
       match = pattern.search(line)
       if match:
         sizes = _array_bytes(match[1])
         totals[match[2]]['count'] += times
         totals[match[2]]['bytes'] += times * (max(sizes) if match[3] else sum(sizes))
-      if depth > 50:
-        continue
       repeat = _trip_count(line, computations) if ' while(' in line else 1
       for callee in re.findall(r'(?:body|calls|to_apply)=%?([\w.\-]+)', line):
         if callee in computations and not callee.startswith(('fused_', 'wrapped_')):
-          visit(callee, times * repeat, depth + 1)
+          visit(callee, times * repeat)
       branches = re.search(r'branch_computations=\{([^}]*)\}', line)
       for callee in (branches[1].replace('%', '').split(', ') if branches else ()):
-        visit(callee.strip(), times, depth + 1)
+        visit(callee.strip(), times)
   visit('__entry__', 1)
   return dict(totals)
 
@@ -115,25 +112,7 @@ def _shortfall(error: Exception):
   match = _HBM_SHORTFALL.search(str(error))
   if not match:
     return None
-  return float(match['need']) * _UNITS[match['unit1']] / GIB, match['what']
-
-
-def compile_step(config, target: accelerators.Target, devices, batch_size: int | None = None):
-  """(training, jitted step, abstract batch, compiled or the compile's out-of-memory error,
-  compile seconds) for `config` on `devices`."""
-  training = trainer.build(config, devices)
-  step = trainer.jit_train_step(
-      trainer.make_train_step(config, training, jax.random.key(0)), training)
-  batch = trainer.abstract_batch(config, training.mesh, batch_size)
-  options = GPU_COMPILER_OPTIONS if target.platform == 'cuda' else None
-  start = time.perf_counter()
-  try:
-    compiled = step.lower(training.abstract_state, batch).compile(options)
-  except jax.errors.JaxRuntimeError as e:
-    if 'RESOURCE_EXHAUSTED' not in str(e):
-      raise
-    compiled = e
-  return training, step, batch, compiled, time.perf_counter() - start
+  return float(match['need']) * _UNITS[match['unit']] / GIB, match['what']
 
 
 def check(config, target: accelerators.Target, devices=None,
@@ -142,7 +121,19 @@ def check(config, target: accelerators.Target, devices=None,
   `target`; returns the report's figures."""
   devices = target.devices() if devices is None else devices
   batch_size = batch_size or config.batch_size
-  training, step, batch, compiled, compile_s = compile_step(config, target, devices, batch_size)
+  training = trainer.build(config, devices)
+  step = trainer.jit_train_step(
+      trainer.make_train_step(config, training, jax.random.key(0)), training)
+  batch = trainer.abstract_batch(config, training.mesh, batch_size)
+  start = time.perf_counter()
+  try:
+    compiled = step.lower(training.abstract_state, batch).compile(
+        GPU_COMPILER_OPTIONS if target.platform == 'cuda' else None)
+  except jax.errors.JaxRuntimeError as e:  # TPU: the program does not fit
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    compiled = e
+  compile_s = time.perf_counter() - start
   state_gib = _state_bytes_per_device(training.abstract_state) / GIB
   report = {'topology': target.name, 'platform': target.platform,
             'devices': target.num_devices, 'mesh': dict(training.mesh.shape),
