@@ -39,12 +39,12 @@ FSDP_CASES = (
 )
 # (config file, argument, targets): each preset's own slice first.
 PRESETS = (
-    ('pretrain_i21k', 'B/16', ('v5litepod-16', 'v4-32', 'v6e-16', 'h100-8')),
-    ('pretrain_i21k', 'L/16', ('v4-64', 'v5p-64', 'h100-16')),
+    ('pretrain_i21k', 'B/16', ('v5litepod-16', 'h100-8')),
+    ('pretrain_i21k', 'L/16', ('v4-64', 'h100-16')),
     ('pretrain_i21k', 'H/14', ('v4-64', 'v5p-128', 'h100-16')),
-    ('pretrain_jft', 'B/16', ('v5litepod-16', 'h100-8')),
-    ('finetune', 'cifar10', ('v5litepod-8', 'v4-8', 'h100-8')),
-    ('mae_i1k', '', ('v5litepod-16', 'v4-32', 'h100-8')),
+    ('pretrain_jft', 'B/16', ('v5litepod-16',)),
+    ('finetune', 'cifar10', ('v5litepod-8', 'h100-8')),
+    ('mae_i1k', '', ('v5litepod-16', 'h100-8')),
 )
 
 

@@ -7,6 +7,10 @@
 lr = 1.5e-4 * batch / 256 with 40 warmup epochs, cosine decay; 75% masking, per-patch normalised
 pixel targets, a decoder of 8 blocks at width 512. The paper fine-tunes ViT-B to 83.6% top-1
 (100 epochs, not this config). Not run here: this needs a TPU pod slice or a multi-GPU node.
+Sized for a v4-32 (256 images per chip, bf16, scanned encoder with full remat; compiled figures
+in benchmarks/README.md). Without remat it needs 22.5 GiB per chip, more than a v5litepod-16's
+15.75; with it, 13.8 there (little headroom). Check a slice with `python -m vit_jax.aot
+--config=configs/mae_i1k.py --topology=...`.
 """
 import ml_collections
 
@@ -35,7 +39,8 @@ def get_config():
   c.pp_eval = 'decode|resize_small(256)|central_crop(224)|value_range(-1, 1)'
 
   c.model = dict(name='ViT-B_16', classifier='token', posemb='sincos2d', mask_ratio=0.75,
-                 decoder_width=512, decoder_layers=8, decoder_mlp_dim=2048, decoder_heads=16)
+                 decoder_width=512, decoder_layers=8, decoder_mlp_dim=2048, decoder_heads=16,
+                 dtype='bfloat16', scan_layers=True, remat_policy='full')
   c.norm_pix_loss = True
   c.optimizer = dict(name='adamw', b1=0.9, b2=0.95, weight_decay=0.05)
   base_lr = 1.5e-4

@@ -13,13 +13,22 @@ Expected: ViT-B/16 from this run fine-tuned with configs/finetune.py reaches 84.
 ViT-L/16 on ImageNet-21k takes about 30 days on one 8-core TPUv3; plan for a pod slice
 (e.g. v4-64 or larger) and use mesh.fsdp for L and H.
 
+Sized for (compiled figures, benchmarks/README.md; bf16 compute, scanned layers): B/16 on a
+v5litepod-16 (256 images per chip, full remat: 5.6 of 15.75 GiB per chip; saving the matmul
+outputs would need 19.8), L/16 on a v4-64 with fsdp=8 (matmul outputs saved, 23.7 of 30.75 GiB:
+a step 19% shorter at peak than full remat's 4.6 GiB), H/14 on a v4-64 with fsdp=8 (full remat,
+9.4 of 30.75 GiB) or a v5p-128. Check
+another slice before creating it: `python -m vit_jax.aot --config=configs/pretrain_i21k.py:H/14
+--topology=v5p-128` (the launcher runs the same check).
+
 The tfds name `imagenet21k` needs a manually prepared copy in your data_dir.
 """
 import ml_collections
 
-# preset: (model name, width = pre-logits size, FSDP ways)
-PRESETS = {'B/16': ('ViT-B_16', 768, 1), 'L/16': ('ViT-L_16', 1024, 8),
-           'H/14': ('ViT-H_14', 1280, 8)}
+# preset: (model name, width = pre-logits size, FSDP ways, remat policy); sized by compiling
+# for the slices in the docstring (benchmarks/README.md, "Presets on their slices").
+PRESETS = {'B/16': ('ViT-B_16', 768, 1, 'full'), 'L/16': ('ViT-L_16', 1024, 8, 'dots_saveable'),
+           'H/14': ('ViT-H_14', 1280, 8, 'full')}
 ARGS = tuple(PRESETS)
 NUM_CLASSES = 21_843
 
@@ -27,7 +36,7 @@ NUM_CLASSES = 21_843
 def get_config(arg: str = 'B/16'):
   if arg not in PRESETS:
     raise ValueError(f'configs/pretrain_i21k.py: unknown preset {arg!r}; choose one of {ARGS}')
-  model_name, hidden, fsdp = PRESETS[arg]
+  model_name, hidden, fsdp, remat = PRESETS[arg]
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 312_000
@@ -48,7 +57,7 @@ def get_config(arg: str = 'B/16'):
   c.pp_eval = f'decode|resize(224)|value_range(-1, 1)|onehot({NUM_CLASSES})'
 
   c.model = dict(name=model_name, classifier='token', representation_size=hidden,
-                 dropout_rate=0.1)
+                 dropout_rate=0.1, dtype='bfloat16', scan_layers=True, remat_policy=remat)
   c.loss = 'sigmoid_xent'
   c.optimizer = dict(name='adam', b1=0.9, b2=0.999, weight_decay=0.03, grad_clip_norm=1.0)
   c.schedule = dict(base_lr=1e-3, warmup_steps=10_000, decay_type='linear', end_lr=1e-5)

@@ -2,6 +2,7 @@
 import glob
 import importlib
 import os
+import re
 
 import pytest
 
@@ -50,3 +51,13 @@ def test_unknown_preset_names_it():
   finetune = importlib.import_module('configs.finetune')
   with pytest.raises(ValueError, match='cifar11'):
     finetune.get_config('cifar11')
+
+
+@pytest.mark.parametrize('name', ['pretrain_i21k', 'pretrain_jft', 'finetune', 'mae_i1k'])
+def test_recipes_name_the_slice_they_are_sized_for(name):
+  """Accelerator recipes compute in bf16 and say which slice their figures were compiled for."""
+  module = importlib.import_module(f'configs.{name}')
+  assert re.search(r'\b(v4|v5p|v5litepod|v6e)-\d+\b', module.__doc__), module.__doc__
+  for arg in getattr(module, 'ARGS', (None,)):
+    config = module.get_config(arg) if arg else module.get_config()
+    assert config.model.dtype == 'bfloat16' and config.model.scan_layers
