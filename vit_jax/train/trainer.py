@@ -121,7 +121,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   init_rng, dropout_rng = jax.random.split(rng)
   resume_step = checkpoint.latest_complete_step(manager)
   if resume_step is not None:
-    logging.info('resuming from %s/checkpoints/%d', workdir, resume_step)
+    # WARNING: the level the CLI shows; a user must see that this run is not a fresh one.
+    logging.warning('resuming from %s/checkpoints/%d (step %d of %d)', workdir, resume_step,
+                    resume_step, config.total_steps)
     state = checkpoint.restore_state(manager, abstract_state, resume_step)
   else:
     state = init_fn(init_rng)
@@ -131,6 +133,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state = jax.jit(lambda p: steps.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                       out_shardings=state_sharding)(params)
   start_step = int(state.step)
+  if start_step >= config.total_steps:
+    logging.warning('%s is already at step %d of %d: nothing to train (raise total_steps to '
+                    'continue)', workdir, start_step, config.total_steps)
 
   if _task(config) == 'classification':
     step_fn = functools.partial(steps.train_step, model=model, tx=tx,
@@ -155,9 +160,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for step in range(start_step + 1, config.total_steps + 1):
     state, metrics = train_step(state, next(batches))
     pending.append(metrics)
-    if step == start_step + 1:  # leave compilation out of images_per_sec
+    if step == start_step + 1 and step < config.total_steps:
+      # Leave compilation out of images_per_sec and the ETA; a run of one step (nothing else
+      # to measure) logs it with compilation included.
       jax.block_until_ready(state)
       pending, interval_start, interval_step = [], time.time(), step
+      progress.restart_clock(step)
     if pending and _interval_hit(step, config.log_every, config.total_steps):
       fetched = jax.device_get(pending)
       _check_finite(fetched, step, workdir, manager)
