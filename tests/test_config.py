@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -30,3 +34,16 @@ def test_overrides_are_applied_with_types():
 def test_bad_key_is_an_error_naming_it():
   with pytest.raises(Exception, match='totl_steps'):
     _parse('--config.totl_steps=3')
+
+
+def test_misspelt_key_on_the_command_line_is_two_lines_naming_it_and_the_fix():
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', '--config=configs/quickstart.py',
+       '--workdir=/nonexistent/unused', '--config.totl_steps=3'],
+      cwd=repo, capture_output=True, text=True, timeout=120,
+      env=os.environ | {'VIT_JAX_HOST_TUNING': '0'})
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+      "--config.totl_steps: the config has no key 'totl_steps'.",
+      'Did you mean "total_steps" instead of "totl_steps"?']

@@ -1,4 +1,6 @@
 """Entry point: python -m vit_jax.main --config=configs/quickstart.py --workdir=DIR."""
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -14,6 +16,43 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                  'Start jax.distributed with the cluster auto-detected (Cloud TPU '
                                  'slice, SLURM, Open MPI): multi-host without the flags above.')
+
+
+def _innermost_message(error: BaseException) -> str:
+  """ml_collections wraps a KeyError('...Did you mean...') in AttributeErrors: its text."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  return str(error.args[0]) if error.args else str(error)
+
+
+def _known_keys(culprit: str, argv: list[str]) -> str:
+  """'Keys under config.model: ...' for the dict `--config.model.scan_layer=...` looked in."""
+  path = culprit.split('=')[0].split('.')[1:-1]
+  try:
+    # The config as its file builds it, before the overrides: the flag failed before holding it.
+    spec = next(a.split('=', 1)[1] for a in argv if a.startswith('--config='))
+    node = flags.FLAGS['config'].parser.parse(spec)
+    for part in path:
+      node = node[part]
+    return f'Keys under {".".join(["config"] + path)}: {", ".join(sorted(node))}.'
+  except Exception:  # pylint: disable=broad-except  (a hint only; the error is said already)
+    return 'See the keys in the config file.'
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a misspelt config key said in two lines, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # raised by config_flags for a key the config lacks
+    message = _innermost_message(e)
+    key = message.splitlines()[0].strip('\'"')
+    culprit = next((a for a in argv if a.startswith('--config.') and key in a.split('=')[0]),
+                   '--config...')
+    hint = ''.join(message.splitlines()[1:2]) or _known_keys(culprit, argv)
+    print(f'{culprit.split("=")[0]}: the config has no key {key!r}.\n{hint}', file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -32,4 +71,4 @@ if __name__ == '__main__':
   host_tuning.apply()
   # Required only when run as a program: tests parse these modules' flags side by side.
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
