@@ -13,12 +13,12 @@ from absl import logging
 from vit_jax import checkpoint, models, sharding
 from vit_jax.data import pipeline
 from vit_jax.models import mae
-from vit_jax.train import (evaluators, metrics_log, optim, preemption, ssl_evaluators, ssl_steps,
-                           steps)
+from vit_jax.train import (defaults, evaluators, metrics_log, optim, preemption, ssl_evaluators,
+                           ssl_steps, steps)
 
 
 def build_model(config):
-  overrides = {k: v for k, v in config.model.items() if k != 'name'}
+  overrides = defaults.model_options(config.model)
   if _task(config) != 'classification':
     return mae.get_model(config.task, config.model.name, **overrides)
   return models.get_model(config.model.name, num_classes=config.num_classes, **overrides)
@@ -129,7 +129,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = init_fn(init_rng)
     if config.init_from:
       logging.info('initialising from %s', config.init_from)
-      params = checkpoint.load_pretrained(config.init_from, jax.device_get(state.params))
+      try:
+        params = checkpoint.load_pretrained(config.init_from, jax.device_get(state.params))
+      except (ValueError, FileNotFoundError) as e:  # they name the file: say which key gave it
+        raise ValueError(f'config.init_from: {e}') from None
       state = jax.jit(lambda p: steps.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                       out_shardings=state_sharding)(params)
   start_step = int(state.step)
