@@ -1,4 +1,5 @@
 """Training checkpoints (Orbax) and released weights (vit_jax, big_vision, timm, HF) import/export."""
+import json
 import os
 
 from absl import logging
@@ -58,6 +59,26 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state, step: int | No
   """Restores `step` (default: newest complete) into the shapes/shardings of `abstract_state`."""
   step = latest_complete_step(manager) if step is None else step
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+# Beside the checkpoints: the run's config, for programs that rebuild its model (predict).
+RUN_CONFIG = 'config.json'
+
+
+def write_run_config(workdir: str, config) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, RUN_CONFIG), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def read_run_config(path: str) -> dict:
+  """The config a training workdir was run with ({} for files, or runs from before it was kept)."""
+  config_path = os.path.join(path, RUN_CONFIG)
+  if not os.path.isfile(config_path):
+    return {}
+  with open(config_path, encoding='utf-8') as f:
+    return json.load(f)
 
 
 # --- released weights (vit_jax / big_vision .npz, timm / Hugging Face safetensors) -------------

@@ -1,10 +1,10 @@
 """Entry point: python -m vit_jax.main --config=configs/quickstart.py --workdir=DIR."""
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from vit_jax import host_tuning
+from vit_jax import host_tuning, startup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
@@ -56,8 +56,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax and TF log a lot at INFO; -v 0 shows it
+  startup.quiet_logging()
+  startup.import_tensorflow()
   import jax  # pylint: disable=g-import-not-at-top
   # jax.distributed must start before any JAX computation.
   if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value:

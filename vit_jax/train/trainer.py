@@ -117,6 +117,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)) / 1e6)
 
   manager = checkpoint.make_manager(workdir, max_to_keep=config.get('keep_checkpoints', 3))
+  checkpoint.write_run_config(workdir, config)
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   resume_step = checkpoint.latest_complete_step(manager)
