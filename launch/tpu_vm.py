@@ -269,7 +269,17 @@ def parse_args(argv):
 def main(argv=None):
   args, trainer_flags = parse_args(sys.argv[1:] if argv is None else argv)
   commands = plan(args, trainer_flags)
+  ships = args.command in ('launch', 'setup')
   if args.dry_run:
+    # The plan is only worth reading if the real run will go through: say now what it refuses.
+    try:
+      dirty = uncommitted_files(PROJECT_ROOT) if ships else []
+    except SystemExit as e:  # not a git checkout: the real run stops there too
+      print(f'warning: {e}', file=sys.stderr)
+      dirty = []
+    if dirty:
+      print(f'warning: uncommitted changes in {PROJECT_ROOT}: the real run will refuse to ship '
+            f'them (setup ships git HEAD); commit or stash {", ".join(dirty)}', file=sys.stderr)
     for command in commands:
       print(shlex.join(command.argv))
       if command.wait_until_active:
@@ -279,7 +289,7 @@ def main(argv=None):
     raise SystemExit('gcloud not found on PATH: install the Google Cloud CLI '
                      '(https://cloud.google.com/sdk/docs/install), run `gcloud auth login`, '
                      'or pass --dry_run to print the commands instead')
-  if args.command in ('launch', 'setup') and (dirty := uncommitted_files(PROJECT_ROOT)):
+  if ships and (dirty := uncommitted_files(PROJECT_ROOT)):
     raise SystemExit(f'uncommitted changes in {PROJECT_ROOT} would not reach the workers '
                      f'(setup ships git HEAD): commit or stash {", ".join(dirty)}')
   execute(commands)

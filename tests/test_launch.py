@@ -319,3 +319,16 @@ def test_sbatch_script_hands_trainer_flags_to_one_task_per_node(tmp_path):
   subprocess.run(['bash', script, *TRAINER_FLAGS], env=env, check=True, timeout=60)
   assert _read_calls(calls) == [
       ['srun', '--kill-on-bad-exit=1', 'python', '-m', 'launch.gpu_slurm', '--', *TRAINER_FLAGS]]
+
+
+def test_dry_run_warns_that_the_real_run_refuses_uncommitted_files(tmp_path, monkeypatch, capsys):
+  subprocess.run(['git', 'init', '-q', str(tmp_path)], check=True)
+  monkeypatch.setattr(tpu_vm, 'PROJECT_ROOT', str(tmp_path))
+  tpu_vm.main([*LOCATION, '--accelerator_type=v4-8', '--dry_run', '--', *TRAINER_FLAGS])
+  assert 'warning' not in capsys.readouterr().err
+  (tmp_path / 'edited.py').write_text('x = 1\n')
+  tpu_vm.main([*LOCATION, '--accelerator_type=v4-8', '--dry_run', '--', *TRAINER_FLAGS])
+  printed = capsys.readouterr()
+  assert 'gcloud compute tpus tpu-vm create' in printed.out  # the plan is still shown
+  assert (f'warning: uncommitted changes in {tmp_path}: the real run will refuse to ship them '
+          '(setup ships git HEAD); commit or stash edited.py') in printed.err

@@ -1,5 +1,6 @@
 """The predict command: top-k classes for PNG files, with labels."""
 import json
+import logging
 import sys
 
 import flax.linen as nn
@@ -71,7 +72,7 @@ def _pngs(tmp_path, n=2):
 
 
 def test_predict_reads_a_quickstart_run_and_skips_a_corrupt_image(quickstart_config, tmp_path,
-                                                                  capsys):
+                                                                  capsys, caplog):
   # A run whose depth and fixed position embeddings no model name tells.
   config = quickstart_config
   config.model = dict(name='testing', num_layers=3, posemb='sincos2d')
@@ -82,7 +83,9 @@ def test_predict_reads_a_quickstart_run_and_skips_a_corrupt_image(quickstart_con
   pixels, paths = _pngs(tmp_path)
   (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8 not really a jpeg')
   argv = [f'--checkpoint={workdir}', paths[0], str(tmp_path / 'broken.jpg'), paths[1]]
-  status, out, err = _run(argv, capsys)
+  with caplog.at_level(logging.WARNING):
+    status, out, err = _run(argv, capsys)
+  assert 'Metadata file does not exist' not in caplog.text  # Orbax, reading the workdir
   assert status == 1  # one image was skipped
   assert f'{tmp_path / "broken.jpg"}: skipped, not a decodable image' in err
   printed = out.splitlines()

@@ -134,15 +134,18 @@ def _restore_run_params(workdir: str) -> dict:
   """The params of the newest complete Orbax checkpoint under WORKDIR[/checkpoints], as numpy."""
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   ckpt_dir = ckpt_dir if os.path.isdir(ckpt_dir) else workdir
-  step = ocp.CheckpointManager(os.path.abspath(ckpt_dir)).latest_step()
+  # Read through a manager (not a PyTreeCheckpointer on `<step>/default`), which finds Orbax's
+  # metadata at the step level where the trainer's manager wrote it: no "Metadata file does
+  # not exist" warning.
+  manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir),
+                                  item_handlers=ocp.PyTreeCheckpointHandler())
+  step = manager.latest_step()
   if step is None:
     raise ValueError(f'{workdir} is a directory without a complete training checkpoint '
                      f'(looked in {ckpt_dir})')
-  item = os.path.join(os.path.abspath(ckpt_dir), str(step), 'default')
-  checkpointer = ocp.PyTreeCheckpointer()
-  params_meta = checkpointer.metadata(item).item_metadata.tree['params']
+  params_meta = manager.item_metadata(step).tree['params']
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
-  restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+  restored = manager.restore(step, args=ocp.args.PyTreeRestore(
       item={'params': params_meta}, restore_args={'params': restore_args}, partial_restore=True))
   return _flatten(restored['params'])
 

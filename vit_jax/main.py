@@ -63,6 +63,7 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  startup.start_jax()
   from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -191,6 +191,8 @@ def main(argv):
   if not paths:
     raise app.UsageError('give image files to classify')
   startup.quiet_logging()
+  startup.import_tensorflow()
+  startup.start_jax()
   try:
     labels = read_labels(_LABELS.value)
   except ValueError as e:
