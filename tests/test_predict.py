@@ -1,6 +1,5 @@
 """The predict command: top-k classes for PNG files, with labels."""
 import json
-import logging
 import sys
 
 import flax.linen as nn
@@ -11,7 +10,6 @@ from PIL import Image
 
 from vit_jax import checkpoint, models, predict
 from vit_jax.models import mae
-from vit_jax.train import trainer
 
 
 def test_predict_top5_matches_the_model_on_pngs(tmp_path, capsys):
@@ -69,32 +67,6 @@ def _pngs(tmp_path, n=2):
   for path, image in zip(paths, pixels):
     Image.fromarray(image).save(path)
   return pixels, paths
-
-
-def test_predict_reads_a_quickstart_run_and_skips_a_corrupt_image(quickstart_config, tmp_path,
-                                                                  capsys, caplog):
-  # A run whose depth and fixed position embeddings no model name tells.
-  config = quickstart_config
-  config.model = dict(name='testing', num_layers=3, posemb='sincos2d')
-  config.total_steps, config.eval_every = 1, 0
-  workdir = str(tmp_path / 'run')
-  trainer.train_and_evaluate(config, workdir)
-  capsys.readouterr()
-  pixels, paths = _pngs(tmp_path)
-  (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8 not really a jpeg')
-  argv = [f'--checkpoint={workdir}', paths[0], str(tmp_path / 'broken.jpg'), paths[1]]
-  with caplog.at_level(logging.WARNING):
-    status, out, err = _run(argv, capsys)
-  assert 'Metadata file does not exist' not in caplog.text  # Orbax, reading the workdir
-  assert status == 1  # one image was skipped
-  assert f'{tmp_path / "broken.jpg"}: skipped, not a decodable image' in err
-  printed = out.splitlines()
-  assert [printed[0], printed[6]] == paths and len(printed) == 12
-  model = models.get_model('testing', num_classes=10, num_layers=3, posemb='sincos2d')
-  probs = jax.nn.softmax(model.apply({'params': checkpoint.load(workdir)}, pixels / 127.5 - 1.))
-  top = int(np.argmax(probs[0]))
-  assert printed[1].split()[1] == str(top)
-  assert printed[1].split()[0] == f'{float(probs[0, top]):.2%}'
 
 
 def test_predict_resizes_position_embeddings_to_image_size(tmp_path):

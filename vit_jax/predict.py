@@ -162,7 +162,9 @@ def load_images(paths: list[str], size: int):
     except tf.errors.NotFoundError:
       skipped[path] = 'no such file'
     except tf.errors.InvalidArgumentError as e:
-      skipped[path] = f'not a decodable image ({e.message.splitlines()[0]})'
+      # TF's eager message without its op wrapping: "{{function_node ...}} WHY [Op:DecodeImage]".
+      why = re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:.*$', '', e.message.splitlines()[0])
+      skipped[path] = f'not a decodable image ({why})'
   return (np.stack(images) if images else None), kept, skipped
 
 
