@@ -3,7 +3,8 @@
 A missing dependency used to surface only when a command reached its import (matplotlib, after 17
 minutes of transfer_demo.py); here every program's imports are checked against pyproject.toml and
 every documented program's module is imported in a fresh interpreter (what its start imports),
-and README's quickstart -> predict and TPU dry-run commands run as written, with small overrides.
+and README's quickstart -> predict, make_records and TPU (dry-run) commands run as written, with
+small overrides.
 """
 import ast
 import glob
@@ -18,12 +19,16 @@ import tomllib
 import jax
 import numpy as np
 from PIL import Image
-from test_quiet_programs import CHATTER
 
 from vit_jax import checkpoint, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_PARTY = {'vit_jax', 'configs', 'launch', 'benchmarks', 'tests'}
+# Lines users saw and could do nothing about: JAX's backend probe, TensorFlow's import,
+# libtpu's probe where it is installed without a TPU, decoders' own complaints.
+CHATTER = ("Unable to initialize backend 'tpu'", 'oneDNN custom operations',
+           'absl::InitializeLog()', 'Failed to find host bounds', 'Improper call to JPEG library',
+           'Input file read error', 'local_rendezvous', 'Metadata file does not exist')
 
 
 def _readme() -> str:
@@ -85,7 +90,8 @@ def _documented_programs() -> list[list[str]]:
 RUN_AS_PROGRAMS_ELSEWHERE = {
     'vit_jax.main': 'test_readme_quickstart_then_predict_run_with_small_overrides, test_resume',
     'vit_jax.predict': 'test_readme_quickstart_then_predict_run_with_small_overrides',
-    'vit_jax.data.make_records': 'test_quiet_programs',
+    'vit_jax.data.make_records':
+        'test_readme_make_records_commands_report_skipped_files_after_the_progress_bar',
     'vit_jax.benchmark': 'test_benchmark',
 }
 
@@ -119,15 +125,21 @@ def test_every_documented_program_imports_what_it_needs():
   assert done.stdout.splitlines() == [f'imported {name}' for name in names]
 
 
-def _readme_command(starts_with: str) -> list[str]:
-  """The first README bash command line starting with `starts_with`, continuations joined."""
+def _readme_commands(starts_with: str) -> list[list[str]]:
+  """README's bash command lines starting with `starts_with` (continuations joined), as argv."""
+  found = []
   for block in re.findall(r'^```bash\n(.*?)^```', _readme(), flags=re.M | re.S):
     for command in block.replace('\\\n', ' ').splitlines():
       for part in command.split('&&'):
         part = part.split('#')[0].strip()
         if part.startswith(starts_with):
-          return shlex.split(part)
-  raise AssertionError(f'README has no bash command starting with {starts_with!r}')
+          found.append(shlex.split(part))
+  assert found, f'README has no bash command starting with {starts_with!r}'
+  return found
+
+
+def _readme_command(starts_with: str) -> list[str]:
+  return _readme_commands(starts_with)[0]
 
 
 def test_readme_quickstart_then_predict_run_with_small_overrides(tmp_path, tfds_data_dir):
@@ -155,10 +167,10 @@ def test_readme_quickstart_then_predict_run_with_small_overrides(tmp_path, tfds_
   done = subprocess.run([sys.executable, *predict], cwd=REPO, capture_output=True, text=True,
                         timeout=600, env=env)
   assert done.returncode == 1  # one file was skipped, the other classified
-  assert done.stderr.strip().splitlines()[-1] == (
+  # Nothing else on stderr: no start-up chatter, no Orbax metadata warning reading the workdir.
+  assert done.stderr.splitlines() == [
       f'{tmp_path / "broken.jpg"}: skipped, not a decodable image (Unknown image file format. '
-      'One of JPEG, JPEG XL, PNG, GIF, BMP, WebP required.)')
-  assert 'Metadata file does not exist' not in done.stderr  # Orbax, reading the workdir
+      'One of JPEG, JPEG XL, PNG, GIF, BMP, WebP required.)']
   lines = done.stdout.splitlines()
   assert lines[0] == str(tmp_path / 'digit.png') and len(lines) == 6
   # The same model rebuilt here: 16px (the run's image size) of black is -1 everywhere.
@@ -169,13 +181,55 @@ def test_readme_quickstart_then_predict_run_with_small_overrides(tmp_path, tfds_
   assert lines[1].split() == [f'{probs[top]:.2%}', str(top), str(top)]  # digit names are 0-9
 
 
-def test_readme_tpu_dry_run_prints_the_plan():
-  command = _readme_command('python -m launch.tpu_vm --name=vit-smoke')
-  command = [a.replace('$ZONE', 'us-central2-b').replace('$BUCKET', 'my-bucket')
-             for a in command[1:]]
-  done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
-                        timeout=120)
-  assert done.returncode == 0, done.stderr
-  lines = done.stdout.splitlines()
-  assert lines[0].startswith('gcloud compute tpus tpu-vm create vit-smoke --zone=us-central2-b')
-  assert '--workdir=gs://my-bucket/vit/smoke' in lines[-1] and '--distributed' in lines[-1]
+def test_readme_tpu_commands_print_their_plans():
+  """Every launch.tpu_vm command README shows, with --dry_run (no gcloud needed)."""
+  commands = _readme_commands('python -m launch.tpu_vm')
+  assert len(commands) >= 8
+  for command in commands:
+    command = [a.replace('$ZONE', 'us-central2-b').replace('$BUCKET', 'my-bucket')
+               for a in command[1:]]
+    split = command.index('--') if '--' in command else len(command)
+    if '--dry_run' not in command:
+      command.insert(split, '--dry_run')
+    done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, (command, done.stderr)
+    plan = done.stdout.splitlines()
+    assert plan and all(line.startswith(('gcloud ', 'git ', '#')) for line in plan), plan
+    if '--workdir=gs://my-bucket/vit/smoke' in command:
+      assert '--workdir=gs://my-bucket/vit/smoke' in plan[-1] and '--distributed' in plan[-1]
+
+
+def test_readme_make_records_commands_report_skipped_files_after_the_progress_bar(tmp_path):
+  images = tmp_path / 'DIR'
+  images.mkdir()
+  rows = ['image,labels']
+  for i in range(6):
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(images / f'{i}.jpg')
+    rows.append(f'{i}.jpg,{i % 2}')
+  (images / 'bad.jpg').write_bytes(b'\xff\xd8\xff\xe0 truncated')
+  rows[3:3] = ['bad.jpg,1', 'gone.jpg,0']
+  (tmp_path / 'train.csv').write_text('\n'.join(rows) + '\n')
+  (tmp_path / 'val.csv').write_text('\n'.join(rows[:3]) + '\n')
+  outputs = []
+  for command in _readme_commands('python -m vit_jax.data.make_records'):
+    command = [a.replace('=DIR', f'={images}').replace('=RECORDS', f'={tmp_path / "RECORDS"}')
+               .replace('=train.csv', f'={tmp_path / "train.csv"}')
+               .replace('=val.csv', f'={tmp_path / "val.csv"}') for a in command[1:]]
+    done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not [c for c in CHATTER if c in done.stderr], done.stderr
+    outputs.append(done.stderr)
+  assert (tmp_path / 'RECORDS' / 'train.json').exists()
+  assert (tmp_path / 'RECORDS' / 'val.json').exists()
+  lines = [line for line in outputs[0].replace('\r', '\n').splitlines() if line.strip()]
+  bar = [i for i, line in enumerate(lines) if line.startswith('train records:')]
+  assert bar == list(range(len(bar))), lines  # nothing was written through the bar
+  assert '100%' in lines[bar[-1]] and '8/8' in lines[bar[-1]]
+  assert lines[len(bar):] == [
+      f'{tmp_path / "train.csv"}:4: skipping bad.jpg: unreadable (jpeg::Uncompress failed. '
+      'Invalid JPEG data or crop window.)',
+      f'{tmp_path / "train.csv"}:5: skipping gone.jpg: not found in {images}',
+      f'wrote 6 images to {tmp_path / "RECORDS"}/train-*-of-00064.tfrecord; skipped 2 (1 '
+      'missing, 1 corrupt); classes: 2 seen, num_classes=2']

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
+from vit_jax.train import trainer
 
 # Never a hint to unpickle (numpy's own message suggests loading "unsafely" when trusted).
 UNSAFE_HINTS = ('allow_pickle', 'unsafe', 'trust')
@@ -51,3 +52,12 @@ def test_a_directory_without_a_checkpoint_is_named(tmp_path):
   message = _error(tmp_path)
   assert 'is a directory without a complete training checkpoint' in message
   assert 'init_from' not in message  # the flag that was used is the caller's to say
+
+
+def test_init_from_names_the_config_key_and_the_file(quickstart_config, tmp_path):
+  (tmp_path / 'notes.txt').write_text('not weights\n')
+  quickstart_config.init_from = str(tmp_path / 'notes.txt')
+  with pytest.raises(ValueError) as info:
+    trainer.train_and_evaluate(quickstart_config, str(tmp_path / 'run'))
+  assert str(info.value).startswith(f'config.init_from: {tmp_path / "notes.txt"} is not a '
+                                    'weights file: expected a .npz of named arrays')
