@@ -44,7 +44,8 @@ def architecture(params: dict) -> dict:
   attention = block0['MultiHeadDotProductAttention_1']
   kernel = params['embedding']['kernel']  # (P, P, C, D)
   options = dict(patch_size=kernel.shape[0], hidden_size=kernel.shape[-1],
-                 num_layers=len(blocks), mlp_dim=block0['MlpBlock_3']['Dense_0']['kernel'].shape[-1],
+                 num_layers=len(blocks),
+                 mlp_dim=block0['MlpBlock_3']['Dense_0']['kernel'].shape[-1],
                  num_heads=attention['query']['kernel'].shape[1],
                  classifier='map' if 'MAPHead_0' in params else
                  'token' if 'cls' in params else 'gap',

@@ -1,9 +1,11 @@
-"""What the command-line programs do first: quiet logging, and TensorFlow without its start-up lines.
+"""What the command-line programs do first: quiet logging, TensorFlow and JAX without chatter.
 
 TensorFlow's C++ runtime writes lines such as "oneDNN custom operations are on ..." to the
 process's stderr when it is imported (twice: two of its libraries each log it), before and
 regardless of TF_CPP_MIN_LOG_LEVEL. `import_tensorflow` imports it with stderr captured and
-passes on every line that is not one of those.
+passes on every line that is not one of those; `start_jax` does the same for libtpu's probe on
+machines without TPUs. Both use `native_stderr_captured`, which make_records also uses to keep
+decoders' messages from cutting through its progress bar.
 """
 import contextlib
 import os
