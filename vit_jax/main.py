@@ -42,7 +42,7 @@ def _known_keys(culprit: str, argv: list[str]) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a misspelt config key said in two lines, not a traceback."""
   try:
-    return flags.FLAGS(argv)
+    return app.parse_flags_with_usage(argv)  # absl's own: bad values are said in two lines
   except (AttributeError, KeyError) as e:  # raised by config_flags for a key the config lacks
     message = _innermost_message(e)
     key = message.splitlines()[0].strip('\'"')
