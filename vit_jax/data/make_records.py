@@ -18,13 +18,12 @@ import os
 import re
 import sys
 
+import tensorflow as tf
 import tqdm
 from absl import app, flags
 
 from vit_jax import startup
-
-tf = startup.import_tensorflow()  # first, so that its start-up lines stay off stderr
-from vit_jax.data import sources  # noqa: E402  pylint: disable=g-import-not-at-top
+from vit_jax.data import sources
 
 
 def read_labels_csv(path: str) -> list[tuple[int, str, list[int]]]:
