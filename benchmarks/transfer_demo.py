@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+import matplotlib  # the plot comes after ~20 minutes of training: fail now if it is missing
 import numpy as np
 
 # Run as a script from a checkout: the repository root holds `configs` and `vit_jax`.
@@ -57,7 +58,6 @@ def finetune_config(steps: int, num_labelled: int, seed: int, init_from: str):
 
 
 def write_plot(results: dict, path: str, title: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   names = list(results)

@@ -19,7 +19,7 @@ GiB per chip) or one 8-GPU H100 host (5.1 GiB per GPU); `python -m vit_jax.aot
 
 Datasets come from tfds (imagenet2012 needs its manual download in your data_dir).
 """
-import ml_collections
+from vit_jax.train import defaults
 
 # dataset: (num_classes, train split, eval split, total steps)
 DATASETS = {
@@ -36,7 +36,7 @@ def get_config(arg: str = 'cifar10'):
   if arg not in DATASETS:
     raise ValueError(f'configs/finetune.py: unknown dataset {arg!r}; choose one of {ARGS}')
   num_classes, train_split, eval_split, total_steps = DATASETS[arg]
-  c = ml_collections.ConfigDict()
+  c = defaults.base_config()
   c.seed = 0
   c.total_steps = total_steps
   c.batch_size = 512
@@ -49,18 +49,16 @@ def get_config(arg: str = 'cifar10'):
 
   c.image_size = 384
   c.num_classes = num_classes
-  c.data = dict(name=arg, data_dir='', train_split=train_split, eval_split=eval_split,
-                shuffle_buffer=50_000)
+  c.data.update(name=arg, train_split=train_split, eval_split=eval_split, shuffle_buffer=50_000)
   c.pp_train = (f'decode|resize(448)|random_crop(384)|flip_lr|value_range(-1, 1)|'
                 f'onehot({num_classes})')
   c.pp_eval = f'decode|resize(384)|value_range(-1, 1)|onehot({num_classes})'
 
   # representation_size=None drops the pretraining pre-logits layer, as the paper does.
-  c.model = dict(name='ViT-B_16', classifier='token', representation_size=None,
+  c.model.update(name='ViT-B_16', classifier='token', representation_size=None,
                  dtype='bfloat16', scan_layers=True, remat_policy='full')
   c.loss = 'softmax_xent'
-  c.optimizer = dict(name='sgd', momentum=0.9, weight_decay=0., grad_clip_norm=1.0)
-  c.schedule = dict(base_lr=0.03, warmup_steps=500 if total_steps > 500 else 100,
+  c.optimizer.update(name='sgd', momentum=0.9, weight_decay=0., grad_clip_norm=1.0)
+  c.schedule.update(base_lr=0.03, warmup_steps=500 if total_steps > 500 else 100,
                     decay_type='cosine')
-  c.mesh = dict(data=-1, fsdp=1, model=1)
   return c

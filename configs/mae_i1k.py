@@ -12,13 +12,13 @@ in benchmarks/README.md). Without remat it needs 22.5 GiB per chip, more than a 
 15.75; with it, 13.8 there (little headroom). Check a slice with `python -m vit_jax.aot
 --config=configs/mae_i1k.py --topology=...`.
 """
-import ml_collections
+from vit_jax.train import defaults
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
+  c = defaults.base_config()
   c.task = 'mae'
   c.seed = 0
   c.batch_size = 4096
@@ -32,19 +32,18 @@ def get_config():
   c.init_from = ''
 
   c.image_size = 224
-  c.data = dict(name='imagenet2012', data_dir='', train_split='train',
-                eval_split='validation[:10000]', cache=False, shuffle_buffer=250_000)
+  c.data.update(name='imagenet2012', train_split='train', eval_split='validation[:10000]',
+                shuffle_buffer=250_000)
   # MAE's only augmentation: random resized crop (scale 0.2-1) and horizontal flips.
   c.pp_train = 'decode|inception_crop(224, area_min=20)|flip_lr|value_range(-1, 1)'
   c.pp_eval = 'decode|resize_small(256)|central_crop(224)|value_range(-1, 1)'
 
-  c.model = dict(name='ViT-B_16', classifier='token', posemb='sincos2d', mask_ratio=0.75,
+  c.model.update(name='ViT-B_16', classifier='token', posemb='sincos2d', mask_ratio=0.75,
                  decoder_width=512, decoder_layers=8, decoder_mlp_dim=2048, decoder_heads=16,
                  dtype='bfloat16', scan_layers=True, remat_policy='full')
   c.norm_pix_loss = True
-  c.optimizer = dict(name='adamw', b1=0.9, b2=0.95, weight_decay=0.05)
+  c.optimizer.update(name='adamw', b1=0.9, b2=0.95, weight_decay=0.05)
   base_lr = 1.5e-4
-  c.schedule = dict(base_lr=base_lr * c.batch_size / 256, warmup_steps=40 * steps_per_epoch,
+  c.schedule.update(base_lr=base_lr * c.batch_size / 256, warmup_steps=40 * steps_per_epoch,
                     decay_type='cosine')
-  c.mesh = dict(data=-1, fsdp=1, model=1)
   return c

@@ -10,11 +10,11 @@ reconstruction with the visible patches pasted back). Fine-tune the encoder with
 Expected: train_loss (masked-patch MSE on [-1, 1] pixels) falls from ~0.5 to ~0.1; see the
 README's MAE section for measured numbers.
 """
-import ml_collections
+from vit_jax.train import defaults
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
+  c = defaults.base_config()
   c.task = 'mae'
   c.seed = 0
   c.total_steps = 1000
@@ -27,17 +27,16 @@ def get_config():
   c.init_from = ''
 
   c.image_size = 16
-  c.data = dict(name='sklearn_digits', data_dir='', train_split='train', eval_split='test',
-                cache=True, shuffle_buffer=2_000)
+  c.data.update(name='sklearn_digits', train_split='train', eval_split='test', cache=True,
+                shuffle_buffer=2_000)
   c.pp_train = 'decode|resize(16)|random_crop(16, pad=1)|value_range(-1, 1)'
   c.pp_eval = 'decode|resize(16)|value_range(-1, 1)'
 
-  c.model = dict(name='ViT-Ti_4', num_layers=4, classifier='token', mask_ratio=0.75,
+  c.model.update(name='ViT-Ti_4', num_layers=4, classifier='token', mask_ratio=0.75,
                  decoder_width=128, decoder_layers=2, decoder_mlp_dim=512, decoder_heads=4)
   # Pixels of 8x8 digits scaled to 16x16 are smooth: plain MSE targets reconstruct more legibly.
   c.norm_pix_loss = False
-  c.optimizer = dict(name='adamw', b1=0.9, b2=0.95, weight_decay=0.05)
+  c.optimizer.update(name='adamw', b1=0.9, b2=0.95, weight_decay=0.05)
   base_lr = 2e-3  # MAE's convention: lr = base_lr * batch / 256
-  c.schedule = dict(base_lr=base_lr * c.batch_size / 256, warmup_steps=100, decay_type='cosine')
-  c.mesh = dict(data=-1, fsdp=1, model=1)
+  c.schedule.update(base_lr=base_lr * c.batch_size / 256, warmup_steps=100, decay_type='cosine')
   return c

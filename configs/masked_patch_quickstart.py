@@ -13,8 +13,8 @@ from configs import mae_quickstart
 def get_config():
   c = mae_quickstart.get_config()
   c.task = 'masked_patch'
-  c.model = dict(name='ViT-Ti_4', num_layers=4, classifier='token', corrupt_ratio=0.5)
-  del c['norm_pix_loss']
-  c.optimizer = dict(name='adamw', b1=0.9, b2=0.999, weight_decay=1e-4, grad_clip_norm=1.0)
-  c.schedule = dict(base_lr=1e-3, warmup_steps=100, decay_type='cosine')
+  c.model.update(mask_ratio=None, decoder_width=None, decoder_layers=None, decoder_mlp_dim=None,
+                 decoder_heads=None, corrupt_ratio=0.5)  # MAE's decoder options do not apply
+  c.optimizer.update(name='adamw', b1=0.9, b2=0.999, weight_decay=1e-4, grad_clip_norm=1.0)
+  c.schedule.update(base_lr=1e-3, warmup_steps=100, decay_type='cosine')
   return c

@@ -23,7 +23,7 @@ another slice before creating it: `python -m vit_jax.aot --config=configs/pretra
 
 The tfds name `imagenet21k` needs a manually prepared copy in your data_dir.
 """
-import ml_collections
+from vit_jax.train import defaults
 
 # preset: (model name, width = pre-logits size, FSDP ways, remat policy); sized by compiling
 # for the slices in the docstring (benchmarks/README.md, "Presets on their slices").
@@ -37,7 +37,7 @@ def get_config(arg: str = 'B/16'):
   if arg not in PRESETS:
     raise ValueError(f'configs/pretrain_i21k.py: unknown preset {arg!r}; choose one of {ARGS}')
   model_name, hidden, fsdp, remat = PRESETS[arg]
-  c = ml_collections.ConfigDict()
+  c = defaults.base_config()
   c.seed = 0
   c.total_steps = 312_000
   c.batch_size = 4096
@@ -50,19 +50,19 @@ def get_config(arg: str = 'B/16'):
 
   c.image_size = 224
   c.num_classes = NUM_CLASSES
-  c.data = dict(name='imagenet21k', data_dir='', train_split='full[102400:]',
-                eval_split='full[:102400]', shuffle_buffer=250_000)
+  c.data.update(name='imagenet21k', train_split='full[102400:]', eval_split='full[:102400]',
+                shuffle_buffer=250_000)
   c.pp_train = (f'decode|resize(256)|random_crop(224)|flip_lr|value_range(-1, 1)|'
                 f'onehot({NUM_CLASSES})')
   c.pp_eval = f'decode|resize(224)|value_range(-1, 1)|onehot({NUM_CLASSES})'
 
-  c.model = dict(name=model_name, classifier='token', representation_size=hidden,
+  c.model.update(name=model_name, classifier='token', representation_size=hidden,
                  dropout_rate=0.1, dtype='bfloat16', scan_layers=True, remat_policy=remat)
   c.loss = 'sigmoid_xent'
-  c.optimizer = dict(name='adam', b1=0.9, b2=0.999, weight_decay=0.03, grad_clip_norm=1.0)
-  c.schedule = dict(base_lr=1e-3, warmup_steps=10_000, decay_type='linear', end_lr=1e-5)
-  c.fewshot = dict(dataset='cifar100', name='cifar100', train_split='train',
+  c.optimizer.update(name='adam', b1=0.9, b2=0.999, weight_decay=0.03, grad_clip_norm=1.0)
+  c.schedule.update(base_lr=1e-3, warmup_steps=10_000, decay_type='linear', end_lr=1e-5)
+  c.fewshot.update(dataset='cifar100', name='cifar100', train_split='train',
                    test_split='test', shots=[1, 5, 10, 25], seeds=3, l2_reg=2.**10,
                    pp='decode|resize(224)|value_range(-1, 1)|onehot(100)')
-  c.mesh = dict(data=-1, fsdp=fsdp, model=1)
+  c.mesh.fsdp = fsdp
   return c

@@ -23,7 +23,7 @@ Small on CPU (a few hundred images in RECORDS/train-* and RECORDS/val-*):
 The preprocessing strings follow data.num_classes and image_size (field references), and so
 does the model's head.
 """
-import ml_collections
+from vit_jax.train import defaults
 
 # preset: (model name, width = pre-logits size, base learning rate, FSDP ways, remat policy);
 # sized by compiling for the slices in the docstring (benchmarks/README.md).
@@ -37,7 +37,7 @@ def get_config(arg: str = 'B/16'):
   if arg not in PRESETS:
     raise ValueError(f'configs/pretrain_jft.py: unknown preset {arg!r}; choose one of {ARGS}')
   model_name, width, base_lr, fsdp, remat = PRESETS[arg]
-  c = ml_collections.ConfigDict()
+  c = defaults.base_config()
   c.seed = 0
   c.total_steps = 300_000  # ~7 epochs of JFT-300M at batch 4096
   c.batch_size = 4096
@@ -49,19 +49,17 @@ def get_config(arg: str = 'B/16'):
   c.init_from = ''
 
   c.image_size = 224
-  c.data = ml_collections.ConfigDict(dict(
-      path='', name='', data_dir='', train_split='train', eval_split='val', num_classes=18_291,
-      shuffle_buffer=250_000, prefetch=2))
-  c.num_classes = c.data.get_ref('num_classes')
-  size, classes = c.get_ref('image_size').to_str(), c.data.get_ref('num_classes').to_str()
+  c.data.update(train_split='train', eval_split='val', shuffle_buffer=250_000)
+  c.num_classes = 18_291  # = data.num_classes (one value)
+  size, classes = c.get_ref('image_size').to_str(), c.get_ref('num_classes').to_str()
   c.pp_train = ('decode|inception_crop(' + size + ')|flip_lr|value_range(-1, 1)|onehot(' +
                 classes + ')')
   c.pp_eval = 'decode|resize(' + size + ')|value_range(-1, 1)|onehot(' + classes + ')'
 
-  c.model = dict(name=model_name, representation_size=width, classifier='token',
+  c.model.update(name=model_name, representation_size=width, classifier='token',
                  dtype='bfloat16', scan_layers=True, remat_policy=remat)
   c.loss = 'sigmoid_xent'
-  c.optimizer = dict(name='adam', b1=0.9, b2=0.999, weight_decay=0.1, grad_clip_norm=1.0)
-  c.schedule = dict(base_lr=base_lr, warmup_steps=10_000, decay_type='linear', end_lr=1e-5)
-  c.mesh = dict(data=-1, fsdp=fsdp, model=1)
+  c.optimizer.update(name='adam', b1=0.9, b2=0.999, weight_decay=0.1, grad_clip_norm=1.0)
+  c.schedule.update(base_lr=base_lr, warmup_steps=10_000, decay_type='linear', end_lr=1e-5)
+  c.mesh.fsdp = fsdp
   return c

@@ -4,11 +4,11 @@
 
 Expected: ~0.97 held-out accuracy on the 297 test digits (2 CPU cores, ~3 minutes).
 """
-import ml_collections
+from vit_jax.train import defaults
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
+  c = defaults.base_config()
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 64
@@ -21,14 +21,13 @@ def get_config():
 
   c.image_size = 16
   c.num_classes = 10
-  c.data = dict(name='sklearn_digits', data_dir='', train_split='train', eval_split='test',
-                cache=True, shuffle_buffer=2_000)
+  c.data.update(name='sklearn_digits', train_split='train', eval_split='test', cache=True,
+                shuffle_buffer=2_000)
   c.pp_train = ('decode|resize(16)|random_crop(16, pad=1)|value_range(-1, 1)|onehot(10)')
   c.pp_eval = 'decode|resize(16)|value_range(-1, 1)|onehot(10)'
 
-  c.model = dict(name='ViT-Ti_4', num_layers=4, classifier='token')
+  c.model.update(name='ViT-Ti_4', num_layers=4, classifier='token')
   c.loss = 'softmax_xent'
-  c.optimizer = dict(name='adamw', b1=0.9, b2=0.999, weight_decay=1e-4, grad_clip_norm=1.0)
-  c.schedule = dict(base_lr=1e-3, warmup_steps=100, decay_type='cosine')
-  c.mesh = dict(data=-1, fsdp=1, model=1)
+  c.optimizer.update(name='adamw', b1=0.9, b2=0.999, weight_decay=1e-4, grad_clip_norm=1.0)
+  c.schedule.update(base_lr=1e-3, warmup_steps=100, decay_type='cosine')
   return c

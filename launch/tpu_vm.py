@@ -315,10 +315,21 @@ def parse_args(argv):
 def main(argv=None):
   args, trainer_flags = parse_args(sys.argv[1:] if argv is None else argv)
   commands = plan(args, trainer_flags)
-  if (args.command in ('launch', 'create', 'run') and trainer_flags and args.accelerator_type
-      and not args.skip_fit_check):
-    fit_check(args.accelerator_type, trainer_flags)
+  ships = args.command in ('launch', 'setup')
+  checks_fit = (args.command in ('launch', 'create', 'run') and trainer_flags
+                and args.accelerator_type and not args.skip_fit_check)
   if args.dry_run:
+    # The plan is only worth reading if the real run will go through: say now what it refuses.
+    try:
+      dirty = uncommitted_files(PROJECT_ROOT) if ships else []
+    except SystemExit as e:  # not a git checkout: the real run stops there too
+      print(f'warning: {e}', file=sys.stderr)
+      dirty = []
+    if dirty:
+      print(f'warning: uncommitted changes in {PROJECT_ROOT}: the real run will refuse to ship '
+            f'them (setup ships git HEAD); commit or stash {", ".join(dirty)}', file=sys.stderr)
+    if checks_fit:
+      fit_check(args.accelerator_type, trainer_flags)
     for command in commands:
       print(shlex.join(command.argv))
       if command.wait_until_active:
@@ -328,9 +339,11 @@ def main(argv=None):
     raise SystemExit('gcloud not found on PATH: install the Google Cloud CLI '
                      '(https://cloud.google.com/sdk/docs/install), run `gcloud auth login`, '
                      'or pass --dry_run to print the commands instead')
-  if args.command in ('launch', 'setup') and (dirty := uncommitted_files(PROJECT_ROOT)):
+  if ships and (dirty := uncommitted_files(PROJECT_ROOT)):
     raise SystemExit(f'uncommitted changes in {PROJECT_ROOT} would not reach the workers '
                      f'(setup ships git HEAD): commit or stash {", ".join(dirty)}')
+  if checks_fit:  # after the quick refusals above: it compiles for a minute or more
+    fit_check(args.accelerator_type, trainer_flags)
   execute(commands)
 
 

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -30,3 +34,32 @@ def test_overrides_are_applied_with_types():
 def test_bad_key_is_an_error_naming_it():
   with pytest.raises(Exception, match='totl_steps'):
     _parse('--config.totl_steps=3')
+
+
+def _main(*overrides):
+  """`python -m vit_jax.main --config=configs/quickstart.py ... OVERRIDES`; fails in parsing."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', '--config=configs/quickstart.py',
+       '--workdir=/nonexistent/unused', *overrides],
+      cwd=repo, capture_output=True, text=True, timeout=120,
+      env=os.environ | {'VIT_JAX_HOST_TUNING': '0'})
+
+
+def test_misspelt_key_on_the_command_line_is_two_lines_naming_it_and_the_fix():
+  done = _main('--config.totl_steps=3')
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+      "--config.totl_steps: the config has no key 'totl_steps'.",
+      'Did you mean "total_steps" instead of "totl_steps"?']
+  done = _main('--config.model.depth=3')  # no close match: the keys it could be
+  assert done.stderr.strip().splitlines()[1].startswith(
+      'Keys under config.model: attention_dropout_rate, classifier,')
+
+
+def test_bad_value_on_the_command_line_is_absl_s_two_lines():
+  done = _main('--config.total_steps=abc')
+  assert done.returncode == 1 and 'Traceback' not in done.stderr
+  assert done.stderr.strip().splitlines() == [
+      "FATAL Flags parsing error: flag --config.total_steps=abc: invalid literal for int() with "
+      "base 10: 'abc'", 'Pass --helpshort or --helpfull to see help on flags.']

@@ -4,9 +4,13 @@ import importlib
 import os
 import re
 
+import jax.numpy as jnp
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
-from vit_jax.train import ssl_steps, steps, trainer
+from vit_jax.models import mae, vit
+from vit_jax.train import defaults, ssl_steps, steps, trainer
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
 DOCUMENTED_KEYS = ('total_steps', 'batch_size', 'seed', 'log_every', 'eval_every',
@@ -51,6 +55,84 @@ def test_unknown_preset_names_it():
   finetune = importlib.import_module('configs.finetune')
   with pytest.raises(ValueError, match='cifar11'):
     finetune.get_config('cifar11')
+
+
+# Every option README documents, as a user types it, with the value it must set.
+DOCUMENTED_OPTIONS = {
+    'total_steps': ('7', 7), 'batch_size': ('32', 32), 'seed': ('3', 3), 'log_every': ('5', 5),
+    'eval_every': ('0', 0), 'checkpoint_every': ('0', 0), 'init_from': ('/w/run', '/w/run'),
+    'mesh.data': ('2', 2), 'mesh.fsdp': ('2', 2), 'mesh.model': ('-1', -1),
+    'accum_steps': ('2', 2), 'task': ('mae', 'mae'), 'image_size': ('32', 32),
+    'data.name': ('cifar10', 'cifar10'), 'data.data_dir': ('/d', '/d'),
+    'data.train_split': ('train[:10]', 'train[:10]'), 'data.eval_split': ('test', 'test'),
+    'data.path': ('/records', '/records'), 'data.num_classes': ('12', 12),
+    'data.shuffle_buffer': ('100', 100), 'pp_train': ('decode', 'decode'),
+    'pp_eval': ('decode', 'decode'), 'schedule.base_lr': ('3e-3', 3e-3),
+    'schedule.warmup_steps': ('20', 20), 'fewshot.dataset': ('cifar100', 'cifar100'),
+    'fewshot.seeds': ('1', 1), 'model.name': ('ViT-S_4', 'ViT-S_4'),
+    'model.classifier': ('gap', 'gap'), 'model.posemb': ('sincos2d', 'sincos2d'),
+    'model.representation_size': ('8', 8), 'model.dropout_rate': ('0.1', 0.1),
+    'model.attention_dropout_rate': ('0.1', 0.1), 'model.stochastic_depth': ('0.1', 0.1),
+    'model.dtype': ('bfloat16', 'bfloat16'), 'model.param_dtype': ('float32', 'float32'),
+    'model.scan_layers': ('True', True), 'model.remat_policy': ('full', 'full'),
+    'model.mask_ratio': ('0.5', 0.5), 'model.decoder_width': ('64', 64),
+    'model.decoder_layers': ('1', 1), 'model.decoder_mlp_dim': ('128', 128),
+    'model.decoder_heads': ('2', 2), 'norm_pix_loss': ('True', True),
+    'model.corrupt_ratio': ('0.4', 0.4),
+}
+
+
+def _parse(spec, *overrides):
+  """`--config=SPEC --config.KEY=VALUE ...` through ml_collections' config_flags, as main does."""
+  argv = ['main', f'--config={spec}', *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, '', flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize('module,arg', list(_configs()))
+def test_every_documented_option_is_settable_from_the_command_line(module, arg):
+  spec = module.__file__ + (f':{arg}' if arg else '')
+  config = _parse(spec, *(f'--config.{k}={v}' for k, (v, _) in DOCUMENTED_OPTIONS.items()))
+  for key, (_, expected) in DOCUMENTED_OPTIONS.items():
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    assert value == expected, (key, value)
+
+
+def test_the_option_list_covers_readme_and_every_model_field():
+  fields = set()
+  for cls in (vit.VisionTransformer, mae.MaskedAutoencoder, mae.MaskedPatchPredictor):
+    fields |= set(cls.__dataclass_fields__) - {'parent', 'name', 'num_classes', 'resnet_layers'}
+  # A new model field must be declared in defaults.MODEL_OPTIONS to reach the configs.
+  assert fields == set(defaults.MODEL_OPTIONS)
+  with open(os.path.join(CONFIG_DIR, '..', 'README.md')) as f:
+    readme = f.read()
+  in_readme = set(re.findall(r'--config\.([\w.]+)=', readme)) - {'model.KEY'}
+  # README's model options paragraph ("Options (also `--config.model.KEY=VALUE`): ...").
+  paragraph = readme[readme.index('Options (also `--config.model.KEY=VALUE`)'):]
+  paragraph = paragraph[:paragraph.index('\n\n')]
+  in_readme |= {f'model.{name}' for name in re.findall(r'`(\w+)', paragraph) if name in fields}
+  assert {'model.scan_layers', 'model.remat_policy', 'init_from'} <= in_readme
+  assert in_readme <= set(DOCUMENTED_OPTIONS)
+
+
+def test_model_options_from_the_command_line_reach_the_model():
+  config = _parse(os.path.join(CONFIG_DIR, 'quickstart.py'), '--config.model.name=testing',
+                  '--config.model.scan_layers=True', '--config.model.remat_policy=full',
+                  '--config.model.dtype=bfloat16', '--config.model.posemb=sincos2d',
+                  '--config.model.dropout_rate=0.1', '--config.accum_steps=2')
+  training = trainer.build(config)
+  model = training.model
+  assert (model.scan_layers, model.remat_policy, model.posemb, model.dropout_rate,
+          model.num_layers) == (True, 'full', 'sincos2d', 0.1, 4)
+  assert model.dtype == jnp.bfloat16
+  transformer = training.abstract_state.params['Transformer']
+  assert transformer['encoderblock']['MlpBlock_3']['Dense_0']['kernel'].shape[0] == 4  # stacked
+  assert 'posembed_input' not in transformer  # sincos2d has no parameters
 
 
 @pytest.mark.parametrize('name', ['pretrain_i21k', 'pretrain_jft', 'finetune', 'mae_i1k'])

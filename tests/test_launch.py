@@ -377,3 +377,16 @@ def test_fit_check_refuses_naming_the_shortfall_and_a_fix(monkeypatch):
   assert str(refused.value) == (
       'the config does not fit on v4-8: it needs 46.71 GiB per device, 30.75 GiB are available. '
       'It fits with: --config.model.remat_policy=full --config.accum_steps=2')
+
+
+def test_dry_run_warns_that_the_real_run_refuses_uncommitted_files(tmp_path, monkeypatch, capsys):
+  subprocess.run(['git', 'init', '-q', str(tmp_path)], check=True)
+  monkeypatch.setattr(tpu_vm, 'PROJECT_ROOT', str(tmp_path))
+  tpu_vm.main([*LOCATION, '--accelerator_type=v4-8', '--dry_run', '--', *TRAINER_FLAGS])
+  assert 'warning' not in capsys.readouterr().err
+  (tmp_path / 'edited.py').write_text('x = 1\n')
+  tpu_vm.main([*LOCATION, '--accelerator_type=v4-8', '--dry_run', '--', *TRAINER_FLAGS])
+  printed = capsys.readouterr()
+  assert 'gcloud compute tpus tpu-vm create' in printed.out  # the plan is still shown
+  assert (f'warning: uncommitted changes in {tmp_path}: the real run will refuse to ship them '
+          '(setup ships git HEAD); commit or stash edited.py') in printed.err

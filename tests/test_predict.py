@@ -1,4 +1,7 @@
 """The predict command: top-k classes for PNG files, with labels."""
+import json
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -6,6 +9,7 @@ from absl import flags
 from PIL import Image
 
 from vit_jax import checkpoint, models, predict
+from vit_jax.models import mae
 
 
 def test_predict_top5_matches_the_model_on_pngs(tmp_path, capsys):
@@ -23,10 +27,12 @@ def test_predict_top5_matches_the_model_on_pngs(tmp_path, capsys):
   labels = [f'class_{c}' for c in range(7)]
   (tmp_path / 'labels.txt').write_text('\n'.join(labels) + '\n')
 
-  results = predict.predict(str(tmp_path / 'model.npz'), 'testing', paths, labels=labels)
+  results, skipped = predict.predict(str(tmp_path / 'model.npz'), 'testing', paths,
+                                     labels=labels)
+  assert not skipped
   # Independently: same pixels scaled to [-1, 1] (16x16 PNGs need no resize).
   probs = jax.nn.softmax(model.apply({'params': params}, pixels / 127.5 - 1.))
-  for top, row in zip(results, np.asarray(probs)):
+  for top, row in zip(results.values(), np.asarray(probs)):
     expected = np.argsort(-row)[:5]
     assert [c for c, _, _ in top] == list(expected)
     np.testing.assert_allclose([p for _, p, _ in top], row[expected], rtol=1e-4)
@@ -38,4 +44,69 @@ def test_predict_top5_matches_the_model_on_pngs(tmp_path, capsys):
   predict.main(argv)
   printed = capsys.readouterr().out.splitlines()
   assert printed[0] == paths[0] and len(printed) == 6
-  assert printed[1].split()[-1] == labels[results[0][0][0]]
+  assert printed[1].split()[-1] == labels[results[paths[0]][0][0]]
+
+
+def _run(argv, capsys):
+  """`python -m vit_jax.predict ARGV` in this process: (exit status, stdout, stderr)."""
+  flags.FLAGS.unparse_flags()
+  status = 0
+  try:
+    predict.main(flags.FLAGS(['predict'] + argv))
+  except SystemExit as e:
+    status = e.code if isinstance(e.code, int) else 1
+    if not isinstance(e.code, int):
+      print(e.code, file=sys.stderr)
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+def _pngs(tmp_path, n=2):
+  pixels = np.random.RandomState(1).randint(0, 256, (n, 16, 16, 3)).astype(np.uint8)
+  paths = [str(tmp_path / f'digit{i}.png') for i in range(n)]
+  for path, image in zip(paths, pixels):
+    Image.fromarray(image).save(path)
+  return pixels, paths
+
+
+def test_predict_resizes_position_embeddings_to_image_size(tmp_path):
+  model = models.get_model('testing', num_classes=4)
+  params = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 16, 16, 3)))['params'])
+  checkpoint.save_npz(params, str(tmp_path / 'model.npz'))
+  built, resized, size = predict.build(str(tmp_path / 'model.npz'), image_size=24)
+  assert size == 24 and built.num_layers == 2 and built.hidden_size == 16
+  posemb = params['Transformer']['posembed_input']['pos_embedding']
+  np.testing.assert_allclose(resized['Transformer']['posembed_input']['pos_embedding'],
+                             checkpoint.resize_posemb(posemb, 37))  # 6x6 patches + class token
+
+
+def test_predict_says_what_is_wrong_with_its_inputs(tmp_path, capsys):
+  encoder = mae.get_model('mae', 'testing')
+  mae_params = nn.unbox(encoder.init(jax.random.key(0), np.zeros((1, 16, 16, 3)))['params'])
+  checkpoint.save_npz(mae_params, str(tmp_path / 'mae.npz'))
+  _, paths = _pngs(tmp_path, 1)
+  status, _, err = _run([f'--checkpoint={tmp_path / "mae.npz"}', paths[0]], capsys)
+  assert status == 1 and 'has no classifier head' in err
+  assert 'self-supervised' in err and f'--config.init_from={tmp_path / "mae.npz"}' in err
+
+  status, _, err = _run([f'--checkpoint={tmp_path}', paths[0]], capsys)
+  assert status == 1
+  assert f'--checkpoint={tmp_path}: {tmp_path} is a directory without a complete' in err
+
+  missing = tmp_path / 'labels.txt'
+  status, _, err = _run([f'--checkpoint={tmp_path / "mae.npz"}', f'--labels={missing}',
+                         paths[0]], capsys)
+  assert status == 1
+  assert f'--labels={missing}: no such file, and no tfds dataset of that name' in err
+
+
+def test_imagenet_labels_are_class_names_not_wordnet_ids(tmp_path, monkeypatch):
+  # The class index as keras publishes it, already fetched into the cache.
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  (tmp_path / 'vit_jax').mkdir()
+  (tmp_path / 'vit_jax' / 'imagenet_class_index.json').write_text(json.dumps(
+      {'0': ['n01440764', 'tench'], '1': ['n01443537', 'goldfish'],
+       '999': ['n15075141', 'toilet_tissue']}))
+  names = predict.read_labels('imagenet2012')
+  assert len(names) == 1000
+  assert (names[0], names[1], names[999]) == ('tench', 'goldfish', 'toilet tissue')

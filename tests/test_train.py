@@ -1,5 +1,6 @@
 import functools
 import json
+import logging
 import os
 
 import jax
@@ -81,14 +82,17 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path):
+def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, caplog):
   workdir = str(tmp_path / 'run')
   config = quickstart_config
   config.total_steps = 3
   trainer.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3']
   config.total_steps = 6
-  last = trainer.train_and_evaluate(config, workdir)  # resumes from step 3
+  with caplog.at_level(logging.WARNING):
+    last = trainer.train_and_evaluate(config, workdir)  # resumes from step 3
+  # At WARNING, the level the command line shows.
+  assert f'resuming from {workdir}/checkpoints/3 (step 3 of 6)' in caplog.text
   lines = _metrics(workdir)
   train_steps = [m['step'] for m in lines if 'train_loss' in m]
   assert train_steps == [2, 3, 6]  # the first step after a (re)start is compile time, unlogged

@@ -1,8 +1,10 @@
 """Training checkpoints (Orbax) and released weights (vit_jax, big_vision, timm, HF) import/export."""
+import json
 import os
 
 from absl import logging
 import flax
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -59,20 +61,58 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state, step: int | No
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
+# Beside the checkpoints: the run's config, for programs that rebuild its model (predict).
+RUN_CONFIG = 'config.json'
+
+
+def write_run_config(workdir: str, config) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, RUN_CONFIG), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def read_run_config(path: str) -> dict:
+  """The config a training workdir was run with ({} for files, or runs from before it was kept)."""
+  config_path = os.path.join(path, RUN_CONFIG)
+  if not os.path.isfile(config_path):
+    return {}
+  with open(config_path, encoding='utf-8') as f:
+    return json.load(f)
+
+
 # --- released weights (vit_jax / big_vision .npz, timm / Hugging Face safetensors) -------------
 
 def _flatten(params) -> dict:
-  return {k: np.asarray(v) for k, v in
-          flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/').items()}
+  """{'a/b': leaf} of a params tree; leaves stay what they are (boxed, jax.Array, numpy)."""
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+
+
+def _is_box(leaf) -> bool:
+  return isinstance(leaf, nn.meta.AxisMetadata)  # nn.LogicallyPartitioned from model.init
+
+
+def _unbox(leaf):
+  return leaf.unbox() if _is_box(leaf) else leaf
+
+
+def _host_flat(params) -> dict:
+  """{'a/b': np.ndarray}: unboxed, fetched from the devices."""
+  return {k: np.asarray(jax.device_get(_unbox(v))) for k, v in _flatten(params).items()}
 
 
 def save_npz(params, path: str) -> None:
-  """Writes params in the released vit_jax layout: one array per '/'-joined key.
+  """Writes params in the released vit_jax layout: one float array per '/'-joined key.
 
-  Scanned blocks are written per layer (`encoderblock_{i}`), so other tools read the file.
+  `params`: unboxed or boxed (`model.init(...)['params']`), scanned or not, numpy or jax arrays.
+  Scanned blocks are written per layer (`encoderblock_{i}`) and bfloat16 as float32 (exact, and
+  every reader knows float32; numpy would store bfloat16 as opaque 2-byte records), so other
+  tools read the file.
   """
+  flat = {k: v.astype(np.float32) if v.dtype.kind == 'V' else v  # bfloat16 is kind 'V'
+          for k, v in _host_flat(params).items()}
   with open(path, 'wb') as f:
-    np.savez(f, **weight_formats.unscan(_flatten(jax.device_get(params))))
+    np.savez(f, **weight_formats.unscan(flat))
 
 
 def load(path: str, num_heads: int | None = None) -> dict:
@@ -94,15 +134,18 @@ def _restore_run_params(workdir: str) -> dict:
   """The params of the newest complete Orbax checkpoint under WORKDIR[/checkpoints], as numpy."""
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   ckpt_dir = ckpt_dir if os.path.isdir(ckpt_dir) else workdir
-  step = ocp.CheckpointManager(os.path.abspath(ckpt_dir)).latest_step()
+  # Read through a manager (not a PyTreeCheckpointer on `<step>/default`), which finds Orbax's
+  # metadata at the step level where the trainer's manager wrote it: no "Metadata file does
+  # not exist" warning.
+  manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir),
+                                  item_handlers=ocp.PyTreeCheckpointHandler())
+  step = manager.latest_step()
   if step is None:
-    raise ValueError(f'init_from={workdir!r} is a directory without a complete training '
-                     f'checkpoint under {ckpt_dir}')
-  item = os.path.join(os.path.abspath(ckpt_dir), str(step), 'default')
-  checkpointer = ocp.PyTreeCheckpointer()
-  params_meta = checkpointer.metadata(item).item_metadata.tree['params']
+    raise ValueError(f'{workdir} is a directory without a complete training checkpoint '
+                     f'(looked in {ckpt_dir})')
+  params_meta = manager.item_metadata(step).tree['params']
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
-  restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+  restored = manager.restore(step, args=ocp.args.PyTreeRestore(
       item={'params': params_meta}, restore_args={'params': restore_args}, partial_restore=True))
   return _flatten(restored['params'])
 
@@ -145,44 +188,64 @@ def _resize_to(key: str, value: np.ndarray, shape: tuple) -> np.ndarray:
   return value
 
 
-def load_pretrained(path: str, init_params, num_heads: int | None = None) -> dict:
+def _like(leaf, value: np.ndarray):
+  """`value` as the kind of array `leaf` is: a jax.Array with leaf's sharding (built per shard,
+  so it works when the array spans processes), else numpy; re-boxed where leaf is boxed."""
+  array = _unbox(leaf)
+  value = np.asarray(value).astype(array.dtype)
+  if isinstance(array, jax.Array):
+    value = jax.make_array_from_callback(value.shape, array.sharding, lambda index: value[index])
+  return leaf.replace_boxed(value) if _is_box(leaf) else value
+
+
+def load_pretrained(path: str, init_params, num_heads: int | None = None, *,
+                    new_head: bool = True):
   """Pretrained weights for transfer into the tree of `init_params`.
 
   `path`: anything `load` reads, or the workdir of an earlier run (its newest checkpoint). Head
-  (and pre_logits where the target has none) come from `init_params`; parts only pretraining uses
-  (an MAE decoder, masked patch prediction's mask embedding and head) are dropped; position embeddings (and
+  (and pre_logits where the target has none) come from `init_params` (with new_head=False they
+  must come from the checkpoint: predict); parts only pretraining uses (an MAE decoder, masked
+  patch prediction's mask embedding and head) are dropped; position embeddings (and
   relative-position biases) are resized to the target grid; every other leaf must match in name
   and shape. Scanned or not, on either side, is converted to the target's form.
+
+  `init_params` may be boxed (`model.init(...)['params']`) or not, numpy, jax arrays (sharded,
+  also across processes) or `jax.ShapeDtypeStruct`s (with new_head=False: every leaf is then
+  read); the result has the same kind of leaves (numpy for ShapeDtypeStructs), dtypes and
+  shardings.
   """
   target = _flatten(init_params)
-  scanned = weight_formats.is_scanned(target)
-  target = weight_formats.unscan(target)
+  shapes = {k: _unbox(v) for k, v in target.items()}  # .shape / .dtype, never fetched
+  scanned = weight_formats.is_scanned(shapes)
   if num_heads is None:
-    query = next((v for k, v in target.items() if k.endswith(
+    query = next((v for k, v in shapes.items() if k.endswith(
         weight_formats.ATTN + '/query/kernel')), None)
-    num_heads = None if query is None else query.shape[1]
-  loaded = _flatten(load(path, num_heads))
+    num_heads = None if query is None else query.shape[-2]  # (..., D, heads, D / heads)
+  loaded = _host_flat(load(path, num_heads))
+  if scanned:
+    loaded = weight_formats.scan(loaded)
+  fresh = ('head',) if new_head else ()
   merged, problems = {}, []
-  for key, value in target.items():
-    top = key.split('/')[0]
-    if top == 'head' or key not in loaded:
-      if top not in ('head', 'pre_logits'):
+  for key, leaf in target.items():
+    top, shape = key.split('/')[0], shapes[key].shape
+    if top in fresh or key not in loaded:
+      if top not in ('head', 'pre_logits') or not new_head:
         problems.append(f'missing in checkpoint: {key}')
-      merged[key] = value
+      merged[key] = leaf
       continue
     try:
-      restored = _resize_to(key, loaded[key], value.shape)
+      restored = _resize_to(key, loaded[key], shape)
     except ValueError as e:
       problems.append(f'{key}: {e}')
       continue
-    if restored.shape != value.shape:
-      problems.append(f'shape mismatch for {key}: checkpoint {restored.shape}, model {value.shape}')
-    merged[key] = restored.astype(value.dtype)
+    if restored.shape != tuple(shape):
+      problems.append(f'shape mismatch for {key}: checkpoint {restored.shape}, model {shape}')
+      continue
+    merged[key] = _like(leaf, restored)
   unused = sorted(k for k in loaded if k not in target and k.split('/')[0] not in
-                  ('head', 'pre_logits') + mae.PRETRAINING_ONLY)
+                  fresh + ('pre_logits',) + mae.PRETRAINING_ONLY)
   problems += [f'not in model: {k}' for k in unused]
   if problems:
     raise ValueError(f'cannot load {path} into this model:\n  ' + '\n  '.join(problems))
-  if scanned:
-    merged = weight_formats.scan(merged)
-  return flax.traverse_util.unflatten_dict(merged, sep='/')
+  tree = flax.traverse_util.unflatten_dict(merged, sep='/')
+  return flax.core.freeze(tree) if isinstance(init_params, flax.core.FrozenDict) else tree

@@ -47,13 +47,61 @@ BLOCK_LEAVES = tuple(
 _HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
 
 
+_ZIP_MAGIC = (b'PK\x03\x04', b'PK\x05\x06')  # a .npz is a zip archive of .npy files
+_NPY_MAGIC = b'\x93NUMPY'
+_EXPECTED = 'expected a .npz of named arrays (vit_jax / big_vision) or a .safetensors file'
+
+
+def _describe(head: bytes) -> str:
+  """What a file's first bytes look like, for error messages: empty, text or binary."""
+  if not head:
+    return 'an empty file'
+  if all(32 <= b < 127 or b in b'\t\r\n' for b in head):
+    return f'text starting {head[:40].decode().splitlines()[0]!r}'
+  return f'binary data starting {head[:12]!r}'
+
+
+def _is_safetensors(head: bytes) -> bool:
+  # 8-byte little-endian header length, then the JSON header.
+  return head[8:9] == b'{'
+
+
 def read_flat(path: str) -> dict:
-  """{name: np.ndarray} from a .npz or .safetensors file."""
-  if path.endswith('.safetensors'):
+  """{name: np.ndarray} from a .npz or .safetensors file (told apart by their first bytes).
+
+  Anything else raises a ValueError naming the file, what was expected and what it holds.
+  """
+  with open(path, 'rb') as f:
+    head = f.read(64)
+  if path.endswith('.safetensors') or _is_safetensors(head):
+    from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return dict(load_file(path))
+    try:
+      return dict(load_file(path))
+    except (SafetensorError, ValueError) as e:
+      raise ValueError(f'{path} is not a valid .safetensors file ({e}); found '
+                       f'{_describe(head)}') from None
+  if head.startswith(_NPY_MAGIC):
+    raise ValueError(f'{path} is a single .npy array; {_EXPECTED}')
+  if not head.startswith(_ZIP_MAGIC):
+    raise ValueError(f'{path} is not a weights file: {_EXPECTED}; found {_describe(head)}')
   with open(path, 'rb') as f, np.load(f, allow_pickle=False) as npz:
-    return {k: npz[k] for k in npz.files}
+    flat = {}
+    for key in npz.files:
+      try:
+        flat[key] = _numeric(npz[key])
+      except ValueError:  # object arrays (pickles, never loaded), members that are not .npy
+        raise ValueError(f'{path}: entry {key!r} is not a numeric array (it holds Python objects '
+                         'or is not .npy data); weights files hold numeric arrays only') from None
+    return flat
+
+
+def _numeric(value: np.ndarray) -> np.ndarray:
+  """np.savez writes bfloat16 as 2-byte void ('|V2'): those bytes are bfloat16 again."""
+  if value.dtype.kind == 'V' and value.dtype.itemsize == 2:
+    import ml_dtypes  # pylint: disable=g-import-not-at-top
+    return value.view(ml_dtypes.bfloat16)
+  return value
 
 
 def detect(flat: dict) -> str:

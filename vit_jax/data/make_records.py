@@ -22,6 +22,7 @@ import tensorflow as tf
 import tqdm
 from absl import app, flags
 
+from vit_jax import startup
 from vit_jax.data import sources
 
 
@@ -77,6 +78,12 @@ def _example(data: bytes, labels: list[int]) -> bytes:
   })).SerializeToString()
 
 
+# What decoders write on their own about a file that `_load` reports as unreadable.
+_DECODER_NOISE = ('Input file read error', 'Improper call to JPEG library', 'local_rendezvous.cc',
+                  'Invalid JPEG data', 'Corrupt JPEG data', 'Premature end of JPEG file',
+                  'libpng')
+
+
 def write_records(image_dir: str, labels_csv: str, output: str, num_shards: int,
                   split: str = 'train', num_classes: int = 0, log=sys.stderr) -> dict:
   """Writes the shards and SPLIT.json; returns the summary (also stored in SPLIT.json)."""
@@ -94,19 +101,26 @@ def write_records(image_dir: str, labels_csv: str, output: str, num_shards: int,
   shard_sizes = [0] * num_shards
   missing, corrupt, classes = [], [], set()
   workers = min(32, os.cpu_count() or 1)
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+  # The decoders' own complaints (libjpeg, TF's C++ logging) go to file descriptor 2 from the
+  # worker threads, through the progress bar: captured, and our one line per skipped file is
+  # said after the bar instead.
+  with startup.native_stderr_captured() as native, \
+      concurrent.futures.ThreadPoolExecutor(workers) as pool:
     loaded = pool.map(lambda row: _load(image_dir, row), rows)
+    bar_file = native.terminal if log is sys.stderr else log
     for line, name, labels, data, error in tqdm.tqdm(loaded, total=len(rows), unit='img',
-                                                     desc=f'{split} records', file=log):
+                                                     desc=f'{split} records', file=bar_file):
       if data is None:
         (missing if error == 'missing' else corrupt).append((line, name, error))
-        what = 'not found in ' + image_dir if error == 'missing' else f'unreadable ({error})'
-        tqdm.tqdm.write(f'{labels_csv}:{line}: skipping {name}: {what}', file=log)
         continue
       shard = sum(shard_sizes) % num_shards
       writers[shard].write(_example(data, labels))
       shard_sizes[shard] += 1
       classes.update(labels)
+  native.replay(noise=_DECODER_NOISE)
+  for line, name, error in sorted(missing + corrupt):
+    what = 'not found in ' + image_dir if error == 'missing' else f'unreadable ({error})'
+    print(f'{labels_csv}:{line}: skipping {name}: {what}', file=log)
   for w in writers:
     w.close()
   summary = {

@@ -85,7 +85,7 @@ class FewShotEvaluator:
         accuracies.append(fewshot.fewshot_accuracy(
             train_x[idx], train_y[idx], test_x, test_y, num_classes=num_classes,
             l2_reg=self.fs.get('l2_reg', 2.**10)))
-      results[f'fewshot_{self.fs.get("name", self.fs.dataset)}_{shots}shot'] = float(
+      results[f'fewshot_{self.fs.get("name") or self.fs.dataset}_{shots}shot'] = float(
           np.mean(accuracies))
     return results
 

@@ -44,13 +44,18 @@ class Progress:
 
   def __init__(self, total_steps: int, start_step: int):
     self.total_steps = total_steps
-    self.start_time = time.time()
-    self.start_step = start_step
+    self.start_time = self.clock_time = time.time()
+    self.clock_step = start_step
+
+  def restart_clock(self, step: int) -> None:
+    """The ETA's rate counts from here: called once the first step (compilation) is done."""
+    self.clock_time, self.clock_step = time.time(), step
 
   def line(self, step: int, metrics: dict) -> str:
-    elapsed = time.time() - self.start_time
-    steps_done = max(step - self.start_step, 1)
-    eta = elapsed / steps_done * (self.total_steps - step)
+    now = time.time()
+    elapsed = now - self.start_time
+    steps_done = max(step - self.clock_step, 1)
+    eta = (now - self.clock_time) / steps_done * (self.total_steps - step)
     parts = [f'step {step}/{self.total_steps}']
     parts += [f'{k} {v:.4g}' for k, v in metrics.items()]
     parts.append(f'elapsed {_duration(elapsed)}, ETA {_duration(eta)}')

@@ -1,15 +1,20 @@
 """Optax optimizers and learning-rate schedules from config."""
 import jax
 import optax
+from absl import logging
 
 
 def make_schedule(config) -> optax.Schedule:
   """Linear warmup to `base_lr`, then 'cosine', 'linear', 'rsqrt' or 'constant' decay."""
   s = config.schedule
   total, warmup = config.total_steps, s.get('warmup_steps', 0)
-  if warmup >= total:
-    raise ValueError(f'schedule.warmup_steps={warmup} must be below total_steps={total}')
   base_lr, end_lr = s.base_lr, s.get('end_lr', 0.)
+  if warmup >= total:
+    # A smoke run (total_steps=5 on a recipe with 100 or 10k warmup steps) should run, not fail:
+    # it warms up over the whole run, which is what its schedule asked for up to that step.
+    logging.warning('schedule.warmup_steps=%d >= total_steps=%d: warming up over all %d steps '
+                    '(no decay)', warmup, total, total)
+    return optax.linear_schedule(0., base_lr, total)
   decay_steps = total - warmup
   decay_type = s.get('decay_type', 'cosine')
   if decay_type == 'cosine':

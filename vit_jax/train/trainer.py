@@ -13,12 +13,12 @@ from absl import logging
 from vit_jax import checkpoint, models, sharding
 from vit_jax.data import pipeline
 from vit_jax.models import mae
-from vit_jax.train import (evaluators, metrics_log, optim, preemption, ssl_evaluators, ssl_steps,
-                           steps)
+from vit_jax.train import (defaults, evaluators, metrics_log, optim, preemption, ssl_evaluators,
+                           ssl_steps, steps)
 
 
 def build_model(config):
-  overrides = {k: v for k, v in config.model.items() if k != 'name'}
+  overrides = defaults.model_options(config.model)
   if _task(config) != 'classification':
     return mae.get_model(config.task, config.model.name, **overrides)
   return models.get_model(config.model.name, num_classes=config.num_classes, **overrides)
@@ -146,20 +146,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
                sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)) / 1e6)
 
   manager = checkpoint.make_manager(workdir, max_to_keep=config.get('keep_checkpoints', 3))
+  checkpoint.write_run_config(workdir, config)
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   resume_step = checkpoint.latest_complete_step(manager)
   if resume_step is not None:
-    logging.info('resuming from %s/checkpoints/%d', workdir, resume_step)
+    # WARNING: the level the CLI shows; a user must see that this run is not a fresh one.
+    logging.warning('resuming from %s/checkpoints/%d (step %d of %d)', workdir, resume_step,
+                    resume_step, config.total_steps)
     state = checkpoint.restore_state(manager, abstract_state, resume_step)
   else:
     state = init_fn(init_rng)
     if config.init_from:
       logging.info('initialising from %s', config.init_from)
-      params = checkpoint.load_pretrained(config.init_from, jax.device_get(state.params))
+      try:
+        params = checkpoint.load_pretrained(config.init_from, jax.device_get(state.params))
+      except (ValueError, FileNotFoundError) as e:  # they name the file: say which key gave it
+        raise ValueError(f'config.init_from: {e}') from None
       state = jax.jit(lambda p: steps.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                       out_shardings=state_sharding)(params)
   start_step = int(state.step)
+  if start_step >= config.total_steps:
+    logging.warning('%s is already at step %d of %d: nothing to train (raise total_steps to '
+                    'continue)', workdir, start_step, config.total_steps)
 
   train_step = jit_train_step(make_train_step(config, training, dropout_rng), training)
   if _task(config) == 'classification':
@@ -176,9 +185,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for step in range(start_step + 1, config.total_steps + 1):
     state, metrics = train_step(state, next(batches))
     pending.append(metrics)
-    if step == start_step + 1:  # leave compilation out of images_per_sec
+    if step == start_step + 1 and step < config.total_steps:
+      # Leave compilation out of images_per_sec and the ETA; a run of one step (nothing else
+      # to measure) logs it with compilation included.
       jax.block_until_ready(state)
       pending, interval_start, interval_step = [], time.time(), step
+      progress.restart_clock(step)
     if pending and _interval_hit(step, config.log_every, config.total_steps):
       fetched = jax.device_get(pending)
       _check_finite(fetched, step, workdir, manager)
