@@ -191,6 +191,9 @@ def test_readme_tpu_commands_print_their_plans():
     split = command.index('--') if '--' in command else len(command)
     if '--dry_run' not in command:
       command.insert(split, '--dry_run')
+    # Each would compile its config for the slice first (minutes for pretrain_i21k on a v4-64):
+    # tests/test_launch.py runs that check.
+    command.insert(split, '--skip_fit_check')
     done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, (command, done.stderr)
