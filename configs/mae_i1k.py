@@ -7,9 +7,9 @@
 lr = 1.5e-4 * batch / 256 with 40 warmup epochs, cosine decay; 75% masking, per-patch normalised
 pixel targets, a decoder of 8 blocks at width 512. The paper fine-tunes ViT-B to 83.6% top-1
 (100 epochs, not this config). Not run here: this needs a TPU pod slice or a multi-GPU node.
-Sized for a v4-32 (256 images per chip, bf16, scanned encoder with full remat; compiled figures
-in benchmarks/README.md). Without remat it needs 22.5 GiB per chip, more than a v5litepod-16's
-15.75; with it, 13.8 there (little headroom). Check a slice with `python -m vit_jax.aot
+Sized for a v4-32 (256 images per chip, bf16, scanned encoder with full remat: 17.7 of 30.75
+GiB per chip; compiled figures in benchmarks/README.md). A v5litepod-16 needs 22.5 GiB per chip
+without remat, more than its 15.75, and 13.8 with it (little headroom). Check a slice with `python -m vit_jax.aot
 --config=configs/mae_i1k.py --topology=...`.
 """
 from vit_jax.train import defaults
