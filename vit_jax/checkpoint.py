@@ -1,6 +1,4 @@
 """Training checkpoints (Orbax) and released weights (vit_jax, big_vision, timm, HF) import/export."""
-import os
-
 from absl import logging
 import flax
 import jax
@@ -8,7 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import scipy.ndimage
 
-from vit_jax import weight_formats
+from vit_jax import paths, weight_formats
 from vit_jax.models import mae
 
 
@@ -24,8 +22,7 @@ def make_manager(workdir: str, *, max_to_keep: int = 3, save_interval_steps: int
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
       enable_async_checkpointing=async_save, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options)
+  return ocp.CheckpointManager(paths.resolve(workdir) / 'checkpoints', options=options)
 
 
 def save_state(manager: ocp.CheckpointManager, step: int, state, *, force: bool = False) -> bool:
@@ -44,13 +41,29 @@ def latest_complete_step(manager: ocp.CheckpointManager) -> int | None:
   """
   steps = sorted(manager.all_steps(), reverse=True)
   for step in steps:
-    if os.path.exists(os.path.join(manager.directory, str(step), _STEP_METADATA)):
+    if (paths.resolve(manager.directory) / str(step) / _STEP_METADATA).exists():
       return step
     logging.warning('skipping incomplete checkpoint %s/%d', manager.directory, step)
   if steps:
     raise ValueError(f'{manager.directory} holds step directories {steps} but none is a complete '
                      'Orbax checkpoint; move them away to start from scratch')
   return None
+
+
+def _params_metadata(item):
+  """The params subtree of an Orbax item's metadata (shapes and dtypes, no arrays read)."""
+  return ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree['params']
+
+
+def flat_shapes(params) -> dict:
+  """{'/'-joined name: shape} of a params tree (arrays, ShapeDtypeStructs or Orbax metadata)."""
+  return {k: tuple(v.shape) for k, v in
+          flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/').items()}
+
+
+def saved_param_shapes(manager: ocp.CheckpointManager, step: int) -> dict:
+  """flat_shapes of the params a training checkpoint holds, read from its metadata only."""
+  return flat_shapes(_params_metadata(paths.resolve(manager.directory) / str(step) / 'default'))
 
 
 def restore_state(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
@@ -71,7 +84,7 @@ def save_npz(params, path: str) -> None:
 
   Scanned blocks are written per layer (`encoderblock_{i}`), so other tools read the file.
   """
-  with open(path, 'wb') as f:
+  with paths.resolve(path).open('wb') as f:
     np.savez(f, **weight_formats.unscan(_flatten(jax.device_get(params))))
 
 
@@ -83,7 +96,7 @@ def load(path: str, num_heads: int | None = None) -> dict:
   files do not record the number of heads: it is taken from the width of the named variants
   unless given. Unknown or missing keys raise, naming them.
   """
-  if os.path.isdir(path):
+  if paths.resolve(path).is_dir():
     flat = weight_formats.unscan(_restore_run_params(path))
   else:
     flat, _ = weight_formats.to_vit_jax(weight_formats.read_flat(path), path, num_heads)
@@ -92,15 +105,15 @@ def load(path: str, num_heads: int | None = None) -> dict:
 
 def _restore_run_params(workdir: str) -> dict:
   """The params of the newest complete Orbax checkpoint under WORKDIR[/checkpoints], as numpy."""
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  ckpt_dir = ckpt_dir if os.path.isdir(ckpt_dir) else workdir
-  step = ocp.CheckpointManager(os.path.abspath(ckpt_dir)).latest_step()
+  ckpt_dir = paths.resolve(workdir) / 'checkpoints'
+  ckpt_dir = ckpt_dir if ckpt_dir.is_dir() else paths.resolve(workdir)
+  step = ocp.CheckpointManager(ckpt_dir).latest_step()
   if step is None:
     raise ValueError(f'init_from={workdir!r} is a directory without a complete training '
                      f'checkpoint under {ckpt_dir}')
-  item = os.path.join(os.path.abspath(ckpt_dir), str(step), 'default')
+  item = ckpt_dir / str(step) / 'default'
   checkpointer = ocp.PyTreeCheckpointer()
-  params_meta = checkpointer.metadata(item).item_metadata.tree['params']
+  params_meta = _params_metadata(item)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
   restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
       item={'params': params_meta}, restore_args={'params': restore_args}, partial_restore=True))

@@ -8,11 +8,9 @@
 image size are read off the weights; --labels is a text file with one name per line or a tfds
 dataset name whose label names are used.
 """
-import os
-
 from absl import app, flags
 
-from vit_jax import host_tuning
+from vit_jax import host_tuning, paths
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Weights file or training workdir.')
 _MODEL = flags.DEFINE_string('model', None, "Model name, e.g. 'ViT-B_16' or 'R50+ViT-B_16'.")
@@ -56,21 +54,21 @@ def infer_image_size(model, params: dict) -> int:
 def read_labels(spec: str) -> list[str] | None:
   if not spec:
     return None
-  if os.path.exists(spec):
-    with open(spec) as f:
-      return [line.strip() for line in f if line.strip()]
+  if paths.resolve(spec).exists():
+    return [line.strip() for line in paths.resolve(spec).read_text().splitlines() if line.strip()]
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from vit_jax.data import sources  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   return list(tfds.builder(spec).info.features['label'].names)
 
 
-def load_images(paths: list[str], size: int):
+def load_images(image_paths: list[str], size: int):
   """Decoded, resized and scaled to [-1, 1] by the same ops as evaluation."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from vit_jax.data import ops  # pylint: disable=g-import-not-at-top
   preprocess = ops.get_preprocess_fn(f'decode|resize({size})|value_range(-1, 1)')
-  return np.stack([preprocess({'image': tf.io.read_file(p)})['image'].numpy() for p in paths])
+  return np.stack([preprocess({'image': tf.constant(paths.resolve(p).read_bytes())})['image'].numpy()
+                   for p in image_paths])
 
 
 def predict(checkpoint_path: str, model_name: str, image_paths: list[str], *, labels=None,

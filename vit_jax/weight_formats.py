@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 
+from vit_jax import paths
 from vit_jax.models.mae import PRETRAINING_ONLY
 
 BLOCK = 'Transformer/encoderblock_{i}/'
@@ -49,10 +50,10 @@ _HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
 
 def read_flat(path: str) -> dict:
   """{name: np.ndarray} from a .npz or .safetensors file."""
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return dict(load_file(path))
-  with open(path, 'rb') as f, np.load(f, allow_pickle=False) as npz:
+  if str(path).endswith('.safetensors'):
+    from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
+    return dict(load(paths.resolve(path).read_bytes()))
+  with paths.resolve(path).open('rb') as f, np.load(f, allow_pickle=False) as npz:
     return {k: npz[k] for k in npz.files}
 
 
