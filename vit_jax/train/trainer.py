@@ -13,8 +13,8 @@ from absl import logging
 from vit_jax import checkpoint, models, sharding
 from vit_jax.data import pipeline
 from vit_jax.models import mae
-from vit_jax.train import (evaluators, metrics_log, optim, preemption, ssl_evaluators, ssl_steps,
-                           steps)
+from vit_jax.train import (evaluators, metrics_log, optim, preemption, preflight, ssl_evaluators,
+                           ssl_steps, steps)
 
 
 def build_model(config):
@@ -116,11 +116,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info('mesh %s; model %s with %.2fM parameters', dict(mesh.shape), config.model.name,
                sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)) / 1e6)
 
+  preflight.check(config, workdir, model, mesh)  # before anything compiles
   manager = checkpoint.make_manager(workdir, max_to_keep=config.get('keep_checkpoints', 3))
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   resume_step = checkpoint.latest_complete_step(manager)
   if resume_step is not None:
+    preflight.check_workdir_model(manager, resume_step, abstract_state.params, workdir)
     logging.info('resuming from %s/checkpoints/%d', workdir, resume_step)
     state = checkpoint.restore_state(manager, abstract_state, resume_step)
   else:
