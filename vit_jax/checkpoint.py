@@ -79,13 +79,34 @@ def _flatten(params) -> dict:
           flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/').items()}
 
 
+def to_host(tree):
+  """numpy copies of a tree of arrays, on every process, also when they are sharded across
+  processes (FSDP spanning hosts), where device_get cannot reach the other hosts' shards: then
+  every process must call it (a collective)."""
+  if all(getattr(x, 'is_fully_addressable', True) for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def to_global(host_tree, shardings):
+  """Sharded jax.Arrays from numpy arrays that every process holds in full: each process places
+  only its own devices' slices (no device_get / device_put of non-addressable arrays)."""
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+      host_tree, shardings)
+
+
 def save_npz(params, path: str) -> None:
   """Writes params in the released vit_jax layout: one array per '/'-joined key.
 
   Scanned blocks are written per layer (`encoderblock_{i}`), so other tools read the file.
+  Sharded across processes, every process must call it; process 0 writes the file.
   """
-  with paths.resolve(path).open('wb') as f:
-    np.savez(f, **weight_formats.unscan(_flatten(jax.device_get(params))))
+  flat = weight_formats.unscan(_flatten(to_host(params)))
+  if jax.process_index() == 0:
+    with paths.resolve(path).open('wb') as f:
+      np.savez(f, **flat)
 
 
 def load(path: str, num_heads: int | None = None) -> dict:

@@ -129,7 +129,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = init_fn(init_rng)
     if config.init_from:
       logging.info('initialising from %s', config.init_from)
-      params = checkpoint.load_pretrained(config.init_from, jax.device_get(state.params))
+      # Params may be sharded across processes: merged on every host, then each host places
+      # only its own devices' slices.
+      params = checkpoint.load_pretrained(config.init_from, checkpoint.to_host(state.params))
+      params = checkpoint.to_global(params, state_sharding.params)
       state = jax.jit(lambda p: steps.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                       out_shardings=state_sharding)(params)
   start_step = int(state.step)
