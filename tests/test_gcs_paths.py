@@ -1,4 +1,4 @@
-"""gs:// paths against a GCS emulator on loopback: files, records, weights, checkpoints."""
+"""gs:// paths against a GCS emulator on loopback: logs, checkpoints, weights, record files."""
 import json
 import os
 
@@ -9,6 +9,7 @@ import numpy as np
 from etils import epath
 
 from vit_jax import checkpoint, models, paths, records_io
+from vit_jax.data import make_records, sources
 from vit_jax.train import metrics_log
 
 
@@ -50,3 +51,18 @@ def test_checkpoint_and_npz_roundtrip(gcs_bucket, tmp_path, monkeypatch):
       np.testing.assert_array_equal(a, b)
   assert not os.listdir(tmp_path)
   assert paths.is_remote(workdir) and not paths.is_remote(str(tmp_path))
+
+
+def test_make_records_on_gcs_and_read_them_back(gcs_bucket, tmp_path):
+  from tests import test_records  # pylint: disable=g-import-not-at-top
+  rows = test_records.write_multilabel_images(tmp_path / 'images', 3)
+  for name, _ in rows:  # the image folder and the CSV live in the bucket too
+    epath.Path(f'{gcs_bucket}/images/{name}').write_bytes((tmp_path / 'images' / name).read_bytes())
+  test_records.write_csv(tmp_path / 'labels.csv', rows)
+  epath.Path(f'{gcs_bucket}/labels.csv').write_text((tmp_path / 'labels.csv').read_text())
+  summary = make_records.write_records(f'{gcs_bucket}/images', f'{gcs_bucket}/labels.csv',
+                                       f'{gcs_bucket}/records', num_shards=2)
+  assert summary['num_examples'] == 3
+  source = sources.records_source(f'{gcs_bucket}/records', 'train', 0, 1)
+  labels = sorted(tuple(ex['label'].tolist()) for ex in source.dataset.as_numpy_iterator())
+  assert labels == sorted(tuple(l) for _, l in rows)
