@@ -42,7 +42,8 @@ def model_overrides(params: dict, posemb: str = '') -> dict:
 
 def infer_image_size(model, params: dict) -> int:
   """Pixels per token times the learned grid side (224 with no learned grid)."""
-  pixels = model.patch_size * (4 * 2**(len(model.resnet_layers) - 1) if model.resnet_layers else 1)
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  pixels = models.pixels_per_token(model)
   if 'posembed_input' in params['Transformer']:
     tokens = params['Transformer']['posembed_input']['pos_embedding'].shape[1]
     return int(round((tokens - (1 if 'cls' in params else 0))**0.5)) * pixels

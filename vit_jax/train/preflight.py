@@ -12,7 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
-from vit_jax import checkpoint, paths
+from vit_jax import checkpoint, models, paths
 from vit_jax.data import ops, sources
 
 
@@ -50,14 +50,8 @@ def _check_batch_sizes(config, mesh) -> None:
                              f'{max(count, value // count * count)}')
 
 
-def _pixels_per_token(model) -> int:
-  """Patch size on the image; a hybrid's ResNet stem shrinks the image before patching."""
-  resnet = getattr(model, 'resnet_layers', None)
-  return model.patch_size * (4 * 2**(len(resnet) - 1) if resnet else 1)
-
-
 def _check_image_size(config, model) -> None:
-  pixels = _pixels_per_token(model)
+  pixels = models.pixels_per_token(model)
   if config.image_size % pixels:
     raise PreflightError(
         f'image_size={config.image_size} is not a multiple of the patch size {pixels} of '
