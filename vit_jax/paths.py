@@ -26,6 +26,10 @@ def use_storage_emulator() -> None:
   os.environ.setdefault('TENSORSTORE_GCS_HTTP_URL', url)
   os.environ.setdefault('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'storage-emulator')
   os.environ.setdefault('EPATH_USE_TF', 'false')
+  # epath caches its TensorFlow check on first use: forget it, in case a gs:// path was used
+  # before the variable was set (a test fixture starting the emulator mid-session).
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  getattr(gpath._is_tf_installed, 'cache_clear', lambda: None)()  # pylint: disable=protected-access
   os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
   import fsspec  # pylint: disable=g-import-not-at-top
   fsspec.config.conf.setdefault('gcs', {})['use_listings_cache'] = False
