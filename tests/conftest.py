@@ -45,3 +45,24 @@ def quickstart_config(tfds_data_dir):
   config.schedule.warmup_steps = 1
   return config
 
+
+
+@pytest.fixture(scope='session')
+def gcs_bucket():
+  """'gs://test-bucket' on a GCS emulator serving on loopback for the whole session.
+
+  Only STORAGE_EMULATOR_HOST is set, as a user would; vit_jax.paths points the libraries that do
+  not read it at the emulator (in this process and, through the environment, in subprocesses).
+  """
+  from tests import gcs_emulator  # pylint: disable=g-import-not-at-top
+  from vit_jax import paths  # pylint: disable=g-import-not-at-top
+  server, url = gcs_emulator.start('test-bucket')
+  saved = dict(os.environ)
+  os.environ[paths.EMULATOR_VARIABLE] = url
+  paths.use_storage_emulator()
+  try:
+    yield 'gs://test-bucket'
+  finally:
+    os.environ.clear()
+    os.environ.update(saved)
+    server.stop()

@@ -5,11 +5,15 @@ import socket
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from tests import test_sharding
+from vit_jax import checkpoint, models
+from vit_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,14 +24,40 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def fine_tune_config(config, init_from: str):
+  """One fine-tuning step with the parameters sharded over all 8 devices (both processes').
+
+  At learning rate 0 the exported weights are exactly what init_from gave the run: the merge of
+  the loaded weights into the sharded state and the export are compared, not the training."""
+  config = config.copy_and_resolve_references()
+  config.mesh = dict(data=1, fsdp=8, model=1)
+  config.schedule = dict(base_lr=0., warmup_steps=0, decay_type='constant')
+  config.update(dict(total_steps=1, checkpoint_every=1, init_from=init_from))
+  config.data.eval_split = ''
+  return config
+
+
+def fine_tune_and_export(config, workdir: str, export: str) -> bool:
+  """Trains `config` in `workdir` and exports its params; True if they spanned processes."""
+  trainer.train_and_evaluate(config, workdir)
+  state = checkpoint.restore_state(checkpoint.make_manager(workdir),
+                                   trainer.build(config).abstract_state)
+  checkpoint.save_npz(state.params, export)
+  return not any(x.is_fully_addressable for x in jax.tree.leaves(state.params))
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_and_checkpoint_together(tmp_path, tfds_data_dir):
   tfds.builder('sklearn_digits', data_dir=tfds_data_dir).download_and_prepare()  # once, here
+  pretrained = str(tmp_path / 'pretrained.npz')
+  model = models.get_model('testing', num_classes=10)
+  checkpoint.save_npz(nn.unbox(model.init(jax.random.key(7), np.zeros((1, 16, 16, 3)),
+                                          train=False)['params']), pretrained)
   address = f'127.0.0.1:{_free_port()}'
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   workers = [subprocess.Popen(
       [sys.executable, os.path.join(REPO, 'tests', 'multihost_worker.py'), address, '2', str(i),
-       str(tmp_path), tfds_data_dir], cwd=REPO, env=env, stdout=subprocess.PIPE,
+       str(tmp_path), tfds_data_dir, pretrained], cwd=REPO, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outputs = []
   try:
@@ -54,3 +84,16 @@ def test_two_processes_match_one_and_checkpoint_together(tmp_path, tfds_data_dir
   assert [m['step'] for m in lines if 'train_loss' in m] == [2]
   assert [m['step'] for m in lines if 'val_accuracy' in m] == [2]
   assert sorted(os.listdir(tmp_path / 'trainer' / 'checkpoints')) == ['2']
+
+  # Fine-tuning with FSDP spanning both processes, from an .npz and from the 2-process run's
+  # workdir, exports what one process makes of the same weights (load_pretrained on the host).
+  assert results[0]['fine_tuned_params_span_processes'] == [True, True]
+  init_params = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 16, 16, 3)),
+                                    train=False)['params'])
+  for name, source in (('from_npz', pretrained), ('from_workdir', str(tmp_path / 'trainer'))):
+    expected = checkpoint.load_pretrained(source, init_params)
+    exported = checkpoint.load(str(tmp_path / f'{name}.npz'))
+    assert jax.tree.structure(exported) == jax.tree.structure(expected)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(exported)[0],
+                            jax.tree.leaves(expected)):
+      np.testing.assert_array_equal(a, b, err_msg=f'{name} {path}')

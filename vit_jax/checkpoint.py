@@ -1,6 +1,5 @@
 """Training checkpoints (Orbax) and released weights (vit_jax, big_vision, timm, HF) import/export."""
 import json
-import os
 
 from absl import logging
 import flax
@@ -10,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import scipy.ndimage
 
-from vit_jax import weight_formats
+from vit_jax import paths, weight_formats
 from vit_jax.models import mae
 
 
@@ -26,8 +25,7 @@ def make_manager(workdir: str, *, max_to_keep: int = 3, save_interval_steps: int
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
       enable_async_checkpointing=async_save, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options)
+  return ocp.CheckpointManager(paths.resolve(workdir) / 'checkpoints', options=options)
 
 
 def save_state(manager: ocp.CheckpointManager, step: int, state, *, force: bool = False) -> bool:
@@ -46,13 +44,29 @@ def latest_complete_step(manager: ocp.CheckpointManager) -> int | None:
   """
   steps = sorted(manager.all_steps(), reverse=True)
   for step in steps:
-    if os.path.exists(os.path.join(manager.directory, str(step), _STEP_METADATA)):
+    if (paths.resolve(manager.directory) / str(step) / _STEP_METADATA).exists():
       return step
     logging.warning('skipping incomplete checkpoint %s/%d', manager.directory, step)
   if steps:
     raise ValueError(f'{manager.directory} holds step directories {steps} but none is a complete '
                      'Orbax checkpoint; move them away to start from scratch')
   return None
+
+
+def _params_metadata(item):
+  """The params subtree of an Orbax item's metadata (shapes and dtypes, no arrays read)."""
+  return ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree['params']
+
+
+def flat_shapes(params) -> dict:
+  """{'/'-joined name: shape} of a params tree (arrays, ShapeDtypeStructs or Orbax metadata)."""
+  return {k: tuple(v.shape) for k, v in
+          flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/').items()}
+
+
+def saved_param_shapes(manager: ocp.CheckpointManager, step: int) -> dict:
+  """flat_shapes of the params a training checkpoint holds, read from its metadata only."""
+  return flat_shapes(_params_metadata(paths.resolve(manager.directory) / str(step) / 'default'))
 
 
 def restore_state(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
@@ -67,18 +81,17 @@ RUN_CONFIG = 'config.json'
 
 def write_run_config(workdir: str, config) -> None:
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, RUN_CONFIG), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    directory = paths.resolve(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / RUN_CONFIG).write_text(config.to_json_best_effort(indent=2))
 
 
 def read_run_config(path: str) -> dict:
   """The config a training workdir was run with ({} for files, or runs from before it was kept)."""
-  config_path = os.path.join(path, RUN_CONFIG)
-  if not os.path.isfile(config_path):
+  config_path = paths.resolve(path) / RUN_CONFIG
+  if not config_path.is_file():
     return {}
-  with open(config_path, encoding='utf-8') as f:
-    return json.load(f)
+  return json.loads(config_path.read_text())
 
 
 # --- released weights (vit_jax / big_vision .npz, timm / Hugging Face safetensors) -------------
@@ -97,8 +110,27 @@ def _unbox(leaf):
 
 
 def _host_flat(params) -> dict:
-  """{'a/b': np.ndarray}: unboxed, fetched from the devices."""
-  return {k: np.asarray(jax.device_get(_unbox(v))) for k, v in _flatten(params).items()}
+  """{'a/b': np.ndarray}: unboxed, fetched from the devices (from every process's devices when
+  the arrays span processes: then every process must call it)."""
+  return {k: np.asarray(v) for k, v in _flatten(to_host(nn.unbox(params))).items()}
+
+
+def to_host(tree):
+  """numpy copies of a tree of arrays, on every process, also when they are sharded across
+  processes (FSDP spanning hosts), where device_get cannot reach the other hosts' shards: then
+  every process must call it (a collective)."""
+  if all(getattr(x, 'is_fully_addressable', True) for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def to_global(host_tree, shardings):
+  """Sharded jax.Arrays from numpy arrays that every process holds in full: each process places
+  only its own devices' slices (no device_get / device_put of non-addressable arrays)."""
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+      host_tree, shardings)
 
 
 def save_npz(params, path: str) -> None:
@@ -107,12 +139,13 @@ def save_npz(params, path: str) -> None:
   `params`: unboxed or boxed (`model.init(...)['params']`), scanned or not, numpy or jax arrays.
   Scanned blocks are written per layer (`encoderblock_{i}`) and bfloat16 as float32 (exact, and
   every reader knows float32; numpy would store bfloat16 as opaque 2-byte records), so other
-  tools read the file.
+  tools read the file. Sharded across processes, every process must call it; process 0 writes.
   """
   flat = {k: v.astype(np.float32) if v.dtype.kind == 'V' else v  # bfloat16 is kind 'V'
           for k, v in _host_flat(params).items()}
-  with open(path, 'wb') as f:
-    np.savez(f, **weight_formats.unscan(flat))
+  if jax.process_index() == 0:
+    with paths.resolve(path).open('wb') as f:
+      np.savez(f, **weight_formats.unscan(flat))
 
 
 def load(path: str, num_heads: int | None = None) -> dict:
@@ -123,7 +156,7 @@ def load(path: str, num_heads: int | None = None) -> dict:
   files do not record the number of heads: it is taken from the width of the named variants
   unless given. Unknown or missing keys raise, naming them.
   """
-  if os.path.isdir(path):
+  if paths.resolve(path).is_dir():
     flat = weight_formats.unscan(_restore_run_params(path))
   else:
     flat, _ = weight_formats.to_vit_jax(weight_formats.read_flat(path), path, num_heads)
@@ -132,13 +165,12 @@ def load(path: str, num_heads: int | None = None) -> dict:
 
 def _restore_run_params(workdir: str) -> dict:
   """The params of the newest complete Orbax checkpoint under WORKDIR[/checkpoints], as numpy."""
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  ckpt_dir = ckpt_dir if os.path.isdir(ckpt_dir) else workdir
+  ckpt_dir = paths.resolve(workdir) / 'checkpoints'
+  ckpt_dir = ckpt_dir if ckpt_dir.is_dir() else paths.resolve(workdir)
   # Read through a manager (not a PyTreeCheckpointer on `<step>/default`), which finds Orbax's
   # metadata at the step level where the trainer's manager wrote it: no "Metadata file does
   # not exist" warning.
-  manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir),
-                                  item_handlers=ocp.PyTreeCheckpointHandler())
+  manager = ocp.CheckpointManager(ckpt_dir, item_handlers=ocp.PyTreeCheckpointHandler())
   step = manager.latest_step()
   if step is None:
     raise ValueError(f'{workdir} is a directory without a complete training checkpoint '

@@ -1,7 +1,7 @@
 """Entry point: python -m vit_jax.main --config=configs/quickstart.py --workdir=DIR."""
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vit_jax import host_tuning, startup
@@ -63,9 +63,11 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  startup.start_jax()
-  from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  from vit_jax.train import preflight, trainer  # pylint: disable=g-import-not-at-top
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except preflight.PreflightError as e:  # the message is the whole story: no traceback
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

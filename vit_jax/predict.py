@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from vit_jax import host_tuning, startup
+from vit_jax import host_tuning, paths, startup
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Weights file or training workdir.')
 _MODEL = flags.DEFINE_string('model', None, "Model name, e.g. 'ViT-B_16'; optional: the weights "
@@ -66,7 +66,8 @@ def architecture(params: dict) -> dict:
 
 def infer_image_size(model, params: dict) -> int | None:
   """Pixels per token times the learned grid side; None where the weights hold no grid."""
-  pixels = model.patch_size * (4 * 2**(len(model.resnet_layers) - 1) if model.resnet_layers else 1)
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  pixels = models.pixels_per_token(model)
   if 'posembed_input' in params['Transformer']:
     tokens = params['Transformer']['posembed_input']['pos_embedding'].shape[1]
     return int(round((tokens - (1 if 'cls' in params else 0))**0.5)) * pixels
@@ -138,9 +139,8 @@ def read_labels(spec: str) -> list[str] | None:
   """Label names from a text file (one per line) or a tfds dataset name; None for ''."""
   if not spec:
     return None
-  if os.path.isfile(spec):
-    with open(spec) as f:
-      return [line.strip() for line in f if line.strip()]
+  if paths.resolve(spec).is_file():
+    return [line.strip() for line in paths.resolve(spec).read_text().splitlines() if line.strip()]
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from vit_jax.data import sources  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   if spec not in tfds.list_builders():
@@ -148,7 +148,7 @@ def read_labels(spec: str) -> list[str] | None:
   return _names_for_wordnet_ids(list(tfds.builder(spec).info.features['label'].names))
 
 
-def load_images(paths: list[str], size: int):
+def load_images(image_paths: list[str], size: int):
   """(images, the paths they came from, {path: why skipped}): decoded, resized and scaled to
   [-1, 1] by evaluation's ops; files that are missing or not images are skipped, not fatal."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -156,12 +156,15 @@ def load_images(paths: list[str], size: int):
   from vit_jax.data import ops  # pylint: disable=g-import-not-at-top
   preprocess = ops.get_preprocess_fn(f'decode|resize({size})|value_range(-1, 1)')
   images, kept, skipped = [], [], {}
-  for path in paths:
+  for path in image_paths:
     try:
-      images.append(preprocess({'image': tf.io.read_file(path)})['image'].numpy())
-      kept.append(path)
-    except tf.errors.NotFoundError:
+      data = paths.resolve(path).read_bytes()
+    except FileNotFoundError:
       skipped[path] = 'no such file'
+      continue
+    try:
+      images.append(preprocess({'image': tf.constant(data)})['image'].numpy())
+      kept.append(path)
     except tf.errors.InvalidArgumentError as e:
       # TF's eager message without its op wrapping: "{{function_node ...}} WHY [Op:DecodeImage]".
       why = re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:.*$', '', e.message.splitlines()[0])

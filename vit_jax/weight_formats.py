@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 
+from vit_jax import paths
 from vit_jax.models.mae import PRETRAINING_ONLY
 
 BLOCK = 'Transformer/encoderblock_{i}/'
@@ -71,13 +72,13 @@ def read_flat(path: str) -> dict:
 
   Anything else raises a ValueError naming the file, what was expected and what it holds.
   """
-  with open(path, 'rb') as f:
+  with paths.resolve(path).open('rb') as f:
     head = f.read(64)
-  if path.endswith('.safetensors') or _is_safetensors(head):
+  if str(path).endswith('.safetensors') or _is_safetensors(head):
     from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
     try:
-      return dict(load_file(path))
+      return dict(load(paths.resolve(path).read_bytes()))
     except (SafetensorError, ValueError) as e:
       raise ValueError(f'{path} is not a valid .safetensors file ({e}); found '
                        f'{_describe(head)}') from None
@@ -85,7 +86,7 @@ def read_flat(path: str) -> dict:
     raise ValueError(f'{path} is a single .npy array; {_EXPECTED}')
   if not head.startswith(_ZIP_MAGIC):
     raise ValueError(f'{path} is not a weights file: {_EXPECTED}; found {_describe(head)}')
-  with open(path, 'rb') as f, np.load(f, allow_pickle=False) as npz:
+  with paths.resolve(path).open('rb') as f, np.load(f, allow_pickle=False) as npz:
     flat = {}
     for key in npz.files:
       try:

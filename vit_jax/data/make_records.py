@@ -13,6 +13,7 @@ even) and OUT/SPLIT.json (shard sizes, number of classes, what was skipped).
 """
 import concurrent.futures
 import csv
+import io
 import json
 import os
 import re
@@ -22,14 +23,14 @@ import tensorflow as tf
 import tqdm
 from absl import app, flags
 
-from vit_jax import startup
+from vit_jax import paths, records_io, startup
 from vit_jax.data import sources
 
 
 def read_labels_csv(path: str) -> list[tuple[int, str, list[int]]]:
   """(line number, image, class ids) per row; a malformed row is an error naming its line."""
   rows = []
-  with open(path, newline='', encoding='utf-8') as f:
+  with io.StringIO(paths.resolve(path).read_text(encoding='utf-8'), newline='') as f:
     reader = csv.reader(f)
     header = next(reader, None)
     if header is None or [h.strip() for h in header] != ['image', 'labels']:
@@ -62,11 +63,10 @@ def decode_error(data: bytes) -> str | None:
 
 def _load(image_dir: str, row):
   line, name, labels = row
-  path = os.path.join(image_dir, name)
-  if not os.path.isfile(path):
+  path = paths.resolve(image_dir) / name
+  if not path.is_file():
     return line, name, labels, None, 'missing'
-  with open(path, 'rb') as f:
-    data = f.read()
+  data = path.read_bytes()
   error = decode_error(data)
   return line, name, labels, (None if error else data), error
 
@@ -89,15 +89,18 @@ def write_records(image_dir: str, labels_csv: str, output: str, num_shards: int,
   """Writes the shards and SPLIT.json; returns the summary (also stored in SPLIT.json)."""
   if num_shards < 1:
     raise ValueError(f'num_shards={num_shards} must be >= 1')
+  if not paths.resolve(image_dir).is_dir():
+    raise FileNotFoundError(f'--image_dir={image_dir}: no such folder (the CSV\'s image paths are '
+                            'relative to it)')
   rows = read_labels_csv(labels_csv)
   max_label = max((max(labels) for _, _, labels in rows), default=-1)
   if num_classes and max_label >= num_classes:
     line = next(line for line, _, labels in rows if max(labels) >= num_classes)
     raise ValueError(f'{labels_csv}:{line}: class id {max_label} >= num_classes={num_classes}')
-  os.makedirs(output, exist_ok=True)
-  paths = [os.path.join(output, sources.record_file_name(split, i, num_shards))
-           for i in range(num_shards)]
-  writers = [tf.io.TFRecordWriter(p) for p in paths]
+  paths.resolve(output).mkdir(parents=True, exist_ok=True)
+  writers = [records_io.writer(
+      paths.resolve(output) / sources.record_file_name(split, i, num_shards))
+             for i in range(num_shards)]
   shard_sizes = [0] * num_shards
   missing, corrupt, classes = [], [], set()
   workers = min(32, os.cpu_count() or 1)
@@ -130,8 +133,7 @@ def write_records(image_dir: str, labels_csv: str, output: str, num_shards: int,
       'skipped': [{'line': line, 'image': name, 'error': error}
                   for line, name, error in missing + corrupt],
   }
-  with open(sources.record_info_path(output, split), 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=1)
+  paths.resolve(sources.record_info_path(output, split)).write_text(json.dumps(summary, indent=1))
   print(f'wrote {summary["num_examples"]} images to {output}/'
         f'{sources.record_file_name(split, 0, num_shards).replace("00000-", "*-")}; '
         f'skipped {len(missing) + len(corrupt)} ({len(missing)} missing, {len(corrupt)} '

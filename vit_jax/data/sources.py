@@ -8,6 +8,7 @@ import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import paths, records_io
 from vit_jax.data import digits, shapes  # noqa: F401  (register sklearn_digits, synthetic_shapes)
 
 
@@ -57,26 +58,36 @@ def record_file_name(split: str, shard: int, num_shards: int) -> str:
 
 
 def record_info_path(path: str, split: str) -> str:
-  return os.path.join(path, f'{split}.json')
+  return str(paths.resolve(path) / f'{split}.json')
 
 
 def read_record_info(path: str, split: str) -> dict:
   """The summary make_records writes beside the files: shard sizes, classes, skipped images."""
   info_path = record_info_path(path, split)
-  if not tf.io.gfile.exists(info_path):
+  if not paths.resolve(info_path).exists():
     raise FileNotFoundError(
         f'no records for split {split!r} in {path} ({info_path} is missing); write them with '
         f'python -m vit_jax.data.make_records --output={path} --split={split} ...')
-  with tf.io.gfile.GFile(info_path) as f:
-    info = json.load(f)
+  info = json.loads(paths.resolve(info_path).read_text())
   num_shards = len(info['shard_sizes'])
-  files = [os.path.join(path, record_file_name(split, i, num_shards)) for i in range(num_shards)]
-  missing = [f for f in files if not tf.io.gfile.exists(f)]
+  files = [str(paths.resolve(path) / record_file_name(split, i, num_shards))
+           for i in range(num_shards)]
+  missing = [f for f in files if not paths.resolve(f).exists()]
   if missing:
     raise FileNotFoundError(f'{info_path} lists {num_shards} shards but {missing[0]} is missing '
                             f'({len(missing)} missing in all)')
   info['files'] = files
   return info
+
+
+def _record_reader(path: str):
+  """file name tensor -> its records: TensorFlow's reader, or for gs:// under a GCS emulator
+  (which TensorFlow's GCS filesystem cannot reach) the same records read through epath."""
+  if not (paths.is_remote(path) and os.environ.get(paths.EMULATOR_VARIABLE)):
+    return tf.data.TFRecordDataset
+  return lambda file: tf.data.Dataset.from_generator(
+      lambda name: records_io.read(name.decode()), args=(file,),
+      output_signature=tf.TensorSpec([], tf.string))
 
 
 def _parse_record(serialized):
@@ -100,11 +111,12 @@ def records_source(path: str, split: str, process_index: int | None = None,
     mine = files[process_index::process_count]
     shares = [sum(sizes[i::process_count]) for i in range(process_count)]
     ds = tf.data.Dataset.from_tensor_slices(mine).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(mine), 16), block_length=1,
+        _record_reader(path), cycle_length=min(len(mine), 16), block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   else:
     total = sum(sizes)
     shares = [len(range(i, total, process_count)) for i in range(process_count)]
-    ds = tf.data.TFRecordDataset(files).shard(process_count, process_index)
+    ds = tf.data.Dataset.from_tensor_slices(files).flat_map(_record_reader(path)).shard(
+        process_count, process_index)
   ds = ds.map(_parse_record, num_parallel_calls=tf.data.AUTOTUNE)
   return Source(ds, shares[process_index], max(shares), info.get('num_classes'))

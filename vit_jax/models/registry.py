@@ -78,3 +78,9 @@ def get_model(name: str, num_classes=1000, **overrides) -> vit.VisionTransformer
   if kwargs.get('resnet_layers') is not None:
     kwargs['resnet_layers'] = tuple(kwargs['resnet_layers'])  # configs may hold lists
   return vit.VisionTransformer(num_classes=num_classes, **kwargs)
+
+
+def pixels_per_token(model) -> int:
+  """Image pixels per token side: the patch size, times a hybrid ResNet stem's downsampling."""
+  resnet = getattr(model, 'resnet_layers', None)
+  return model.patch_size * (4 * 2**(len(resnet) - 1) if resnet else 1)

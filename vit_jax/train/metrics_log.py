@@ -1,10 +1,11 @@
 """metrics.jsonl + TensorBoard events (process 0 only) and the console progress line."""
 import json
-import os
 import time
 
 import jax
-from clu import metric_writers
+
+from vit_jax import paths
+from vit_jax.train import tb_events
 
 
 class MetricsLog:
@@ -12,11 +13,10 @@ class MetricsLog:
 
   def __init__(self, workdir: str):
     self.is_writer = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = paths.resolve(workdir) / 'metrics.jsonl'
     if self.is_writer:
-      os.makedirs(workdir, exist_ok=True)
-      self._file = open(self.path, 'a', encoding='utf-8')
-      self._tb = metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._file = paths.AppendFile(self.path)
+      self._tb = tb_events.EventWriter(paths.resolve(workdir) / 'tensorboard')
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.is_writer:

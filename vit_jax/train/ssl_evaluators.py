@@ -1,12 +1,11 @@
 """Evaluation for self-supervised pretraining: the objective over the eval split, and for MAE a
 PNG grid (original / masked / reconstruction) in the workdir at each evaluation."""
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
-from vit_jax import sharding
+from vit_jax import paths, sharding
 from vit_jax.data import pipeline
 from vit_jax.models import mae
 from vit_jax.train import evaluators, ssl_steps, visualize
@@ -76,7 +75,7 @@ class MaeEvaluator(SelfSupervisedEvaluator):
     self._first = jax.jit(lambda x: x[:num_images], out_shardings=sharding.replicated(mesh))
 
   def path(self, step: int) -> str:
-    return os.path.join(self.workdir, f'mae_recon_{step}.png')
+    return str(paths.resolve(self.workdir) / f'mae_recon_{step}.png')
 
   def run(self, params, step: int) -> dict:
     result = super().run(params, step)

@@ -13,8 +13,8 @@ from absl import logging
 from vit_jax import checkpoint, models, sharding
 from vit_jax.data import pipeline
 from vit_jax.models import mae
-from vit_jax.train import (defaults, evaluators, metrics_log, optim, preemption, ssl_evaluators,
-                           ssl_steps, steps)
+from vit_jax.train import (defaults, evaluators, metrics_log, optim, preemption, preflight,
+                           ssl_evaluators, ssl_steps, steps)
 
 
 def build_model(config):
@@ -145,12 +145,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info('mesh %s; model %s with %.2fM parameters', dict(mesh.shape), config.model.name,
                sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)) / 1e6)
 
+  preflight.check(config, workdir, model, mesh)  # before anything compiles
   manager = checkpoint.make_manager(workdir, max_to_keep=config.get('keep_checkpoints', 3))
   checkpoint.write_run_config(workdir, config)
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   resume_step = checkpoint.latest_complete_step(manager)
   if resume_step is not None:
+    preflight.check_workdir_model(manager, resume_step, abstract_state.params, workdir)
     # WARNING: the level the CLI shows; a user must see that this run is not a fresh one.
     logging.warning('resuming from %s/checkpoints/%d (step %d of %d)', workdir, resume_step,
                     resume_step, config.total_steps)
@@ -159,10 +161,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = init_fn(init_rng)
     if config.init_from:
       logging.info('initialising from %s', config.init_from)
+      # Params may be sharded across processes: merged on every host, then each host places
+      # only its own devices' slices.
       try:
-        params = checkpoint.load_pretrained(config.init_from, jax.device_get(state.params))
+        params = checkpoint.load_pretrained(config.init_from, checkpoint.to_host(state.params))
       except (ValueError, FileNotFoundError) as e:  # they name the file: say which key gave it
         raise ValueError(f'config.init_from: {e}') from None
+      params = checkpoint.to_global(params, state_sharding.params)
       state = jax.jit(lambda p: steps.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                       out_shardings=state_sharding)(params)
   start_step = int(state.step)

@@ -2,6 +2,8 @@
 import numpy as np
 from PIL import Image
 
+from vit_jax import paths
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """[-1, 1] floats -> [0, 255] uint8, clipped (reconstructions overshoot)."""
@@ -22,4 +24,5 @@ def image_grid(rows: list, scale: int = 1, gap: int = 2) -> np.ndarray:
 
 
 def write_png(path: str, rows: list, scale: int = 1) -> None:
-  Image.fromarray(image_grid(rows, scale)).save(path, format='PNG')
+  with paths.resolve(path).open('wb') as f:  # local or gs://
+    Image.fromarray(image_grid(rows, scale)).save(f, format='PNG')

@@ -1,0 +1,176 @@
+"""Start-up checks: everything a run will use, checked before anything compiles or trains.
+
+A mistake that would otherwise surface at the first evaluation (hours in with a recipe's
+`eval_every`) or never (silently dropped pixels, out-of-range class ids) stops the run here with
+one or two lines naming the config key, file, split or value and the fix.
+"""
+import re
+import socket
+import uuid
+
+import jax
+import orbax.checkpoint as ocp
+import tensorflow_datasets as tfds
+
+from vit_jax import checkpoint, models, paths
+from vit_jax.data import ops, sources
+
+
+class PreflightError(ValueError):
+  """A run that cannot succeed, found before step 1."""
+
+
+def check(config, workdir: str, model, mesh) -> None:
+  """Raises PreflightError for the first problem found; returns None when the run can start."""
+  _check_batch_sizes(config, mesh)
+  _check_image_size(config, model)
+  for key, spec in _preprocessing(config):
+    _check_preprocessing(config, key, spec)
+  for data, split, key in _splits(config):
+    _check_split(config, data, split, key)
+  if config.get('init_from') and not paths.resolve(config.init_from).exists():
+    raise PreflightError(f'init_from={config.init_from}: no such file or directory; give a '
+                         'released .npz / .safetensors file or an earlier run\'s workdir')
+  _check_workdir_writable(workdir)
+
+
+def _task(config) -> str:
+  return config.get('task', 'classification')
+
+
+def _check_batch_sizes(config, mesh) -> None:
+  batch_devices = mesh.shape['data'] * mesh.shape['fsdp']  # the batch is split over both
+  for key in ('batch_size', 'eval_batch_size'):
+    value = config.get(key) or config.batch_size
+    for count, what in ((jax.process_count(), 'processes'), (batch_devices,
+                                                               'batch-sharding devices')):
+      if value % count:
+        raise PreflightError(f'{key}={value} is not divisible by the {count} {what} (mesh '
+                             f'{dict(mesh.shape)}); use a multiple of {count}, e.g. '
+                             f'{max(count, value // count * count)}')
+
+
+def _check_image_size(config, model) -> None:
+  pixels = models.pixels_per_token(model)
+  if config.image_size % pixels:
+    raise PreflightError(
+        f'image_size={config.image_size} is not a multiple of the patch size {pixels} of '
+        f'{config.model.name}: {config.image_size % pixels} pixels per side would be dropped; '
+        f'use e.g. image_size={config.image_size // pixels * pixels or pixels}')
+
+
+def _preprocessing(config) -> list:
+  specs = [('pp_train', config.pp_train)]
+  if config.data.get('eval_split'):
+    specs.append(('pp_eval', config.pp_eval))
+  if config.get('fewshot') and config.fewshot.get('dataset'):
+    specs.append(('fewshot.pp', config.fewshot.pp))
+  return specs
+
+
+def _check_preprocessing(config, key: str, spec: str) -> None:
+  try:
+    ops.parse_preprocess(spec) if key == 'pp_train' else ops.get_preprocess_fn(spec)
+  except ValueError as e:
+    raise PreflightError(f'{key}: {e}') from None
+  if _task(config) != 'classification' or key == 'fewshot.pp':
+    return
+  for k in re.findall(r'\bonehot\(\s*(\d+)', spec):
+    if int(k) != config.num_classes:
+      raise PreflightError(f'{key} has onehot({k}) but num_classes={config.num_classes}; make '
+                           'them equal (the labels and the head must have the same classes)')
+
+
+def _splits(config) -> list:
+  """(data config, split, config key) of every split the run reads."""
+  splits = [(config.data, config.data.train_split, 'data.train_split')]
+  if config.data.get('eval_split'):
+    splits.append((config.data, config.data.eval_split, 'data.eval_split'))
+  if config.get('fewshot') and config.fewshot.get('dataset'):
+    fewshot_data = {'name': config.fewshot.dataset, 'data_dir': config.data.get('data_dir', '')}
+    splits += [(fewshot_data, config.fewshot.train_split, 'fewshot.train_split'),
+               (fewshot_data, config.fewshot.test_split, 'fewshot.test_split')]
+  return splits
+
+
+def _check_split(config, data, split: str, key: str) -> None:
+  if data.get('path'):
+    try:
+      info = sources.read_record_info(data['path'], split)
+    except FileNotFoundError as e:
+      raise PreflightError(f'{key}={split!r}: {e}') from None
+    if info['num_examples'] == 0:
+      raise PreflightError(f'{key}={split!r}: {sources.record_info_path(data["path"], split)} '
+                           'lists 0 examples; write the split again with make_records')
+    limit = config.data.get('num_classes') or config.get('num_classes')
+    if limit and info.get('num_classes', 0) > limit:
+      raise PreflightError(
+          f'{sources.record_info_path(data["path"], split)} has num_classes='
+          f'{info["num_classes"]} but data.num_classes={limit}: class ids up to '
+          f'{info["num_classes"] - 1} would train silently; set --config.data.num_classes='
+          f'{info["num_classes"]}')
+    return
+  if not data.get('name'):
+    return  # the pipeline's own error names both keys
+  builder = tfds.builder(data['name'], data_dir=data.get('data_dir') or None)
+  if not builder.is_prepared():
+    _check_can_prepare(builder)
+    builder.download_and_prepare()
+  try:
+    num_examples = builder.info.splits[split].num_examples
+  except (KeyError, ValueError) as e:
+    raise PreflightError(f'{key}={split!r}: tfds dataset {data["name"]} has no such split '
+                         f'(it has {sorted(builder.info.splits)}): {e}') from None
+  if num_examples == 0:
+    raise PreflightError(f'{key}={split!r}: tfds dataset {data["name"]} has 0 examples there')
+
+
+def _builds_offline(builder) -> bool:
+  """The project's own tfds builders make their data locally, without downloads."""
+  return type(builder).__module__.startswith('vit_jax.')
+
+
+def _online(timeout_s: float = 3.) -> bool:
+  try:
+    socket.create_connection(('storage.googleapis.com', 443), timeout=timeout_s).close()
+    return True
+  except OSError:
+    return False
+
+
+def _check_can_prepare(builder) -> None:
+  """An unprepared dataset on an offline machine: say so now instead of retrying downloads."""
+  if _builds_offline(builder) or _online():
+    return
+  raise PreflightError(
+      f'tfds dataset {builder.name} is not prepared in data_dir {builder.data_dir_root} and this '
+      f'machine is offline; prepare it where there is internet (python -c "import '
+      f'tensorflow_datasets as tfds; tfds.builder(\'{builder.name}\', data_dir=DIR)'
+      f'.download_and_prepare()") and copy DIR here, or set --config.data.data_dir to it')
+
+
+def _check_workdir_writable(workdir: str) -> None:
+  probe = paths.resolve(workdir) / f'.write_probe_{uuid.uuid4().hex}'
+  try:
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise PreflightError(f'--workdir={workdir} is not writable ({e}); choose a folder or '
+                         'bucket this machine can write to') from None
+
+
+def check_workdir_model(manager: ocp.CheckpointManager, step: int, abstract_params,
+                        workdir: str) -> None:
+  """A workdir whose checkpoint holds another model (a re-run with another model.name) is named
+  with its first mismatched parameter, before Orbax fails on it in hundreds of lines."""
+  saved = checkpoint.saved_param_shapes(manager, step)
+  wanted = checkpoint.flat_shapes(abstract_params)
+  # A shape mismatch says more than a missing name, so those come first.
+  for key in sorted(set(saved) | set(wanted), key=lambda k: (k not in saved or k not in wanted, k)):
+    if saved.get(key) != wanted.get(key):
+      raise PreflightError(
+          f'--workdir={workdir} holds a checkpoint (step {step}) of a different model: parameter '
+          f'{key} is {saved.get(key, "absent")} there but {wanted.get(key, "absent")} in this '
+          f'config\'s model; use a new --workdir, '
+          'or the config that run used')
