@@ -82,7 +82,7 @@ DOCUMENTED_OPTIONS = {
 }
 
 
-def _parse(spec, *overrides):
+def parse_as_main(spec, *overrides):
   """`--config=SPEC --config.KEY=VALUE ...` through ml_collections' config_flags, as main does."""
   argv = ['main', f'--config={spec}', *overrides]
   flag_values = flags.FlagValues()
@@ -95,7 +95,8 @@ def _parse(spec, *overrides):
 @pytest.mark.parametrize('module,arg', list(_configs()))
 def test_every_documented_option_is_settable_from_the_command_line(module, arg):
   spec = module.__file__ + (f':{arg}' if arg else '')
-  config = _parse(spec, *(f'--config.{k}={v}' for k, (v, _) in DOCUMENTED_OPTIONS.items()))
+  config = parse_as_main(spec,
+                         *(f'--config.{k}={v}' for k, (v, _) in DOCUMENTED_OPTIONS.items()))
   for key, (_, expected) in DOCUMENTED_OPTIONS.items():
     value = config
     for part in key.split('.'):
@@ -121,10 +122,11 @@ def test_the_option_list_covers_readme_and_every_model_field():
 
 
 def test_model_options_from_the_command_line_reach_the_model():
-  config = _parse(os.path.join(CONFIG_DIR, 'quickstart.py'), '--config.model.name=testing',
-                  '--config.model.scan_layers=True', '--config.model.remat_policy=full',
-                  '--config.model.dtype=bfloat16', '--config.model.posemb=sincos2d',
-                  '--config.model.dropout_rate=0.1', '--config.accum_steps=2')
+  config = parse_as_main(os.path.join(CONFIG_DIR, 'quickstart.py'),
+                         '--config.model.name=testing',
+                         '--config.model.scan_layers=True', '--config.model.remat_policy=full',
+                         '--config.model.dtype=bfloat16', '--config.model.posemb=sincos2d',
+                         '--config.model.dropout_rate=0.1', '--config.accum_steps=2')
   training = trainer.build(config)
   model = training.model
   assert (model.scan_layers, model.remat_policy, model.posemb, model.dropout_rate,

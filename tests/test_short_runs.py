@@ -3,20 +3,13 @@ import json
 import logging
 import os
 
-from absl import flags
-from ml_collections import config_flags
-
+from tests import test_configs
 from vit_jax.train import metrics_log, optim, trainer
 
 
 def _quickstart(*overrides, spec='configs/quickstart.py'):
   """A config file with command-line overrides, parsed as `vit_jax.main` parses them."""
-  argv = ['main', f'--config={spec}', *overrides]
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, '', flag_values=flag_values, lock_config=True,
-                                  sys_argv=argv)
-  flag_values(argv)
-  return flag_values.config
+  return test_configs.parse_as_main(spec, *overrides)
 
 
 def _train_lines(workdir):
