@@ -70,7 +70,7 @@ def test_targets_by_accelerator_type():
 def test_collectives_count_loop_bodies_by_trip_count():
   hlo = '\n'.join([
       '%cond (p: (s32[], f32[4])) -> pred[] {',
-      '  %c = s32[] constant(12)',
+      '  %c = s32[]{:T(128)} constant(12)',
       '  ROOT %lt = pred[] compare(%gte, %c), direction=LT',
       '}',
       '%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {',

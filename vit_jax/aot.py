@@ -78,7 +78,8 @@ def _trip_count(while_line: str, computations: dict) -> int:
     return int(known[1])
   condition = re.search(r'condition=%?([\w.\-]+)', while_line)
   body = computations.get(condition[1], []) if condition else []
-  bounds = [int(c) for line in body for c in re.findall(r'[su]\d+\[\] constant\((\d+)\)', line)]
+  bounds = [int(c) for line in body  # e.g. 's32[]{:T(128)} constant(12)' (TPU layouts)
+            for c in re.findall(r'[su]\d+\[\](?:\{[^}]*\})? constant\((\d+)\)', line)]
   return bounds[0] if len(bounds) == 1 else 1
 
 
