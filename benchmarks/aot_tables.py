@@ -48,15 +48,17 @@ PRESETS = (
 )
 
 
-def _usable(target_name: str) -> bool:
-  wanted = _TARGETS.value
-  if wanted and target_name not in wanted:
-    return False
-  plugin = 'libtpu' if not target_name.startswith('h100') else 'jax_cuda12_plugin'
-  if importlib.util.find_spec(plugin) is None:
-    logging.warning('skipping %s: %s is not installed', target_name, plugin)
-    return False
-  return True
+def _target(target_name: str):
+  """(Target, its devices), or None for a target --targets leaves out or this install cannot
+  compile for (Target.devices names the missing plugin)."""
+  if _TARGETS.value and target_name not in _TARGETS.value:
+    return None
+  target = accelerators.get_target(target_name)
+  try:
+    return target, target.devices()
+  except RuntimeError as e:
+    logging.warning('skipping %s: %s', target_name, e)
+    return None
 
 
 def _preset(config_name: str, arg: str):
@@ -74,10 +76,9 @@ def fsdp_table() -> list:
   lines = ['| model, target, global batch, remat | ' + ' | '.join(f'fsdp={f}' for f in all_fsdp)
            + ' |', '|---|' + '---|' * len(all_fsdp)]
   for model, target_name, batch, remat, sizes in FSDP_CASES:
-    if not _usable(target_name):
+    if not (found := _target(target_name)):
       continue
-    target = accelerators.get_target(target_name)
-    devices = target.devices()
+    target, devices = found
     cells = {}
     for fsdp in sizes:
       config = pretrain_i21k.get_config('B/16')
@@ -98,11 +99,10 @@ def presets_table() -> list:
            'largest batch | ideal step | compile s |', '|---|---|---|---|---|---|---|---|---|']
   for config_name, arg, targets in PRESETS:
     for target_name in targets:
-      if not _usable(target_name):
+      if not (found := _target(target_name)):
         continue
+      target, devices = found
       config = _preset(config_name, arg)
-      target = accelerators.get_target(target_name)
-      devices = target.devices()
       report = aot.check(config, target, devices)
       largest = aot.find_batch(config, target, devices)[0] if _FIND_BATCH.value else ''
       logging.info('%s:%s on %s: %s', config_name, arg, target_name, report)

@@ -208,20 +208,20 @@ def run(config, steps: int, peak_matmul_size: int = 2048, compile_only: bool = F
   if compile_only:
     return result
   step()  # warm-up: first-run allocations, thread start
-  # The peak is timed before and after the steps, so that on a shared machine both see
-  # about the same load.
-  peak_times = matmul_times(peak_matmul_size)
-  step_times = time_calls(step, steps)
-  peak_times += matmul_times(peak_matmul_size)
-  step_time = statistics.median(step_times)
-
   device_peak = accelerators.PEAK_BF16_FLOPS.get(jax.devices()[0].device_kind)
   if result['platform'] != 'cpu' and device_peak:
+    step_times = time_calls(step, steps)
     peak, peak_source = device_peak * result['devices'], 'bf16 spec sheet'
-  else:  # host "devices" share the same cores; an unknown accelerator: what it measures
+  else:
+    # Measured instead: timed before and after the steps, so that on a shared machine both see
+    # about the same load. Host "devices" share the same cores; accelerators bring their own.
+    peak_times = matmul_times(peak_matmul_size)
+    step_times = time_calls(step, steps)
+    peak_times += matmul_times(peak_matmul_size)
     peak = (matmul_peak(peak_matmul_size, peak_times)
             * (1 if result['platform'] == 'cpu' else result['devices']))
     peak_source = 'measured f32 matmul'
+  step_time = statistics.median(step_times)
   model_flops = result['model_flops_per_image'] * config.batch_size
   return result | {
       'steps': steps,
