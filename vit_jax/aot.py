@@ -127,9 +127,9 @@ def check(config, target: accelerators.Target, devices=None,
       trainer.make_train_step(config, training, jax.random.key(0)), training)
   batch = trainer.abstract_batch(config, training.mesh, batch_size)
   start = time.perf_counter()
+  traced = step.trace(training.abstract_state, batch)  # its jaxpr also gives the FLOPs below
   try:
-    compiled = step.lower(training.abstract_state, batch).compile(
-        GPU_COMPILER_OPTIONS if target.platform == 'cuda' else None)
+    compiled = traced.lower().compile(GPU_COMPILER_OPTIONS if target.platform == 'cuda' else None)
   except jax.errors.JaxRuntimeError as e:  # TPU: the program does not fit
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
@@ -163,7 +163,7 @@ def check(config, target: accelerators.Target, devices=None,
     if target.platform == 'cuda':
       report['cudnn_fused_attention'] = '__cudnn$fmha' in hlo
   report['headroom_gib'] = round(target.device_memory_gib - report['required_gib'], 2)
-  flops = benchmark.matmul_flops(jax.make_jaxpr(step)(training.abstract_state, batch))
+  flops = benchmark.matmul_flops(traced.jaxpr)
   report['flops_per_step'] = flops
   report['ideal_step_s'] = flops / (target.num_devices * target.peak_bf16_flops)
   return report
