@@ -6,10 +6,12 @@ import re
 
 import jax.numpy as jnp
 import pytest
+import tensorflow as tf
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax.models import mae, vit
+from vit_jax.data import ops
+from vit_jax.models import mae, registry, vit
 from vit_jax.train import defaults, ssl_steps, steps, trainer
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
@@ -35,7 +37,10 @@ def test_config_loads_and_builds_with_a_tiny_model(module, arg):
   assert set(config.mesh) == {'data', 'fsdp', 'model'}
   assert config.schedule.get('warmup_steps', 0) < config.total_steps
   assert 0 < config.schedule.base_lr < 1
-  # Real sizes are checked abstractly; the built run uses the 'testing' model at 16px.
+  _check_preprocessing_at_real_size(config)
+  # The real model's patch grid fits the real image size; the built run uses the 'testing'
+  # model at 16px.
+  assert config.image_size % registry.model_config(config.model.name)['patch_size'] == 0
   with config.unlocked():
     config.model.name = 'testing'
     config.image_size = 16
@@ -49,6 +54,30 @@ def test_config_loads_and_builds_with_a_tiny_model(module, arg):
     ssl_steps.get_objective(config)
     assert 'head' not in params and 'Transformer' in params
   assert float(training.schedule(config.total_steps // 2)) > 0
+
+
+def _check_preprocessing_at_real_size(config):
+  """Every preprocessing string of `config` parses, runs on a JPEG of another size, and gives
+  the image_size images (and num_classes labels) the model and the loss are built for."""
+  jpeg = tf.io.encode_jpeg(tf.cast(tf.random.stateless_uniform(
+      (300, 420, 3), (0, 1), maxval=256, dtype=tf.int32), tf.uint8))
+  strings = {'pp_train': config.pp_train, 'pp_eval': config.pp_eval}
+  if config.get('fewshot') and config.fewshot.get('dataset'):
+    strings['fewshot.pp'] = config.fewshot.pp
+  for key, spec in strings.items():
+    example_fn, batch_fn = ops.parse_preprocess(spec)
+    example = example_fn({'image': jpeg, 'label': tf.constant(1, tf.int64),
+                          ops.SEED_KEY: tf.constant([0, 7], tf.int64)})
+    image_size = config.image_size  # few-shot features come from the same model
+    assert example['image'].shape == (image_size, image_size, 3), (key, spec)
+    assert -1. <= float(tf.reduce_min(example['image'])) < float(
+        tf.reduce_max(example['image'])) <= 1., (key, spec)
+    if config.get('task', 'classification') == 'classification' and key != 'fewshot.pp':
+      assert example['labels'].shape == (config.num_classes,), (key, spec)
+    if batch_fn is not None:
+      batch = {k: tf.stack([v, v]) for k, v in example.items() if k != ops.SEED_KEY}
+      batch = batch_fn(dict(batch, **{ops.SEED_KEY: tf.constant([0, -1], tf.int64)}))
+      assert batch['image'].shape == (2, image_size, image_size, 3), (key, spec)
 
 
 def test_unknown_preset_names_it():

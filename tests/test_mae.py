@@ -132,7 +132,7 @@ def test_mae_encoder_loads_into_classifier_with_the_same_features(classifier, tm
 def _encoded_tokens(model, params, images):
   """The MAE encoder's output, as the decoder receives it."""
   _, state = model.apply({'params': params}, images, mask_rng=jax.random.key(3),
-                         capture_intermediates=lambda m, _: isinstance(m, mae.VisibleTokenEncoder),
+                         capture_intermediates=lambda m, _: m.name == "Transformer",
                          mutable=['intermediates'])
   outputs = jax.tree.leaves(state['intermediates'])
   assert len(outputs) == 1

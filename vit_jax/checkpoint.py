@@ -171,7 +171,7 @@ def _restore_run_params(workdir: str) -> dict:
   # metadata at the step level where the trainer's manager wrote it: no "Metadata file does
   # not exist" warning.
   manager = ocp.CheckpointManager(ckpt_dir, item_handlers=ocp.PyTreeCheckpointHandler())
-  step = manager.latest_step()
+  step = latest_complete_step(manager)
   if step is None:
     raise ValueError(f'{workdir} is a directory without a complete training checkpoint '
                      f'(looked in {ckpt_dir})')

@@ -343,6 +343,21 @@ def mixup(alpha: float = 0.2, keys: tuple = ('image', 'labels')):
 
 # --- label ops ---------------------------------------------------------------------------------
 
+# Keys that name an example in the sources we read (TFDS ids, file names), first found wins.
+_NAME_KEYS = ('tfds_id', 'id', 'image/id', 'file_name', 'filename', 'image/filename')
+
+
+def _example_name(data: dict) -> list:
+  """What tf.debugging.Assert prints to name an example: its id or file name, else the
+  pipeline's per-example seed (its last entry is the example's index in the read order)."""
+  for k in _NAME_KEYS:
+    if k in data and data[k].dtype == tf.string and data[k].shape.rank == 0:
+      return [f'{k}=', data[k]]
+  if SEED_KEY in data:
+    return ['with seed', data[SEED_KEY]]
+  return ['(unnamed)']
+
+
 @register('onehot')
 def onehot(num_classes: int, key: str = 'label', key_result: str = 'labels',
            on: float = 1., off: float = 0., label_smoothing: float = 0.):
@@ -352,6 +367,16 @@ def onehot(num_classes: int, key: str = 'label', key_result: str = 'labels',
 
   def fn(data):
     labels = tf.cast(data[key], tf.int32)
+    # An empty label list would give -inf targets (NaN loss), an id outside [0, num_classes) an
+    # all-`off` target: both stop the input pipeline, with the example's labels and name.
+    flat = tf.reshape(labels, [-1])
+    valid = tf.logical_and(tf.size(flat) > 0, tf.reduce_all((flat >= 0) & (flat < num_classes)))
+    check = tf.debugging.Assert(valid, [
+        f"onehot({num_classes}): example", *_example_name(data),
+        f"has '{key}' =", flat, f'(needs at least one id in [0, {num_classes}))'],
+        summarize=20)
+    with tf.control_dependencies([check]):
+      labels = tf.identity(labels)
     hot = tf.one_hot(labels, num_classes, on, off)
     if labels.shape.rank == 1:  # several labels: combine into one multi-hot vector
       hot = tf.reduce_max(hot, axis=0)

@@ -1,10 +1,10 @@
 """Self-supervised ViTs: MAE (He et al. 2021) and masked patch prediction (ViT paper, 5.4).
 
-Both models subclass `vit.VisionTransformer` and build their encoder from its own pieces (the
-`embedding` conv, `cls`, `Transformer/posembed_input`, `Transformer/encoderblock_{i}`,
-`Transformer/encoder_norm`), so the encoder's parameters have exactly the names and shapes of a
-`get_model(...)` classifier with the same architecture and transfer into it unchanged. Everything
-only pretraining needs lives under the top-level names in `PRETRAINING_ONLY`.
+Both models subclass `vit.VisionTransformer` and encode with its own `patch_tokens` and
+`encode` (the classifier's code, every option included), so the encoder's parameters have
+exactly the names and shapes of a `get_model(...)` classifier with the same architecture and
+transfer into it unchanged. Everything only pretraining needs lives under the top-level names
+in `PRETRAINING_ONLY`.
 """
 from typing import Optional
 
@@ -62,74 +62,10 @@ def _gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx[..., None], axis=1)
 
 
-def _layer_norm(name: str, dtype, param_dtype) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=vit._param_init(nn.initializers.ones, (vit.EMBED,)),
-                      bias_init=vit._param_init(nn.initializers.zeros, (vit.EMBED,)))
-
-
 def _dense(features: int, name: str, axes: tuple, dtype, param_dtype) -> nn.Dense:
   return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
                   kernel_init=vit._param_init(nn.initializers.xavier_uniform(), axes),
                   bias_init=vit._param_init(nn.initializers.zeros, (axes[-1],)))
-
-
-class VisibleTokenEncoder(nn.Module):
-  """`vit.Encoder` on a subset of tokens: position embeddings are added to the full sequence
-  first, then only the tokens at `keep_idx` (plus a leading class token) go through the blocks.
-
-  It shares its scope with the wrapped `vit.Encoder`, so the parameters are the classifier's own
-  `Transformer/{posembed_input, encoderblock_i, encoder_norm}`.
-  """
-  encoder: vit.Encoder
-  learned_posemb: bool
-  num_prefix_tokens: int
-
-  def setup(self):
-    nn.share_scope(self, self.encoder)
-    if self.learned_posemb:
-      self.posembed_input = vit.AddPositionEmbs(self.encoder.param_dtype)
-
-  def __call__(self, x, keep_idx, *, train: bool):
-    if self.learned_posemb:
-      x = self.posembed_input(x)
-    prefix, patches = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
-    x = jnp.concatenate([prefix, _gather_tokens(patches, keep_idx)], axis=1)
-    return self.encoder(x, train=train)
-
-
-class _SelfSupervisedViT(vit.VisionTransformer):
-  """Shared encoder plumbing: patch tokens (B, N, D) in, encoded tokens out. No class head:
-  build with num_classes=None (`get_model` does)."""
-
-  def _tokens(self, images):
-    """Patch embeddings (B, N, D) plus fixed posemb when configured; grid (h, w)."""
-    x = self.embed(images.astype(self.dtype))
-    b, h, w, d = x.shape
-    x = x.reshape(b, h * w, d)
-    if self.posemb == 'sincos2d':
-      x = x + jnp.asarray(vit.posemb_sincos_2d(h, w, d), x.dtype)
-    return x, (h, w)
-
-  def _with_cls(self, x):
-    if self.classifier != 'token':
-      return x
-    cls = self.param('cls', vit._param_init(nn.initializers.zeros, (None, None, vit.EMBED)),
-                     (1, 1, x.shape[-1]), self.param_dtype)
-    return jnp.concatenate([jnp.tile(cls.astype(x.dtype), (x.shape[0], 1, 1)), x], axis=1)
-
-  def _encoder(self, posemb: str) -> vit.Encoder:
-    """The classifier's `Transformer`, with the posemb handling the caller needs."""
-    return vit.Encoder(name='Transformer', num_layers=self.num_layers, mlp_dim=self.mlp_dim,
-                       num_heads=self.num_heads, posemb=posemb, dropout_rate=self.dropout_rate,
-                       attention_dropout_rate=self.attention_dropout_rate,
-                       stochastic_depth=self.stochastic_depth,
-                       scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-                       dtype=self.dtype, param_dtype=self.param_dtype)
-
-  @property
-  def num_prefix_tokens(self) -> int:
-    return 1 if self.classifier == 'token' else 0
 
 
 class MaeDecoder(nn.Module):
@@ -161,12 +97,12 @@ class MaeDecoder(nn.Module):
       x, _ = vit.Encoder1DBlock(self.mlp_dim, self.num_heads, dtype=self.dtype,
                                 param_dtype=self.param_dtype,
                                 name=f'decoderblock_{i}')(x, None, not train)
-    x = _layer_norm('decoder_norm', self.dtype, self.param_dtype)(x)
+    x = vit.layer_norm('decoder_norm', self.dtype, self.param_dtype)(x)
     x = _dense(self.patch_dim, 'pred', (vit.EMBED, None), self.dtype, self.param_dtype)(x)
     return x[:, self.num_prefix_tokens:].astype(jnp.float32)
 
 
-class MaskedAutoencoder(_SelfSupervisedViT):
+class MaskedAutoencoder(vit.VisionTransformer):
   """MAE: returns (predicted pixels (B, N, P*P*3), mask (B, N), 1. = masked).
 
   `mask_rng` draws the mask; None uses a fixed key (initialisation, deterministic evaluation).
@@ -179,13 +115,11 @@ class MaskedAutoencoder(_SelfSupervisedViT):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, mask_rng: Optional[jax.Array] = None):
-    x, grid = self._tokens(images)
+    x, grid = self.patch_tokens(images)
     b, n, _ = x.shape
     rng = jax.random.key(0) if mask_rng is None else mask_rng
     keep_idx, restore_idx, mask = random_masking(rng, b, n, self.mask_ratio)
-    latent = VisibleTokenEncoder(self._encoder('none'), self.posemb == 'learn',
-                                 self.num_prefix_tokens)(
-                                     self._with_cls(x), keep_idx, train=train)
+    latent = self.encode(x, grid, train=train, keep_idx=keep_idx)
     pred = MaeDecoder(grid, self.patch_size**2 * images.shape[-1], self.decoder_width,
                       self.decoder_layers, self.decoder_mlp_dim, self.decoder_heads,
                       self.num_prefix_tokens, self.dtype, self.param_dtype,
@@ -232,7 +166,7 @@ def mean_colour_classes(images: jax.Array, patch_size: int) -> jax.Array:
   return (bins * levels**jnp.arange(channels - 1, -1, -1)).sum(axis=-1)
 
 
-class MaskedPatchPredictor(_SelfSupervisedViT):
+class MaskedPatchPredictor(vit.VisionTransformer):
   """ViT-paper masked patch prediction: returns (logits (B, N, 512) per patch, corrupted (B, N)).
 
   `mask_rng` draws the corruption; None uses a fixed key.
@@ -241,20 +175,21 @@ class MaskedPatchPredictor(_SelfSupervisedViT):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, mask_rng: Optional[jax.Array] = None):
-    x, _ = self._tokens(images)
+    x, grid = self.patch_tokens(images)
     mask_embedding = self.param(
         'mask_embedding', vit._param_init(nn.initializers.normal(0.02), (None, None, vit.EMBED)),
         (1, 1, x.shape[-1]), self.param_dtype)
     rng = jax.random.key(0) if mask_rng is None else mask_rng
+    # Patch embeddings are corrupted before positions are added (every posemb alike): a mask
+    # token still says where it sits, and another patch's embedding gets this position.
     x, corrupted, _ = corrupt_patches(rng, x, mask_embedding, self.corrupt_ratio)
-    x = self._encoder('learn' if self.posemb == 'learn' else 'none')(self._with_cls(x),
-                                                                      train=train)
+    x = self.encode(x, grid, train=train)
     logits = _dense(NUM_COLOURS, 'mpp_head', (vit.EMBED, vit.CLASSES), self.dtype,
                     self.param_dtype)(x[:, self.num_prefix_tokens:])
     return logits.astype(jnp.float32), corrupted
 
 
-def get_model(task: str, name: str, **overrides) -> _SelfSupervisedViT:
+def get_model(task: str, name: str, **overrides) -> vit.VisionTransformer:
   """`task` 'mae' or 'masked_patch' on the architecture `name` stands for (see registry)."""
   classes = {'mae': MaskedAutoencoder, 'masked_patch': MaskedPatchPredictor}
   if task not in classes:

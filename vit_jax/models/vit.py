@@ -40,7 +40,7 @@ def _param_init(init: Callable, axes: tuple) -> Callable:
   return nn.with_logical_partitioning(init, axes)
 
 
-def _layer_norm(name: str, dtype, param_dtype) -> nn.LayerNorm:
+def layer_norm(name: str, dtype, param_dtype) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
                       scale_init=_param_init(nn.initializers.ones, (EMBED,)),
                       bias_init=_param_init(nn.initializers.zeros, (EMBED,)))
@@ -203,20 +203,25 @@ class Encoder1DBlock(nn.Module):
   @nn.compact
   def __call__(self, x, drop_rate, deterministic: bool):
     x = sharding.constrain(x, TOKENS)
-    y = _layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(x)
+    y = layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(x)
     y = MultiHeadDotProductAttention(
         self.num_heads, self.attention_dropout_rate, self.relative_grid, self.dtype,
         self.param_dtype, name='MultiHeadDotProductAttention_1')(y, deterministic=deterministic)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     x = x + self._drop_path(y, drop_rate, deterministic)
-    y = _layer_norm('LayerNorm_2', self.dtype, self.param_dtype)(x)
+    y = layer_norm('LayerNorm_2', self.dtype, self.param_dtype)(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype,
                  name='MlpBlock_3')(y, deterministic=deterministic)
     return sharding.constrain(x + self._drop_path(y, drop_rate, deterministic), TOKENS), None
 
 
 class Encoder(nn.Module):
-  """Position embeddings, `num_layers` blocks (looped or scanned, optionally remat), LayerNorm."""
+  """Position embeddings, `num_layers` blocks (looped or scanned, optionally remat), LayerNorm.
+
+  With `keep_idx` (B, n) only those patch tokens (after `num_prefix_tokens` leading ones, which
+  are always kept) go through the blocks, after the full sequence got its position embeddings:
+  MAE's encoder of visible patches, with the classifier's parameters.
+  """
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -231,9 +236,16 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool, keep_idx=None, num_prefix_tokens: int = 0):
     if self.posemb == 'learn':
       x = AddPositionEmbs(self.param_dtype, name='posembed_input')(x)
+    if keep_idx is not None:
+      if self.relative_grid is not None:
+        raise ValueError("posemb='relative' needs every patch of the grid in the sequence; "
+                         'an encoder of a subset of patches (MAE) cannot use it')
+      patches = x[:, num_prefix_tokens:]
+      kept = jnp.take_along_axis(patches, keep_idx[..., None], axis=1)
+      x = jnp.concatenate([x[:, :num_prefix_tokens], kept], axis=1)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     # Linearly increasing drop rate over depth (Huang et al. 2016).
     rates = self.stochastic_depth * np.arange(self.num_layers) / max(self.num_layers - 1, 1)
@@ -257,7 +269,7 @@ class Encoder(nn.Module):
     else:
       for i in range(self.num_layers):
         x, _ = block(name=f'encoderblock_{i}', **kwargs)(x, float(rates[i]) or None, not train)
-    return sharding.constrain(_layer_norm('encoder_norm', self.dtype, self.param_dtype)(x),
+    return sharding.constrain(layer_norm('encoder_norm', self.dtype, self.param_dtype)(x),
                               TOKENS)
 
 
@@ -278,10 +290,38 @@ class MAPHead(nn.Module):
                                      param_dtype=self.param_dtype,
                                      name='MultiHeadDotProductAttention_0')(
                                          probe, x, deterministic=True)
-    y = _layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(x)
+    y = layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(x)
     x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                      name='MlpBlock_0')(y, deterministic=True)
     return x[:, 0]
+
+
+class PatchEmbedding(nn.Module):
+  """Patchify + project: (B, H, W, C) -> (B, h, w, D), through the ResNet stem if hybrid.
+
+  The ViT shares its scope with it, so `embedding/kernel` (and a hybrid's `conv_root`, ...)
+  stay top-level names as in the released checkpoints.
+  """
+  patch_size: int
+  hidden_size: int
+  resnet_layers: Optional[tuple] = None
+  resnet_width: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    x = images.astype(self.dtype)
+    if self.resnet_layers is not None:
+      x = resnet.stem(x, self.resnet_layers, self.resnet_width, self.dtype, self.param_dtype)
+    p = self.patch_size
+    x = sharding.constrain(x, (ACT_BATCH, None, None, None))
+    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
+                dtype=self.dtype, param_dtype=self.param_dtype, name='embedding',
+                kernel_init=_param_init(nn.initializers.lecun_normal(),
+                                        (None, None, None, EMBED)),
+                bias_init=_param_init(nn.initializers.zeros, (EMBED,)))(x)
+    return sharding.constrain(x, (ACT_BATCH, None, None, ACT_EMBED))
 
 
 class VisionTransformer(nn.Module):
@@ -320,39 +360,53 @@ class VisionTransformer(nn.Module):
       if value not in allowed:
         raise ValueError(f'unknown {key}={value!r}; choose one of {allowed}')
 
-  def embed(self, images):
-    """Patchify + project: (B, H, W, C) -> (B, h, w, D), through the ResNet stem if hybrid."""
-    x = images
-    if self.resnet_layers is not None:
-      x = resnet.stem(x, self.resnet_layers, self.resnet_width, self.dtype, self.param_dtype)
-    p = self.patch_size
-    x = sharding.constrain(x, (ACT_BATCH, None, None, None))
-    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
-                   dtype=self.dtype, param_dtype=self.param_dtype, name='embedding',
-                   kernel_init=_param_init(nn.initializers.lecun_normal(),
-                                           (None, None, None, EMBED)),
-                   bias_init=_param_init(nn.initializers.zeros, (EMBED,)))(x)
-    return sharding.constrain(x, (ACT_BATCH, None, None, ACT_EMBED))
+    self.patch_embedding = PatchEmbedding(self.patch_size, self.hidden_size, self.resnet_layers,
+                                          self.resnet_width, self.dtype, self.param_dtype)
+    nn.share_scope(self, self.patch_embedding)
 
-  @nn.compact
-  def __call__(self, images, *, train: bool = False):
-    x = self.embed(images.astype(self.dtype))
-    if self.posemb == 'learn2d':
-      x = AddPositionEmbs2D(self.param_dtype, name='posembed_input')(x)
+  def embed(self, images):
+    """(B, H, W, C) images -> (B, h, w, D) patch embeddings, before any position embedding.
+    Callable on its own: `model.apply(variables, images, method='embed')`."""
+    return self.patch_embedding(images)
+
+  # The encoder's pieces, in the order every task (classifier, MAE, masked patch prediction)
+  # runs them; the self-supervised models in `mae.py` call these, so an option cannot be
+  # honoured by one task and dropped by another.
+
+  def patch_tokens(self, images):
+    """(B, N, D) patch embeddings in row-major grid order, and the grid (h, w)."""
+    x = self.embed(images)
     b, h, w, d = x.shape
-    x = x.reshape(b, h * w, d)
-    if self.posemb == 'sincos2d':
+    return x.reshape(b, h * w, d), (h, w)
+
+  def encode(self, x, grid: tuple, *, train: bool, keep_idx=None):
+    """Patch tokens (B, N, D) -> encoded tokens: position embeddings, the class token (with
+    classifier='token', leading), the `Transformer` blocks and norm. `keep_idx`: see Encoder."""
+    b, n, d = x.shape
+    h, w = grid
+    if self.posemb == 'learn2d':
+      x = AddPositionEmbs2D(self.param_dtype, name='posembed_input')(
+          x.reshape(b, h, w, d)).reshape(b, n, d)
+    elif self.posemb == 'sincos2d':
       x = x + jnp.asarray(posemb_sincos_2d(h, w, d), x.dtype)
     if self.classifier == 'token':
       cls = self.param('cls', _param_init(nn.initializers.zeros, (None, None, EMBED)),
                        (1, 1, d), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
-    x = Encoder(self.num_layers, self.mlp_dim, self.num_heads,
-                'learn' if self.posemb == 'learn' else 'none', self.dropout_rate,
-                self.attention_dropout_rate, self.stochastic_depth,
-                (h, w) if self.posemb == 'relative' else None, self.scan_layers,
-                self.remat_policy, self.dtype, self.param_dtype,
-                name='Transformer')(x, train=train)
+    encoder = Encoder(self.num_layers, self.mlp_dim, self.num_heads,
+                      'learn' if self.posemb == 'learn' else 'none', self.dropout_rate,
+                      self.attention_dropout_rate, self.stochastic_depth,
+                      grid if self.posemb == 'relative' else None, self.scan_layers,
+                      self.remat_policy, self.dtype, self.param_dtype, name='Transformer')
+    return encoder(x, train=train, keep_idx=keep_idx, num_prefix_tokens=self.num_prefix_tokens)
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    return 1 if self.classifier == 'token' else 0
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    x = self.encode(*self.patch_tokens(images), train=train)
     if self.classifier == 'token':
       x = x[:, 0]
     elif self.classifier == 'gap':

@@ -4,7 +4,7 @@ import functools
 import jax
 import numpy as np
 
-from vit_jax import sharding
+from vit_jax import checkpoint, sharding
 from vit_jax.data import pipeline
 from vit_jax.train import fewshot, steps
 
@@ -59,14 +59,16 @@ class FewShotEvaluator:
         lambda params, batch: (feature_model.apply({'params': params}, batch['image']),
                                batch['labels'], batch['mask']),
         mesh, sharding.rules_from_config(config),
+        # Kept split over the batch: each device holds its own rows until they go to the host
+        # (an all-gather onto every device would hold the split's features on each of them).
         in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=sharding.replicated(mesh))
+        out_shardings=sharding.batch_sharding(mesh))
 
   def _extract(self, params, split: str):
     _, batches = pipeline.eval_batches(self.data_config, self.mesh, split)
     features, labels = [], []
     for batch in batches:
-      f, y, mask = jax.device_get(self._features(params, batch))
+      f, y, mask = checkpoint.to_host(self._features(params, batch))
       keep = mask > 0
       features.append(f[keep])
       labels.append(np.argmax(y[keep], axis=-1))

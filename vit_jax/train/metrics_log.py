@@ -64,3 +64,26 @@ class Progress:
   def log(self, step: int, metrics: dict) -> None:
     if jax.process_index() == 0:
       print(self.line(step, metrics), flush=True)
+
+
+class Throughput:
+  """Training images/sec over the steps since the last `rate`, with time spent elsewhere
+  (evaluations, checkpoints) left out of both the steps' time and nothing else: the steps run
+  before an evaluation still count, with the time they took."""
+
+  def __init__(self, batch_size: int, step: int, clock=time.time):
+    self.batch_size, self.clock = batch_size, clock
+    self.restart(step)
+
+  def restart(self, step: int) -> None:
+    self.start, self.step, self.excluded = self.clock(), step, 0.
+
+  def exclude(self, seconds: float) -> None:
+    self.excluded += seconds
+
+  def rate(self, step: int) -> float:
+    """images/sec since the last restart (or rate), then restarts at `step`."""
+    seconds = max(self.clock() - self.start - self.excluded, 1e-9)
+    images = (step - self.step) * self.batch_size
+    self.restart(step)
+    return images / seconds

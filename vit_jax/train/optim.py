@@ -1,5 +1,8 @@
 """Optax optimizers and learning-rate schedules from config."""
+import math
+
 import jax
+import jax.numpy as jnp
 import optax
 from absl import logging
 
@@ -18,7 +21,11 @@ def make_schedule(config) -> optax.Schedule:
   decay_steps = total - warmup
   decay_type = s.get('decay_type', 'cosine')
   if decay_type == 'cosine':
-    decay = optax.cosine_decay_schedule(base_lr, decay_steps, alpha=end_lr / base_lr)
+    # Written out rather than optax.cosine_decay_schedule, whose alpha = end_lr / base_lr has
+    # no value at base_lr=0 (a frozen-weights run or an lr sweep's zero point).
+    def decay(step):
+      progress = jnp.clip(step / decay_steps, 0., 1.)
+      return end_lr + (base_lr - end_lr) * 0.5 * (1. + jnp.cos(math.pi * progress))
   elif decay_type == 'linear':
     decay = optax.linear_schedule(base_lr, end_lr, decay_steps)
   elif decay_type == 'rsqrt':
@@ -34,9 +41,21 @@ def make_schedule(config) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0., base_lr, warmup), decay], [warmup])
 
 
+def _param_name(path) -> str:
+  """'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel' for a leaf's tree path; the keys of
+  boxes (nn.LogicallyPartitioned's `.value`) and other non-dict nodes are left out."""
+  return '/'.join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def decays(name: str) -> bool:
+  """Weight decay applies to kernels only (big_vision's default, `.*/kernel$`): never to biases,
+  norms, cls, position embeddings, the MAP probe, relative-position tables or mask tokens. By
+  name, so a scanned tree (every leaf one axis more) decays exactly what the unscanned one does."""
+  return name.endswith('/kernel') or name == 'kernel'
+
+
 def _decay_mask(params):
-  """Weight decay on matrices only (kernels), not on biases, norms or embeddings' vectors."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: decays(_param_name(path)), params)
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:

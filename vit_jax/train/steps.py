@@ -88,12 +88,14 @@ def all_finite(tree) -> jax.Array:
 def eval_step(params, batch: dict, *, model, loss_fn) -> dict:
   """Sums over the real (mask=1) examples of a padded batch: top-1 hits, loss, count.
 
-  A hit is a top-1 class among the labels: accuracy for one-hot labels, prec@1 for multi-hot.
+  A hit is a top-1 class holding the label's maximum: accuracy for one-hot labels, prec@1 for
+  multi-hot, and the same with label smoothing (where every class holds a label > 0).
   """
   logits = model.apply({'params': params}, batch['image'], train=False)
   mask = batch['mask']
   labels = batch['labels']
-  correct = jnp.take_along_axis(labels, jnp.argmax(logits, -1)[:, None], axis=-1)[:, 0] > 0
+  predicted = jnp.take_along_axis(labels, jnp.argmax(logits, -1)[:, None], axis=-1)[:, 0]
+  correct = predicted >= jnp.max(labels, axis=-1)
   return {'correct': jnp.sum(correct * mask),
           'loss': jnp.sum(loss_fn(logits, labels) * mask),
           'count': jnp.sum(mask)}

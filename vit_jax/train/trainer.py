@@ -30,6 +30,7 @@ def _task(config) -> str:
 
 
 def _interval_hit(step: int, every: int, total: int) -> bool:
+  """Every `every` steps and always at the last one: 0 = only at the last (README says so)."""
   return step == total or (every > 0 and step % every == 0)
 
 
@@ -186,7 +187,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   watch = preemption.PreemptionWatch()
 
   last = {}
-  pending, interval_start, interval_step = [], time.time(), start_step
+  pending, throughput = [], metrics_log.Throughput(config.batch_size, start_step)
   for step in range(start_step + 1, config.total_steps + 1):
     state, metrics = train_step(state, next(batches))
     pending.append(metrics)
@@ -194,28 +195,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # Leave compilation out of images_per_sec and the ETA; a run of one step (nothing else
       # to measure) logs it with compilation included.
       jax.block_until_ready(state)
-      pending, interval_start, interval_step = [], time.time(), step
+      pending = []
+      throughput.restart(step)
       progress.restart_clock(step)
     if pending and _interval_hit(step, config.log_every, config.total_steps):
       fetched = jax.device_get(pending)
       _check_finite(fetched, step, workdir, manager)
       train_loss = float(np.mean([m['train_loss'] for m in fetched]))
-      elapsed = time.time() - interval_start
       last = {'train_loss': train_loss,
               'learning_rate': float(schedule(step - 1)),
-              'images_per_sec': (step - interval_step) * config.batch_size / elapsed,
+              'images_per_sec': throughput.rate(step),
               'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
               'skipped_images': batches.skipped_images()}  # failed to decode, since start
       log.write(step, last)
       progress.log(step, last)
-      pending, interval_start, interval_step = [], time.time(), step
+      pending = []
     if evals and _interval_hit(step, config.eval_every, config.total_steps):
+      jax.block_until_ready(state)  # the steps dispatched so far count as training time
+      eval_start = time.time()
       for evaluator in evals:
         result = evaluator.run(state.params, step)
         log.write(step, result)
         progress.log(step, result)
         last.update(result)
-      interval_start = time.time()  # evaluation time is not training throughput
+      throughput.exclude(time.time() - eval_start)  # evaluation is not training throughput
     preempted = watch.reached(step)
     if preempted or _interval_hit(step, config.checkpoint_every, config.total_steps):
       _save_if_finite(manager, step, state, pending, workdir)
