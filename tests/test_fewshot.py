@@ -2,6 +2,7 @@ import jax
 import numpy as np
 import pytest
 
+from vit_jax.data import pipeline
 from vit_jax.train import evaluators, fewshot, trainer
 
 
@@ -43,6 +44,12 @@ def test_fewshot_evaluator_on_digits(quickstart_config):
   evals = evaluators.build(config, training.model, training.mesh, training.state_sharding.params)
   assert [type(e).__name__ for e in evals] == ['ClassificationEvaluator', 'FewShotEvaluator']
   results = evals[1].run(state.params)
+  # The features stay split over the batch on the devices (each holds its own rows), not
+  # all-gathered onto every one of the 8.
+  _, batches = pipeline.eval_batches(evals[1].data_config, training.mesh, 'test[:100]')
+  features, _, _ = evals[1]._features(state.params, next(iter(batches)))
+  assert not features.sharding.is_fully_replicated
+  assert features.addressable_shards[0].data.shape[0] == features.shape[0] // 8
   assert set(results) == {'fewshot_digits_1shot', 'fewshot_digits_5shot'}
   # Even random features of a ViT separate digits well above chance (0.1) with 5 shots.
   assert 0.2 < results['fewshot_digits_5shot'] <= 1.0

@@ -1,6 +1,5 @@
 """Self-supervised tasks in the sharded trainer: steps learn, MAE runs write pictures and
 metrics, and a classifier takes its encoder from an MAE workdir."""
-import functools
 import json
 import os
 
@@ -11,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vit_jax import checkpoint, sharding
-from vit_jax.train import ssl_steps, trainer
+from vit_jax.train import trainer
 
 TINY_DECODER = dict(decoder_width=8, decoder_layers=1, decoder_mlp_dim=16, decoder_heads=2)
 
@@ -35,9 +34,7 @@ def test_self_supervised_steps_lower_the_loss_on_a_fixed_batch(quickstart_config
   training = trainer.build(config)
   mesh = training.mesh
   state = training.init_fn(jax.random.key(0))
-  step = jax.jit(functools.partial(ssl_steps.train_step, model=training.model, tx=training.tx,
-                                   objective=ssl_steps.get_objective(config),
-                                   rng=jax.random.key(1)),
+  step = jax.jit(trainer.make_train_step(config, training, jax.random.key(1)),
                  in_shardings=(training.state_sharding, sharding.batch_sharding(mesh)))
   # One colour per image, a little noise: the visible patches tell what the hidden ones hold.
   rng = np.random.RandomState(0)

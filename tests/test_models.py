@@ -45,9 +45,14 @@ def test_output_shapes(classifier, out_shape):
   model = models.get_model('testing', num_classes=7, classifier=classifier)
   images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
   variables = model.init(jax.random.key(0), images, train=False)
+  if classifier != 'unpooled':  # the head starts at zero: give it weights to see the features
+    variables = flax.core.unfreeze(nn.unbox(variables))
+    variables['params']['head']['kernel'] = jax.random.normal(jax.random.key(2), (16, 7))
   logits = model.apply(variables, images, train=False)
   assert logits.shape == out_shape
   assert np.all(np.isfinite(logits))
+  # Different images give different outputs, so the shape is not of constants.
+  assert np.max(np.abs(logits[0] - logits[1])) > 1e-3
 
 
 def test_head_starts_at_zero_and_representation_layer():

@@ -1,4 +1,3 @@
-import functools
 import json
 import logging
 import os
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint, sharding
-from vit_jax.train import steps, trainer
+from vit_jax.train import trainer
 
 
 def _fixed_batch(n=16, size=16, classes=10):
@@ -24,8 +23,7 @@ def test_train_steps_lower_loss_on_a_fixed_batch(quickstart_config):
   training = trainer.build(config)
   mesh = training.mesh
   state = training.init_fn(jax.random.key(0))
-  step = jax.jit(functools.partial(steps.train_step, model=training.model, tx=training.tx,
-                                   loss_fn=steps.softmax_xent, rng=jax.random.key(1)),
+  step = jax.jit(trainer.make_train_step(config, training, jax.random.key(1)),
                  in_shardings=(training.state_sharding, sharding.batch_sharding(mesh)))
   batch = jax.device_put(_fixed_batch(), sharding.batch_sharding(mesh))
   losses = []

@@ -201,3 +201,16 @@ def test_loading_a_workdir_reads_its_newest_complete_step(tmp_path):
   os.rename(tmp_path / 'checkpoints' / '2' / checkpoint._STEP_METADATA,
             tmp_path / 'checkpoints' / '2' / 'moved')  # an interrupted copy of step 2
   np.testing.assert_array_equal(checkpoint.load(str(tmp_path))['w'], [1., 1.])
+
+
+def test_every_task_accumulates_gradients(quickstart_config):
+  config = quickstart_config
+  config.task, config.accum_steps = 'mae', 2
+  config.model = dict(name='testing', **TINY_DECODER)
+  training = trainer.build(config)
+  step = trainer.make_train_step(config, training, jax.random.key(1))
+  batch = trainer.abstract_batch(config, training.mesh)
+  state, metrics = jax.eval_shape(step, training.abstract_state, batch)
+  assert metrics['train_loss'].shape == () and state.step.shape == ()
+  jaxpr = str(jax.make_jaxpr(step)(training.abstract_state, batch))
+  assert 'scan[' in jaxpr and 'length=2' in jaxpr  # the loop over the two microbatches

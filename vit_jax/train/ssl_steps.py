@@ -10,7 +10,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from vit_jax.models import mae
 from vit_jax.train import steps
@@ -59,20 +58,13 @@ def get_objective(config) -> Callable:
                    "'masked_patch'")
 
 
-def train_step(state: steps.TrainState, batch: dict, *, model, tx, objective, rng) -> tuple:
-  """One optimizer step on {'image'}; masks and dropout drawn from fold_in(rng, step)."""
-  mask_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
-
-  def loss_of(params):
-    sums = objective(model, params, batch['image'], mask_rng=mask_rng, train=True,
-                     dropout_rng=dropout_rng)
-    return jnp.sum(sums['loss']) / jnp.maximum(jnp.sum(sums['count']), 1.)
-
-  loss, grads = jax.value_and_grad(loss_of)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {'train_loss': loss, 'grad_norm': optax.tree.norm(grads)}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+def objective_loss(params, batch: dict, rng, *, model, objective) -> jax.Array:
+  """The batch's loss sum over its count (the batch loss `steps.train_step` takes); masks and
+  dropout drawn from `rng`."""
+  mask_rng, dropout_rng = jax.random.split(rng)
+  sums = objective(model, params, batch['image'], mask_rng=mask_rng, train=True,
+                   dropout_rng=dropout_rng)
+  return jnp.sum(sums['loss']) / jnp.maximum(jnp.sum(sums['count']), 1.)
 
 
 def eval_step(params, batch: dict, *, model, objective, rng) -> dict:

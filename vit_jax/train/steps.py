@@ -46,29 +46,24 @@ def _microbatches(batch: dict, accum_steps: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn, rng,
+def train_step(state: TrainState, batch: dict, *, tx, batch_loss: Callable, rng,
                accum_steps: int = 1) -> tuple:
-  """One optimizer step on a global batch {'image', 'labels'}; returns (state, metrics).
+  """One optimizer step of any task on a global batch; returns (state, metrics).
 
-  With accum_steps > 1 the batch is processed as that many equal microbatches in a loop inside
-  the step and their gradients averaged: the same update as one large batch, with the
-  activation memory of a microbatch.
+  batch_loss(params, batch, rng) -> the batch's mean loss (the task's objective); `rng` is
+  fold_in(rng, step), folded again per microbatch. With accum_steps > 1 the batch is processed
+  as that many equal microbatches in a loop inside the step and their gradients averaged: the
+  same update as one large batch, with the activation memory of a microbatch.
   """
-  dropout_rng = jax.random.fold_in(rng, state.step)
-
-  def loss_and_grads(microbatch, micro_rng):
-    def loss_of(params):
-      logits = model.apply({'params': params}, microbatch['image'], train=True,
-                           rngs={'dropout': micro_rng})
-      return jnp.mean(loss_fn(logits, microbatch['labels']))
-    return jax.value_and_grad(loss_of)(state.params)
+  step_rng = jax.random.fold_in(rng, state.step)
+  loss_and_grads = jax.value_and_grad(batch_loss)
 
   if accum_steps == 1:
-    loss, grads = loss_and_grads(batch, dropout_rng)
+    loss, grads = loss_and_grads(state.params, batch, step_rng)
   else:
     def accumulate(carry, micro):
       index, microbatch = micro
-      loss, grads = loss_and_grads(microbatch, jax.random.fold_in(dropout_rng, index))
+      loss, grads = loss_and_grads(state.params, microbatch, jax.random.fold_in(step_rng, index))
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
     (loss, grads), _ = jax.lax.scan(
@@ -78,6 +73,12 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn, rng,
   params = optax.apply_updates(state.params, updates)
   metrics = {'train_loss': loss, 'grad_norm': optax.tree.norm(grads)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def classification_loss(params, batch: dict, rng, *, model, loss_fn) -> jax.Array:
+  """Mean `loss_fn` of the logits against batch['labels']; `rng` drives dropout."""
+  logits = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
+  return jnp.mean(loss_fn(logits, batch['labels']))
 
 
 def all_finite(tree) -> jax.Array:

@@ -117,14 +117,13 @@ def jit_train_step(step_fn, training: Training):
 def make_train_step(config, training: Training, rng):
   """The task's pure (state, batch) -> (state, metrics) step; jit it with jit_train_step."""
   if _task(config) == 'classification':
-    return functools.partial(steps.train_step, model=training.model, tx=training.tx,
-                             loss_fn=steps.get_loss_fn(config.loss), rng=rng,
-                             accum_steps=config.get('accum_steps', 1))
-  if config.get('accum_steps', 1) != 1:
-    raise ValueError(f'accum_steps={config.accum_steps} is supported for classification only, '
-                     f'not task={_task(config)!r}')
-  return functools.partial(ssl_steps.train_step, model=training.model, tx=training.tx,
-                           objective=ssl_steps.get_objective(config), rng=rng)
+    batch_loss = functools.partial(steps.classification_loss, model=training.model,
+                                   loss_fn=steps.get_loss_fn(config.loss))
+  else:
+    batch_loss = functools.partial(ssl_steps.objective_loss, model=training.model,
+                                   objective=ssl_steps.get_objective(config))
+  return functools.partial(steps.train_step, tx=training.tx, batch_loss=batch_loss, rng=rng,
+                           accum_steps=config.get('accum_steps', 1))
 
 
 def abstract_batch(config, mesh, batch_size: int | None = None) -> dict:
