@@ -12,7 +12,7 @@ from ml_collections import config_flags
 
 from vit_jax.data import ops
 from vit_jax.models import mae, registry, vit
-from vit_jax.train import defaults, ssl_steps, steps, trainer
+from vit_jax.train import defaults, tasks, trainer
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
 DOCUMENTED_KEYS = ('total_steps', 'batch_size', 'seed', 'log_every', 'eval_every',
@@ -47,11 +47,11 @@ def test_config_loads_and_builds_with_a_tiny_model(module, arg):
     config.mesh = dict(data=-1, fsdp=1, model=1)
   training = trainer.build(config)
   params = training.abstract_state.params
-  if config.get('task', 'classification') == 'classification':
-    steps.get_loss_fn(config.loss)
+  task = tasks.get(config)
+  task.batch_loss(config, training.model)
+  if task.has_labels:
     assert params['head']['kernel'].shape[-1] == config.num_classes
   else:  # self-supervised: encoder names as the classifier's, no class head
-    ssl_steps.get_objective(config)
     assert 'head' not in params and 'Transformer' in params
   assert float(training.schedule(config.total_steps // 2)) > 0
 
@@ -72,7 +72,7 @@ def _check_preprocessing_at_real_size(config):
     assert example['image'].shape == (image_size, image_size, 3), (key, spec)
     assert -1. <= float(tf.reduce_min(example['image'])) < float(
         tf.reduce_max(example['image'])) <= 1., (key, spec)
-    if config.get('task', 'classification') == 'classification' and key != 'fewshot.pp':
+    if tasks.get(config).has_labels and key != 'fewshot.pp':
       assert example['labels'].shape == (config.num_classes,), (key, spec)
     if batch_fn is not None:
       batch = {k: tf.stack([v, v]) for k, v in example.items() if k != ops.SEED_KEY}

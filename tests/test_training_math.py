@@ -12,7 +12,7 @@ import optax
 import pytest
 import tensorflow as tf
 
-from vit_jax import checkpoint, models
+from vit_jax import checkpoint, models, train_state
 from vit_jax.data import ops
 from vit_jax.models import mae, vit
 from vit_jax.train import metrics_log, optim, steps, trainer
@@ -198,7 +198,7 @@ def test_loading_a_workdir_reads_its_newest_complete_step(tmp_path):
   for step in (1, 2):
     checkpoint.save_state(manager, step, {'params': {'w': np.full((2,), float(step))}})
   manager.close()
-  os.rename(tmp_path / 'checkpoints' / '2' / checkpoint._STEP_METADATA,
+  os.rename(tmp_path / 'checkpoints' / '2' / train_state._STEP_METADATA,
             tmp_path / 'checkpoints' / '2' / 'moved')  # an interrupted copy of step 2
   np.testing.assert_array_equal(checkpoint.load(str(tmp_path))['w'], [1., 1.])
 

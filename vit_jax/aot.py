@@ -224,11 +224,10 @@ def _fixes(config, num_devices: int):
   mesh = config.mesh
   if mesh.get('model', 1) == 1 and mesh.get('fsdp', 1) not in (-1, num_devices):
     yield {'mesh.data': 1, 'mesh.fsdp': -1}
-  if config.get('task', 'classification') == 'classification':
-    accum = config.get('accum_steps', 1)
-    for factor in (2, 4, 8):
-      if config.batch_size % (accum * factor * num_devices) == 0:
-        yield {'accum_steps': accum * factor}
+  accum = config.get('accum_steps', 1)  # every task accumulates gradients
+  for factor in (2, 4, 8):
+    if config.batch_size % (accum * factor * num_devices) == 0:
+      yield {'accum_steps': accum * factor}
 
 
 def suggest_fix(config, target: accelerators.Target, devices) -> tuple[dict, dict] | None:

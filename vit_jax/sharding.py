@@ -148,3 +148,21 @@ def param_shardings(boxed_tree, mesh: Mesh, rules):
   """
   shardings = logical_to_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
   return jax.tree.map(lambda s, a: _fit(s, a.shape), shardings, nn.unbox(boxed_tree))
+
+
+def to_host(tree):
+  """numpy copies of a tree of arrays, on every process, also when they are sharded across
+  processes (FSDP spanning hosts), where device_get cannot reach the other hosts' shards: then
+  every process must call it (a collective)."""
+  if all(getattr(x, 'is_fully_addressable', True) for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def to_global(host_tree, shardings):
+  """Sharded jax.Arrays from numpy arrays that every process holds in full: each process places
+  only its own devices' slices (no device_get / device_put of non-addressable arrays)."""
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+      host_tree, shardings)

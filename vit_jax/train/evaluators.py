@@ -4,7 +4,7 @@ import functools
 import jax
 import numpy as np
 
-from vit_jax import checkpoint, sharding
+from vit_jax import sharding
 from vit_jax.data import pipeline
 from vit_jax.train import fewshot, steps
 
@@ -68,7 +68,7 @@ class FewShotEvaluator:
     _, batches = pipeline.eval_batches(self.data_config, self.mesh, split)
     features, labels = [], []
     for batch in batches:
-      f, y, mask = checkpoint.to_host(self._features(params, batch))
+      f, y, mask = sharding.to_host(self._features(params, batch))
       keep = mask > 0
       features.append(f[keep])
       labels.append(np.argmax(y[keep], axis=-1))

@@ -12,8 +12,9 @@ import jax
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
-from vit_jax import checkpoint, models, paths
+from vit_jax import models, paths, train_state
 from vit_jax.data import ops, sources
+from vit_jax.train import tasks
 
 
 class PreflightError(ValueError):
@@ -32,10 +33,6 @@ def check(config, workdir: str, model, mesh) -> None:
     raise PreflightError(f'init_from={config.init_from}: no such file or directory; give a '
                          'released .npz / .safetensors file or an earlier run\'s workdir')
   _check_workdir_writable(workdir)
-
-
-def _task(config) -> str:
-  return config.get('task', 'classification')
 
 
 def _check_batch_sizes(config, mesh) -> None:
@@ -73,7 +70,7 @@ def _check_preprocessing(config, key: str, spec: str) -> None:
     ops.parse_preprocess(spec) if key == 'pp_train' else ops.get_preprocess_fn(spec)
   except ValueError as e:
     raise PreflightError(f'{key}: {e}') from None
-  if _task(config) != 'classification' or key == 'fewshot.pp':
+  if not tasks.get(config).has_labels or key == 'fewshot.pp':
     return
   for k in re.findall(r'\bonehot\(\s*(\d+)', spec):
     if int(k) != config.num_classes:
@@ -164,8 +161,8 @@ def check_workdir_model(manager: ocp.CheckpointManager, step: int, abstract_para
                         workdir: str) -> None:
   """A workdir whose checkpoint holds another model (a re-run with another model.name) is named
   with its first mismatched parameter, before Orbax fails on it in hundreds of lines."""
-  saved = checkpoint.saved_param_shapes(manager, step)
-  wanted = checkpoint.flat_shapes(abstract_params)
+  saved = train_state.saved_param_shapes(manager, step)
+  wanted = train_state.flat_shapes(abstract_params)
   # A shape mismatch says more than a missing name, so those come first.
   for key in sorted(set(saved) | set(wanted), key=lambda k: (k not in saved or k not in wanted, k)):
     if saved.get(key) != wanted.get(key):

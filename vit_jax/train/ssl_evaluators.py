@@ -18,12 +18,11 @@ class SelfSupervisedEvaluator:
   """`val_loss` (MAE: masked-patch MSE; masked patch prediction: colour cross-entropy) and, for
   masked patch prediction, `val_accuracy` of the colour of the corrupted patches."""
 
-  def __init__(self, config, model, mesh, params_sharding, prefix: str = 'val'):
+  def __init__(self, config, model, mesh, params_sharding, objective, prefix: str = 'val'):
     self.config, self.mesh, self.prefix = config, mesh, prefix
     self.split = config.data.eval_split
     self._step = sharding.jit_with_rules(
-        functools.partial(ssl_steps.eval_step, model=model,
-                          objective=ssl_steps.get_objective(config),
+        functools.partial(ssl_steps.eval_step, model=model, objective=objective,
                           rng=jax.random.key(EVAL_MASK_SEED)),
         mesh, sharding.rules_from_config(config),
         in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
@@ -62,8 +61,9 @@ class MaeEvaluator(SelfSupervisedEvaluator):
   """`val_loss`, and WORKDIR/mae_recon_{step}.png: rows original / masked / reconstruction of the
   first `num_images` eval images. Only process 0 writes the picture."""
 
-  def __init__(self, config, model, mesh, params_sharding, workdir: str, num_images: int = 8):
-    super().__init__(config, model, mesh, params_sharding)
+  def __init__(self, config, model, mesh, params_sharding, objective, workdir: str,
+               num_images: int = 8):
+    super().__init__(config, model, mesh, params_sharding, objective)
     self.workdir, self.num_images = workdir, num_images
     self._reconstruct = jax.jit(
         functools.partial(reconstruct, model=model,
@@ -86,11 +86,3 @@ class MaeEvaluator(SelfSupervisedEvaluator):
       visualize.write_png(self.path(step), [originals, masked, recon],
                           scale=max(1, 64 // originals.shape[1]))
     return result
-
-
-def build(config, model, mesh, params_sharding, workdir: str) -> list:
-  if not config.data.get('eval_split'):
-    return []
-  if config.task == 'mae':
-    return [MaeEvaluator(config, model, mesh, params_sharding, workdir)]
-  return [SelfSupervisedEvaluator(config, model, mesh, params_sharding)]

@@ -1,18 +1,13 @@
-"""Train / eval steps for self-supervised pretraining: MAE and masked patch prediction.
+"""Loss and eval step of self-supervised objectives (MAE and masked patch prediction, in
+`vit_jax.train.tasks`), and the pixel-target helpers MAE uses.
 
 An objective maps (model, params, images, rngs) to per-example sums {'loss', 'count', ...} over
 the patches it scores (masked ones for MAE, corrupted ones for masked patch prediction). Training
 divides the batch's loss sum by its count; evaluation sums both over a split first, so padded
 (mask=0) examples and uneven batches do not bias the result.
 """
-import functools
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
-
-from vit_jax.models import mae
-from vit_jax.train import steps
 
 
 def normalise_patches(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -26,36 +21,6 @@ def masked_mse(pred, target, mask) -> dict:
   """Per-example sum of per-patch MSE over masked patches only, and the masked-patch count."""
   per_patch = jnp.mean((pred - target)**2, axis=-1)
   return {'loss': jnp.sum(per_patch * mask, axis=-1), 'count': jnp.sum(mask, axis=-1)}
-
-
-def mae_objective(model, params, images, *, mask_rng, train, dropout_rng=None,
-                  norm_pix_loss: bool = False) -> dict:
-  pred, mask = model.apply({'params': params}, images, train=train, mask_rng=mask_rng,
-                           rngs={'dropout': dropout_rng} if train else {})
-  target = mae.patchify(images, model.patch_size)
-  if norm_pix_loss:
-    target = normalise_patches(target)
-  return masked_mse(pred, target, mask)
-
-
-def masked_patch_objective(model, params, images, *, mask_rng, train, dropout_rng=None) -> dict:
-  logits, corrupted = model.apply({'params': params}, images, train=train, mask_rng=mask_rng,
-                                  rngs={'dropout': dropout_rng} if train else {})
-  targets = mae.mean_colour_classes(images, model.patch_size)
-  xent = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return {'loss': jnp.sum(xent * corrupted, axis=-1),
-          'correct': jnp.sum(correct * corrupted, axis=-1),
-          'count': jnp.sum(corrupted, axis=-1)}
-
-
-def get_objective(config) -> Callable:
-  if config.task == 'mae':
-    return functools.partial(mae_objective, norm_pix_loss=config.get('norm_pix_loss', False))
-  if config.task == 'masked_patch':
-    return masked_patch_objective
-  raise ValueError(f"unknown task={config.task!r}; choose 'classification', 'mae' or "
-                   "'masked_patch'")
 
 
 def objective_loss(params, batch: dict, rng, *, model, objective) -> jax.Array:

@@ -10,23 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vit_jax import checkpoint, models, sharding
+from vit_jax import sharding, train_state, weights
 from vit_jax.data import pipeline
-from vit_jax.models import mae
-from vit_jax.train import (defaults, evaluators, metrics_log, optim, preemption, preflight,
-                           ssl_evaluators, ssl_steps, steps)
+from vit_jax.train import metrics_log, optim, preemption, preflight, steps, tasks
 
 
 def build_model(config):
-  overrides = defaults.model_options(config.model)
-  if _task(config) != 'classification':
-    return mae.get_model(config.task, config.model.name, **overrides)
-  return models.get_model(config.model.name, num_classes=config.num_classes, **overrides)
-
-
-def _task(config) -> str:
-  """'classification' (default), or self-supervised pretraining: 'mae', 'masked_patch'."""
-  return config.get('task', 'classification')
+  """The module `config.task` trains (see vit_jax.train.tasks)."""
+  return tasks.get(config).model(config)
 
 
 def _interval_hit(step: int, every: int, total: int) -> bool:
@@ -56,7 +47,7 @@ def _save_if_finite(manager, step: int, state, pending: list, workdir: str) -> N
     manager.wait_until_finished()
     raise FloatingPointError(f'parameters hold NaN/Inf after step {step}; not saving them. The '
                              f'newest complete checkpoint in {workdir}/checkpoints is untouched.')
-  checkpoint.save_state(manager, step, state)
+  train_state.save_state(manager, step, state)
 
 
 _all_finite = jax.jit(steps.all_finite)
@@ -116,12 +107,7 @@ def jit_train_step(step_fn, training: Training):
 
 def make_train_step(config, training: Training, rng):
   """The task's pure (state, batch) -> (state, metrics) step; jit it with jit_train_step."""
-  if _task(config) == 'classification':
-    batch_loss = functools.partial(steps.classification_loss, model=training.model,
-                                   loss_fn=steps.get_loss_fn(config.loss))
-  else:
-    batch_loss = functools.partial(ssl_steps.objective_loss, model=training.model,
-                                   objective=ssl_steps.get_objective(config))
+  batch_loss = tasks.get(config).batch_loss(config, training.model)
   return functools.partial(steps.train_step, tx=training.tx, batch_loss=batch_loss, rng=rng,
                            accum_steps=config.get('accum_steps', 1))
 
@@ -132,54 +118,70 @@ def abstract_batch(config, mesh, batch_size: int | None = None) -> dict:
   batch_sharding = sharding.batch_sharding(mesh)
   batch = {'image': jax.ShapeDtypeStruct((batch_size, config.image_size, config.image_size, 3),
                                          jnp.float32, sharding=batch_sharding)}
-  if _task(config) == 'classification':
+  if tasks.get(config).has_labels:
     batch['labels'] = jax.ShapeDtypeStruct((batch_size, config.num_classes), jnp.float32,
                                            sharding=batch_sharding)
   return batch
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains per `config`, writing WORKDIR/{metrics.jsonl, checkpoints/}; returns last metrics."""
-  training = build(config)
-  mesh, model, tx, schedule, init_fn, abstract_state, state_sharding, _ = training
-  logging.info('mesh %s; model %s with %.2fM parameters', dict(mesh.shape), config.model.name,
-               sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)) / 1e6)
-
-  preflight.check(config, workdir, model, mesh)  # before anything compiles
-  manager = checkpoint.make_manager(workdir, max_to_keep=config.get('keep_checkpoints', 3))
-  checkpoint.write_run_config(workdir, config)
-  rng = jax.random.key(config.seed)
-  init_rng, dropout_rng = jax.random.split(rng)
-  resume_step = checkpoint.latest_complete_step(manager)
+def initial_state(config, workdir: str, training: Training, manager, init_rng):
+  """The state to start from: the newest complete checkpoint in WORKDIR (resume), else fresh
+  parameters, with `config.init_from`'s weights merged in when it is set (transfer)."""
+  abstract_state, state_sharding = training.abstract_state, training.state_sharding
+  resume_step = train_state.latest_complete_step(manager)
   if resume_step is not None:
     preflight.check_workdir_model(manager, resume_step, abstract_state.params, workdir)
     # WARNING: the level the CLI shows; a user must see that this run is not a fresh one.
     logging.warning('resuming from %s/checkpoints/%d (step %d of %d)', workdir, resume_step,
                     resume_step, config.total_steps)
-    state = checkpoint.restore_state(manager, abstract_state, resume_step)
-  else:
-    state = init_fn(init_rng)
-    if config.init_from:
-      logging.info('initialising from %s', config.init_from)
-      # Params may be sharded across processes: merged on every host, then each host places
-      # only its own devices' slices.
-      try:
-        params = checkpoint.load_pretrained(config.init_from, checkpoint.to_host(state.params))
-      except (ValueError, FileNotFoundError) as e:  # they name the file: say which key gave it
-        raise ValueError(f'config.init_from: {e}') from None
-      params = checkpoint.to_global(params, state_sharding.params)
-      state = jax.jit(lambda p: steps.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
-                      out_shardings=state_sharding)(params)
+    return train_state.restore_state(manager, abstract_state, resume_step)
+  state = training.init_fn(init_rng)
+  if not config.init_from:
+    return state
+  logging.info('initialising from %s', config.init_from)
+  # Params may be sharded across processes: merged on every host, then each host places only
+  # its own devices' slices.
+  try:
+    params = weights.load_pretrained(config.init_from, sharding.to_host(state.params))
+  except (ValueError, FileNotFoundError) as e:  # they name the file: say which key gave it
+    raise ValueError(f'config.init_from: {e}') from None
+  params = sharding.to_global(params, state_sharding.params)
+  tx = training.tx
+  return jax.jit(lambda p: steps.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+                 out_shardings=state_sharding)(params)
+
+
+def _log_training(step: int, pending: list, throughput, config, schedule, batches, manager,
+                  workdir: str) -> dict:
+  """The training line of `step`: means over the steps since the last one; stops on NaN/Inf."""
+  fetched = jax.device_get(pending)
+  _check_finite(fetched, step, workdir, manager)
+  return {'train_loss': float(np.mean([m['train_loss'] for m in fetched])),
+          'learning_rate': float(schedule(step - 1)),
+          'images_per_sec': throughput.rate(step),
+          'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
+          'skipped_images': batches.skipped_images()}  # failed to decode, since start
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains per `config`, writing WORKDIR/{metrics.jsonl, checkpoints/}; returns last metrics."""
+  training = build(config)
+  mesh, model, _, schedule, _, abstract_state, state_sharding, _ = training
+  logging.info('mesh %s; model %s with %.2fM parameters', dict(mesh.shape), config.model.name,
+               sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)) / 1e6)
+
+  preflight.check(config, workdir, model, mesh)  # before anything compiles
+  manager = train_state.make_manager(workdir, max_to_keep=config.get('keep_checkpoints', 3))
+  train_state.write_run_config(workdir, config)
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  state = initial_state(config, workdir, training, manager, init_rng)
   start_step = int(state.step)
   if start_step >= config.total_steps:
     logging.warning('%s is already at step %d of %d: nothing to train (raise total_steps to '
                     'continue)', workdir, start_step, config.total_steps)
 
   train_step = jit_train_step(make_train_step(config, training, dropout_rng), training)
-  if _task(config) == 'classification':
-    evals = evaluators.build(config, model, mesh, state_sharding.params)
-  else:
-    evals = ssl_evaluators.build(config, model, mesh, state_sharding.params, workdir)
+  evals = tasks.get(config).evaluators(config, model, mesh, state_sharding.params, workdir)
   log = metrics_log.MetricsLog(workdir)
   progress = metrics_log.Progress(config.total_steps, start_step)
   batches = pipeline.train_iterator(config, mesh, start_step)
@@ -198,14 +200,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       throughput.restart(step)
       progress.restart_clock(step)
     if pending and _interval_hit(step, config.log_every, config.total_steps):
-      fetched = jax.device_get(pending)
-      _check_finite(fetched, step, workdir, manager)
-      train_loss = float(np.mean([m['train_loss'] for m in fetched]))
-      last = {'train_loss': train_loss,
-              'learning_rate': float(schedule(step - 1)),
-              'images_per_sec': throughput.rate(step),
-              'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
-              'skipped_images': batches.skipped_images()}  # failed to decode, since start
+      last = _log_training(step, pending, throughput, config, schedule, batches, manager,
+                           workdir)
       log.write(step, last)
       progress.log(step, last)
       pending = []
