@@ -63,7 +63,9 @@ def test_mae_trainer_writes_pictures_and_its_encoder_transfers(quickstart_config
   last = trainer.train_and_evaluate(config, workdir)
   lines = _metrics(workdir)
   assert [m['step'] for m in lines if 'val_loss' in m] == [1, 2]
-  assert 0 < last['val_loss'] < 10 and np.isfinite(last['train_loss'])
+  val_losses = [m['val_loss'] for m in lines if 'val_loss' in m]
+  # The same masks at both evaluations: one step lowers the loss (measured 1.198 -> 1.187).
+  assert val_losses[1] < val_losses[0] - 0.005 and np.isfinite(last['train_loss'])
   for step in (1, 2):
     picture = np.asarray(Image.open(os.path.join(workdir, f'mae_recon_{step}.png')))
     # 3 rows (original / masked / reconstruction) of 8 images, 16px enlarged 4x, 2px borders.

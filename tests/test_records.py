@@ -180,6 +180,8 @@ def test_pretrain_jft_small_cpu_run_logs_val_prec1(tmp_path):
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
     lines = [json.loads(line) for line in f]
   evals = [m for m in lines if 'val_prec@1' in m]
-  assert [m['step'] for m in evals] == [6] and 0 <= evals[0]['val_prec@1'] <= 1
+  # Images hold 2 of the 6 colours on average: a constant guess scores about 1/3; this run
+  # measured 0.75.
+  assert [m['step'] for m in evals] == [6] and evals[0]['val_prec@1'] > 0.5
   assert last['skipped_images'] == 0
   assert all(np.isfinite(m['train_loss']) for m in lines if 'train_loss' in m)

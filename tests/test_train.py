@@ -2,12 +2,13 @@ import json
 import logging
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint, sharding
+from vit_jax import checkpoint, models, sharding
 from vit_jax.train import trainer
 
 
@@ -54,7 +55,7 @@ def test_checkpoint_save_restore_is_exact(quickstart_config, tmp_path):
 def test_npz_export_and_transfer_with_posemb_resize(quickstart_config, tmp_path):
   config = quickstart_config
   model = trainer.build_model(config)
-  params = jax.tree.map(np.asarray, __import__('flax').linen.unbox(
+  params = jax.tree.map(np.asarray, nn.unbox(
       model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']))
   path = str(tmp_path / 'model.npz')
   checkpoint.save_npz(params, path)
@@ -63,8 +64,8 @@ def test_npz_export_and_transfer_with_posemb_resize(quickstart_config, tmp_path)
                                 ['kernel'],
                                 params['Transformer']['encoderblock_1']['MlpBlock_3']['Dense_0']
                                 ['kernel'])
-  bigger = trainer.models.get_model('testing', num_classes=3)
-  target = __import__('flax').linen.unbox(
+  bigger = models.get_model('testing', num_classes=3)
+  target = nn.unbox(
       bigger.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))['params'])
   merged = checkpoint.load_pretrained(path, target)
   assert merged['Transformer']['posembed_input']['pos_embedding'].shape == (1, 65, 16)
@@ -99,6 +100,15 @@ def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, ca
       assert {'learning_rate', 'images_per_sec'} <= set(m) and np.isfinite(m['train_loss'])
   evals = [m for m in lines if 'val_accuracy' in m]
   assert [m['step'] for m in evals] == [3, 6]
-  assert 0 <= last['val_accuracy'] <= 1
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
+
+
+def test_quickstart_learns_the_digits_beyond_chance(quickstart_config, tmp_path):
+  """60 steps of the tiny model: measured held-out accuracy 0.175 (chance 0.1) and loss 2.264
+  (a zero head starts at ln 10 = 2.303)."""
+  config = quickstart_config
+  config.total_steps, config.eval_every, config.checkpoint_every, config.log_every = 60, 0, 0, 20
+  config.schedule.base_lr = 3e-3
+  last = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert last['val_accuracy'] > 0.14 and last['val_loss'] < np.log(10) - 0.02
