@@ -110,10 +110,11 @@ def test_masked_patch_tokens_get_their_position_after_corruption():
   # No blocks: the encoder's output is LayerNorm (scale 1, bias 0) of its input tokens.
   model = mae.get_model('masked_patch', 'testing', posemb='sincos2d', classifier='gap',
                         num_layers=0, corrupt_ratio=0.9)
-  params = model.init(jax.random.key(0), IMAGES)['params']
+  params = jax.jit(model.init)(jax.random.key(0), IMAGES)['params']
   rng = jax.random.key(5)
-  _, state = model.apply({'params': params}, IMAGES, mask_rng=rng, mutable=['intermediates'],
-                         capture_intermediates=lambda m, _: m.name == 'Transformer')
+  _, state = jax.jit(lambda p: model.apply(
+      {'params': p}, IMAGES, mask_rng=rng, mutable=['intermediates'],
+      capture_intermediates=lambda m, _: m.name == 'Transformer'))(params)
   encoded = np.asarray(jax.tree.leaves(state['intermediates'])[0])
   embedded = model.apply({'params': params}, IMAGES, method='embed').reshape(2, 16, -1)
   _, _, kind = mae.corrupt_patches(rng, embedded, jnp.zeros((1, 1, 16)), 0.9)
