@@ -33,8 +33,7 @@ def pretrain_config(steps: int):
   c.eval_every = steps
   c.checkpoint_every = steps
   c.num_classes = 8
-  c.data = dict(name='synthetic_shapes', data_dir='', train_split='train', eval_split='test',
-                cache=True, shuffle_buffer=20_000)
+  c.data = dict(name='synthetic_shapes', data_dir='', train_split='train', eval_split='test')
   c.pp_train = 'decode|random_crop(16, pad=1)|flip_lr|value_range(-1, 1)|onehot(8, key="labels")'
   c.pp_eval = 'decode|value_range(-1, 1)|onehot(8, key="labels")'
   c.loss = 'sigmoid_xent'

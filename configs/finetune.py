@@ -49,7 +49,7 @@ def get_config(arg: str = 'cifar10'):
 
   c.image_size = 384
   c.num_classes = num_classes
-  c.data.update(name=arg, train_split=train_split, eval_split=eval_split, shuffle_buffer=50_000)
+  c.data.update(name=arg, train_split=train_split, eval_split=eval_split)
   c.pp_train = (f'decode|resize(448)|random_crop(384)|flip_lr|value_range(-1, 1)|'
                 f'onehot({num_classes})')
   c.pp_eval = f'decode|resize(384)|value_range(-1, 1)|onehot({num_classes})'

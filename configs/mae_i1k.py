@@ -32,8 +32,7 @@ def get_config():
   c.init_from = ''
 
   c.image_size = 224
-  c.data.update(name='imagenet2012', train_split='train', eval_split='validation[:10000]',
-                shuffle_buffer=250_000)
+  c.data.update(name='imagenet2012', train_split='train', eval_split='validation[:10000]')
   # MAE's only augmentation: random resized crop (scale 0.2-1) and horizontal flips.
   c.pp_train = 'decode|inception_crop(224, area_min=0.2)|flip_lr|value_range(-1, 1)'
   c.pp_eval = 'decode|resize_small(256)|central_crop(224)|value_range(-1, 1)'

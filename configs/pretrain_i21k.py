@@ -50,8 +50,7 @@ def get_config(arg: str = 'B/16'):
 
   c.image_size = 224
   c.num_classes = NUM_CLASSES
-  c.data.update(name='imagenet21k', train_split='full[102400:]', eval_split='full[:102400]',
-                shuffle_buffer=250_000)
+  c.data.update(name='imagenet21k', train_split='full[102400:]', eval_split='full[:102400]')
   c.pp_train = (f'decode|resize(256)|random_crop(224)|flip_lr|value_range(-1, 1)|'
                 f'onehot({NUM_CLASSES})')
   c.pp_eval = f'decode|resize(224)|value_range(-1, 1)|onehot({NUM_CLASSES})'

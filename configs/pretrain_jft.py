@@ -18,7 +18,7 @@ Small on CPU (a few hundred images in RECORDS/train-* and RECORDS/val-*):
     python -m vit_jax.main --config=configs/pretrain_jft.py --workdir=/tmp/jft_small \
       --config.data.path=RECORDS --config.data.num_classes=K --config.model.name=ViT-Ti_16 \
       --config.image_size=64 --config.total_steps=200 --config.batch_size=32 \
-      --config.schedule.warmup_steps=20 --config.data.shuffle_buffer=1000
+      --config.schedule.warmup_steps=20
 
 The preprocessing strings follow data.num_classes and image_size (field references), and so
 does the model's head.
@@ -49,7 +49,7 @@ def get_config(arg: str = 'B/16'):
   c.init_from = ''
 
   c.image_size = 224
-  c.data.update(train_split='train', eval_split='val', shuffle_buffer=250_000)
+  c.data.update(train_split='train', eval_split='val')
   c.num_classes = 18_291  # = data.num_classes (one value)
   size, classes = c.get_ref('image_size').to_str(), c.get_ref('num_classes').to_str()
   c.pp_train = ('decode|inception_crop(' + size + ')|flip_lr|value_range(-1, 1)|onehot(' +

@@ -21,8 +21,7 @@ def get_config():
 
   c.image_size = 16
   c.num_classes = 10
-  c.data.update(name='sklearn_digits', train_split='train', eval_split='test', cache=True,
-                shuffle_buffer=2_000)
+  c.data.update(name='sklearn_digits', train_split='train', eval_split='test')
   c.pp_train = ('decode|resize(16)|random_crop(16, pad=1)|value_range(-1, 1)|onehot(10)')
   c.pp_eval = 'decode|resize(16)|value_range(-1, 1)|onehot(10)'
 

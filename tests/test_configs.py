@@ -95,7 +95,7 @@ DOCUMENTED_OPTIONS = {
     'data.name': ('cifar10', 'cifar10'), 'data.data_dir': ('/d', '/d'),
     'data.train_split': ('train[:10]', 'train[:10]'), 'data.eval_split': ('test', 'test'),
     'data.path': ('/records', '/records'), 'data.num_classes': ('12', 12),
-    'data.shuffle_buffer': ('100', 100), 'pp_train': ('decode', 'decode'),
+    'data.prefetch': ('4', 4), 'pp_train': ('decode', 'decode'),
     'pp_eval': ('decode', 'decode'), 'schedule.base_lr': ('3e-3', 3e-3),
     'schedule.warmup_steps': ('20', 20), 'fewshot.dataset': ('cifar100', 'cifar100'),
     'fewshot.seeds': ('1', 1), 'model.name': ('ViT-S_4', 'ViT-S_4'),

@@ -3,17 +3,17 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax.data import ops, sources
+from vit_jax.data import ops, pipeline, sources
 
 
 def test_digits_builder_splits_and_labels(tfds_data_dir):
   builder = tfds.builder('sklearn_digits', data_dir=tfds_data_dir)
-  builder.download_and_prepare()
+  sources.prepare_tfds(builder)
   assert builder.info.splits['train'].num_examples == 1500
   assert builder.info.splits['test'].num_examples == 297
   ids, labels = {}, {}
   for split in ('train', 'test'):
-    examples = list(tfds.as_numpy(builder.as_dataset(split=split)))
+    examples = list(tfds.data_source('sklearn_digits', split=split, data_dir=tfds_data_dir))
     ids[split] = {int(e['id']) for e in examples}
     labels[split] = np.array([e['label'] for e in examples])
     assert examples[0]['image'].shape == (8, 8, 1) and examples[0]['image'].dtype == np.uint8
@@ -25,12 +25,24 @@ def test_digits_builder_splits_and_labels(tfds_data_dir):
     assert len(np.unique(labels[split])) == 10
 
 
-def test_source_splits_evenly_over_processes(tfds_data_dir):
-  shares = [sources.tfds_source('sklearn_digits', 'test', tfds_data_dir, i, 4) for i in range(4)]
-  ids = [{int(e['id']) for e in tfds.as_numpy(s.dataset)} for s in shares]
-  assert sorted(len(i) for i in ids) == [74, 74, 74, 75]
-  assert all(s.num_examples_max == 75 for s in shares)
-  assert len(set().union(*ids)) == 297
+def test_tfds_source_reads_by_index_and_refuses_tfrecord_storage(tfds_data_dir, tmp_path):
+  source = sources.tfds_source('sklearn_digits', 'test', tfds_data_dir)
+  examples = [source.parse(tf.constant(r)) for r in source.read(np.array([5, 0, 5]))]
+  assert int(examples[0]['id']) == int(examples[2]['id']) != int(examples[1]['id'])
+  assert source.num_examples == 297 and source.records_read == 3
+  tfds.builder('sklearn_digits', data_dir=str(tmp_path)).download_and_prepare()  # TFRecord
+  with pytest.raises(ValueError, match='tfds convert_format --dataset_dir=.*array_record'):
+    sources.tfds_source('sklearn_digits', 'test', str(tmp_path))
+
+
+def test_record_order_is_a_fresh_permutation_every_epoch():
+  order = pipeline.record_index(seed=3, num_examples=10)
+  epochs = np.array([int(order(tf.constant(k, tf.int64))) for k in range(30)]).reshape(3, 10)
+  for epoch in epochs:
+    assert sorted(epoch) == list(range(10))
+  assert len({tuple(e) for e in epochs}) == 3
+  again = pipeline.record_index(seed=3, num_examples=10)  # a pure function of (seed, k)
+  assert [int(again(tf.constant(k, tf.int64))) for k in range(10, 20)] == list(epochs[1])
 
 
 def _example():

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from tests import test_sharding
 from vit_jax import checkpoint, models
+from vit_jax.data import sources
 from vit_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def fine_tune_and_export(config, workdir: str, export: str) -> bool:
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_checkpoint_together(tmp_path, tfds_data_dir):
-  tfds.builder('sklearn_digits', data_dir=tfds_data_dir).download_and_prepare()  # once, here
+  sources.prepare_tfds(tfds.builder('sklearn_digits', data_dir=tfds_data_dir))  # once, here
   pretrained = str(tmp_path / 'pretrained.npz')
   model = models.get_model('testing', num_classes=10)
   checkpoint.save_npz(nn.unbox(model.init(jax.random.key(7), np.zeros((1, 16, 16, 3)),

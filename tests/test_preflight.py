@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from tests import test_resume
@@ -54,6 +55,7 @@ def _records(folder, split, num_classes, num_examples=1):
   with open(sources.record_info_path(str(folder), split), 'w') as f:
     json.dump({'num_examples': num_examples, 'shard_sizes': [num_examples],
                'num_classes': num_classes}, f)
+  sources.write_record_offsets(str(folder), split, np.zeros(num_examples + 1, np.int64))
 
 
 def test_records_missing_val_split_and_too_many_classes(quickstart_config, tmp_path):

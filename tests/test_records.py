@@ -1,7 +1,9 @@
 """make_records, record sources, per-process splitting, determinism, skipped images, pretrain_jft."""
+import functools
 import io
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -71,8 +73,7 @@ def test_make_records_writes_shards_and_reports_bad_rows(records):
   assert summary['num_classes'] == 6
   with open(os.path.join(out, 'train.json')) as f:
     assert json.load(f)['shard_sizes'] == [6, 6, 6, 6]
-  source = sources.records_source(out, 'train', 0, 1)
-  examples = list(source.dataset.as_numpy_iterator())
+  examples = read_examples(sources.records_source(out, 'train'))
   good = [r for r in rows if r[0].startswith('img')]
   assert sorted(tuple(e['label']) for e in examples) == sorted(tuple(l) for _, l in good)
   with open(os.path.join(os.path.dirname(out), 'images', good[3][0]), 'rb') as f:
@@ -86,14 +87,46 @@ def test_make_records_rejects_malformed_labels_naming_the_line(tmp_path):
     make_records.write_records(str(tmp_path), str(csv_path), str(tmp_path / 'o'), 1)
 
 
-@pytest.mark.parametrize('process_count', [2, 3, 8])  # files by process; examples by process
-def test_processes_read_disjoint_shares_covering_the_split(records, process_count):
-  out = records[0]
-  shares = [sources.records_source(out, 'train', i, process_count) for i in range(process_count)]
-  images = [[e['image'] for e in s.dataset.as_numpy_iterator()] for s in shares]
-  assert [len(i) for i in images] == [s.num_examples for s in shares]
-  assert sum(len(i) for i in images) == 24 == len(set().union(*map(set, images)))
-  assert all(s.num_examples_max == max(map(len, images)) for s in shares)
+def read_examples(source) -> list[dict]:
+  """Every example of a source, in record order, as numpy."""
+  return [jax.tree.map(lambda x: x.numpy(), source.parse(tf.constant(record)))
+          for record in source.read(np.arange(source.num_examples))]
+
+
+@pytest.mark.parametrize('process_count', [1, 2, 4])
+def test_each_process_reads_its_rows_of_the_same_global_batches(records, process_count):
+  """Steps 0-2 are epoch 0 (24 records, batch 8): every record once; step 4 is in epoch 1."""
+  config = _config(records[0], pp_train='decode|resize(16)|value_range(-1, 1)|onehot(6)')
+  local = config.batch_size // process_count
+  steps = {}
+  for step in (0, 1, 2, 4):
+    shares = [next(pipeline.train_dataset(config, step, range(p * local, (p + 1) * local))
+                   .as_numpy_iterator()) for p in range(process_count)]
+    steps[step] = np.concatenate([s['image'] for s in shares])
+  expected = _global_batches(records[0])
+  for step, images in steps.items():
+    np.testing.assert_array_equal(images, expected[step], err_msg=f'step {step}')
+  epoch = np.concatenate([steps[s] for s in (0, 1, 2)]).reshape(24, -1)
+  assert len(np.unique(epoch, axis=0)) == 24  # a permutation of the split
+
+
+@functools.cache
+def _global_batches(path: str) -> dict:
+  """The global batches of one process reading every row, for the comparisons above."""
+  config = _config(path, pp_train='decode|resize(16)|value_range(-1, 1)|onehot(6)')
+  return {step: next(pipeline.train_dataset(config, step, range(8)).as_numpy_iterator())['image']
+          for step in (0, 1, 2, 4)}
+
+
+def test_record_sets_without_offsets_are_refused_until_indexed(records, tmp_path):
+  out = tmp_path / 'copy'
+  shutil.copytree(records[0], out)
+  offsets = np.load(sources.record_offsets_path(str(out), 'train'))
+  os.remove(sources.record_offsets_path(str(out), 'train'))
+  with pytest.raises(FileNotFoundError, match='make_records --index_only'):
+    sources.records_source(str(out), 'train')
+  assert make_records.write_index(str(out), 'train', log=io.StringIO()) == 24
+  np.testing.assert_array_equal(np.load(sources.record_offsets_path(str(out), 'train')), offsets)
 
 
 def _config(path, **overrides):
@@ -103,7 +136,6 @@ def _config(path, **overrides):
   config.data.num_classes = 6
   config.image_size = 16
   config.batch_size = 8
-  config.data.shuffle_buffer = 16
   config.pp_train = ('decode|inception_crop(16)|flip_lr|randaug(2, 5)|value_range(-1, 1)|'
                      'onehot(6)|mixup(0.5)')
   for k, v in overrides.items():
@@ -127,14 +159,6 @@ def test_resume_yields_exactly_the_batches_of_a_fresh_run(records):
   assert labels.shape == (8, 6) and (labels.sum(1) > 0.99).all()
 
 
-def test_processes_get_different_batches(records):
-  config = _config(records[0], pp_train='decode|inception_crop(16)|value_range(-1, 1)|onehot(6)')
-  first = [next(pipeline.train_dataset(config, 0, i, 2).as_numpy_iterator())
-           for i in range(2)]
-  assert first[0]['image'].shape == (4, 16, 16, 3)
-  assert not np.array_equal(first[0]['image'], first[1]['image'])
-
-
 def test_corrupt_images_at_training_time_are_skipped_and_counted(tmp_path):
   """Records written by other tools may hold bad images; they are replaced and counted."""
   good = tf.io.encode_png(np.full((8, 8, 3), 200, np.uint8)).numpy()
@@ -145,8 +169,8 @@ def test_corrupt_images_at_training_time_are_skipped_and_counted(tmp_path):
       w.write(make_records._example(image, [i % 3]))  # pylint: disable=protected-access
   with open(sources.record_info_path(str(tmp_path / 'out'), 'train'), 'w') as f:
     json.dump({'shard_sizes': [8], 'num_classes': 3}, f)
+  make_records.write_index(str(tmp_path / 'out'), 'train', log=io.StringIO())
   config = _config(str(tmp_path / 'out'))
-  config.data.shuffle_buffer = 1
   config.pp_train = 'decode|resize(8)|value_range(0, 1)|onehot(3)'
   batches = pipeline.train_iterator(config, sharding.make_mesh(config.mesh))
   batch = jax.device_get(next(batches))
@@ -169,7 +193,6 @@ def test_pretrain_jft_small_cpu_run_logs_val_prec1(tmp_path):
   config = pretrain_jft.get_config()  # pp strings follow image_size and data.num_classes
   config.data.path = str(tmp_path / 'records')
   config.data.num_classes = 6
-  config.data.shuffle_buffer = 64
   config.image_size = 16
   config.total_steps, config.log_every, config.eval_every, config.checkpoint_every = 6, 2, 6, 0
   config.batch_size = 16

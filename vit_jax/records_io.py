@@ -10,6 +10,9 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from vit_jax import paths
 
+# Per record: 8-byte length, 4-byte length CRC, the data, 4-byte data CRC.
+FRAMING_BYTES = 16
+
 
 def writer(path, append: bool = False) -> RecordWriter:
   """A record writer on `path`: `write(bytes)`, `flush()`, `close()`. With append=True the file

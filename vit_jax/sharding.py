@@ -84,6 +84,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def process_batch_rows(mesh: Mesh, global_batch: int) -> range:
+  """The rows of a global batch this process's devices hold: what its input pipeline reads.
+
+  Usually process i of P holds rows [i*B/P, (i+1)*B/P); when a mesh axis the batch is not split
+  over (model) spans processes, several processes hold, and so read, the same rows.
+  """
+  rows = set()
+  for index in batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values():
+    rows.update(range(global_batch)[index[0]])
+  start, stop = min(rows), max(rows) + 1
+  if len(rows) != stop - start:
+    raise ValueError(f'the devices of process {jax.process_index()} hold rows {sorted(rows)} of '
+                     f'the global batch, not one contiguous block; order the mesh devices so '
+                     f'that each process\'s devices are adjacent along the data/fsdp axes')
+  return range(start, stop)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -14,8 +14,9 @@ SPLIT_SEED = 0
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   """8x8 grayscale digits 0-9 (UCI optical recognition of handwritten digits, test part)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Fixed 1500/297 train/test split (permutation seed 0).'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Fixed 1500/297 train/test split (permutation seed 0).',
+                   '1.1.0': 'Prepared as ArrayRecord: read by example index.'}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

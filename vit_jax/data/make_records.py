@@ -9,7 +9,11 @@ decode it, so a corrupt or truncated file is skipped and counted now instead of 
 later; a row naming a missing file is reported with its line number and skipped. Images are
 stored as their original bytes (no re-encoding). Writes OUT/SPLIT-0000i-of-0000N.tfrecord
 (tf.train.Example: `image` bytes, `labels` int64 list; examples dealt round-robin so shards are
-even) and OUT/SPLIT.json (shard sizes, number of classes, what was skipped).
+even), OUT/SPLIT.json (shard sizes, number of classes, what was skipped) and OUT/SPLIT.offsets.npy
+(where each record starts: the trainer reads records by index).
+
+Record sets written before the offsets file existed get it with `--index_only --output=OUT
+--split=SPLIT` (reads the files once).
 """
 import concurrent.futures
 import csv
@@ -19,6 +23,7 @@ import os
 import re
 import sys
 
+import numpy as np
 import tensorflow as tf
 import tqdm
 from absl import app, flags
@@ -102,6 +107,7 @@ def write_records(image_dir: str, labels_csv: str, output: str, num_shards: int,
       paths.resolve(output) / sources.record_file_name(split, i, num_shards))
              for i in range(num_shards)]
   shard_sizes = [0] * num_shards
+  shard_offsets = [[0] for _ in range(num_shards)]
   missing, corrupt, classes = [], [], set()
   workers = min(32, os.cpu_count() or 1)
   # The decoders' own complaints (libjpeg, TF's C++ logging) go to file descriptor 2 from the
@@ -117,8 +123,11 @@ def write_records(image_dir: str, labels_csv: str, output: str, num_shards: int,
         (missing if error == 'missing' else corrupt).append((line, name, error))
         continue
       shard = sum(shard_sizes) % num_shards
-      writers[shard].write(_example(data, labels))
+      record = _example(data, labels)
+      writers[shard].write(record)
       shard_sizes[shard] += 1
+      shard_offsets[shard].append(shard_offsets[shard][-1] + len(record) +
+                                  records_io.FRAMING_BYTES)
       classes.update(labels)
   native.replay(noise=_DECODER_NOISE)
   for line, name, error in sorted(missing + corrupt):
@@ -133,6 +142,8 @@ def write_records(image_dir: str, labels_csv: str, output: str, num_shards: int,
       'skipped': [{'line': line, 'image': name, 'error': error}
                   for line, name, error in missing + corrupt],
   }
+  sources.write_record_offsets(output, split,
+                               np.concatenate([np.array(o, np.int64) for o in shard_offsets]))
   paths.resolve(sources.record_info_path(output, split)).write_text(json.dumps(summary, indent=1))
   print(f'wrote {summary["num_examples"]} images to {output}/'
         f'{sources.record_file_name(split, 0, num_shards).replace("00000-", "*-")}; '
@@ -140,6 +151,20 @@ def write_records(image_dir: str, labels_csv: str, output: str, num_shards: int,
         f'corrupt); classes: {len(classes)} seen, num_classes={summary["num_classes"]}',
         file=log)
   return summary
+
+
+def write_index(output: str, split: str, log=sys.stderr) -> int:
+  """Writes SPLIT.offsets.npy for a record set that lacks it; returns the number of records."""
+  info_path = paths.resolve(sources.record_info_path(output, split))
+  if not info_path.exists():
+    raise FileNotFoundError(f'{info_path} is missing: --output={output} --split={split} holds no '
+                            'record set written by make_records')
+  sizes = json.loads(info_path.read_text())['shard_sizes']
+  files = [str(paths.resolve(output) / sources.record_file_name(split, i, len(sizes)))
+           for i in range(len(sizes))]
+  sources.write_record_offsets(output, split, sources.record_offsets(files, sizes))
+  print(f'wrote {sources.record_offsets_path(output, split)} ({sum(sizes)} records)', file=log)
+  return sum(sizes)
 
 
 def define_flags() -> None:
@@ -151,13 +176,20 @@ def define_flags() -> None:
                        'training processes.')
   flags.DEFINE_string('split', 'train', 'Split name (train_split / eval_split).')
   flags.DEFINE_integer('num_classes', 0, 'Number of classes; 0 = largest id + 1.')
-  flags.mark_flags_as_required(['image_dir', 'labels', 'output'])
+  flags.DEFINE_bool('index_only', False, 'Only write SPLIT.offsets.npy for the record set in '
+                    '--output (one written before the trainer read records by index).')
+  flags.mark_flags_as_required(['output'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if f.index_only:
+    write_index(f.output, f.split)
+    return
+  if not (f.image_dir and f.labels):
+    raise app.UsageError('--image_dir and --labels are required (or --index_only)')
   write_records(f.image_dir, f.labels, f.output, f.num_shards, f.split, f.num_classes)
 
 

@@ -1,9 +1,13 @@
-"""tf.data pipelines: source -> per-process share -> preprocess -> batch -> global jax.Array.
+"""tf.data pipelines: example index -> record -> preprocess -> batch -> global jax.Array.
 
-Training order and augmentation are a pure function of (seed, step): the shuffled, repeated
-stream is enumerated, each example's random ops are seeded from its index, and a resumed run
-skips the examples already consumed, so it sees exactly the batches an uninterrupted run would.
+Training input is a pure function of (seed, step). Row r of the global batch at step s is
+example k = s * batch_size + r of the stream; in epoch e = k // N it is record
+index_shuffle(k % N, seed=(seed, e)) of the split (a permutation per epoch, never materialised),
+preprocessed with random ops seeded by (seed, k). Each process reads only the rows its devices
+hold. So a resumed run starts reading at its step (no replay), and the global batches are the
+same on 1 process or 64, which lets a run preempted on one slice shape resume on another.
 """
+import collections
 import math
 from typing import Iterator
 
@@ -18,6 +22,11 @@ from vit_jax.data import ops, sources
 # tf.data must not take the accelerator memory JAX needs.
 tf.config.set_visible_devices([], 'GPU')
 
+# Records fetched per read call (one call fans out over sources.READ_THREADS threads).
+_READ_CHUNK = 64
+# Global batches whose host-to-device copy is under way while the step before them runs.
+_DEVICE_PREFETCH = 2
+
 
 def local_batch_size(global_batch: int) -> int:
   if global_batch % jax.process_count():
@@ -26,29 +35,36 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // jax.process_count()
 
 
-def _source(data_config, split: str, process_index: int | None = None,
-            process_count: int | None = None) -> sources.Source:
+def source(data_config, split: str) -> sources.Source:
   """Record files when data.path is set, else the tfds dataset data.name."""
   if data_config.get('path'):
-    return sources.records_source(data_config.path, split, process_index, process_count)
+    return sources.records_source(data_config.path, split)
   if data_config.get('name'):
-    return sources.tfds_source(data_config.name, split, data_config.get('data_dir') or None,
-                               process_index, process_count)
+    return sources.tfds_source(data_config.name, split, data_config.get('data_dir') or None)
   raise ValueError('config.data needs either path (record files from vit_jax.data.make_records) '
                    'or name (a tensorflow-datasets dataset)')
 
 
-def _seed_base(seed: int, process_index: int):
-  return tf.constant(seed * 1_000_003 + process_index, tf.int64)
-
-
-def _with_seed(seed: int, process_index: int):
-  """Attaches a stateless seed (seed, process, example index); batch seeds use -1 - step."""
-  def fn(index, example):
-    example = dict(example)
-    example[ops.SEED_KEY] = tf.stack([_seed_base(seed, process_index), index])
-    return example
+def record_index(seed: int, num_examples: int):
+  """Stream position k -> the record it reads: each epoch a fresh permutation of the split."""
+  def fn(k):
+    epoch, position = k // num_examples, k % num_examples
+    return tf.random.experimental.index_shuffle(
+        position, tf.stack([tf.constant(seed, tf.int64), epoch]), num_examples - 1)
   return fn
+
+
+def _read(src: sources.Source, indices: tf.Tensor) -> tf.Tensor:
+  records = tf.numpy_function(src.read, [indices], tf.string, stateful=False)
+  return tf.ensure_shape(records, indices.shape)
+
+
+def _examples(src: sources.Source, positions: tf.data.Dataset, record_of) -> tf.data.Dataset:
+  """(k, record) for every stream position k of `positions`, read in parallel chunks."""
+  ds = positions.map(lambda k: (k, record_of(k))).batch(_READ_CHUNK)
+  ds = ds.map(lambda k, r: (k, _read(src, r)), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  return ds.unbatch()
 
 
 # An always-decodable image preprocessed in place of one that fails (corrupt or truncated).
@@ -80,6 +96,7 @@ def _skip_failures(preprocess):
 
 VALID_KEY = '_valid'
 SKIPPED_KEY = 'skipped'
+_REAL_KEY = '_real'  # evaluation: False for the padding rows past the split's end
 
 
 def _fill_skipped(batch: dict) -> dict:
@@ -106,68 +123,87 @@ def _options() -> tf.data.Options:
   return options
 
 
-def _to_global(batch: dict, mesh) -> dict:
+def _to_global(local: dict, mesh, global_batch: int) -> dict:
   batch_sharding = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v, (global_batch,) + v.shape[1:])
+          for k, v in local.items()}
 
 
 def _keep_model_inputs(example: dict) -> dict:
   return {k: v for k, v in example.items() if k in ('image', 'labels', VALID_KEY)}
 
 
-def train_dataset(config, start_step: int = 0, process_index: int | None = None,
-                  process_count: int | None = None) -> tf.data.Dataset:
-  """This process's batches {'image', 'labels', 'skipped'} (numpy-ready) from `start_step` on.
+def _parsed_with_seed(src: sources.Source, seed: int):
+  """(k, record) -> the parsed example, its random ops seeded by (seed, k)."""
+  def fn(k, record):
+    example = src.parse(record)
+    example[ops.SEED_KEY] = tf.stack([tf.constant(seed, tf.int64), k])
+    return example
+  return fn
 
-  Example i of the shuffled, repeated stream is preprocessed with seed (seed, process, i) and
-  batch ops (mixup) with (seed, process, -1 - step), so any step's batch is a pure function of
-  the config: a resumed run skips the consumed examples unread and continues bit-for-bit.
-  """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
+
+def train_dataset(config, start_step: int = 0, rows: range | None = None,
+                  src: sources.Source | None = None) -> tf.data.Dataset:
+  """The batches {'image', 'labels', 'skipped'} of rows `rows` (default: this process's even
+  share) of every global batch from `start_step` on. Batch ops (mixup) mix within these rows,
+  seeded by (seed, first row, step)."""
   data = config.data
-  source = _source(data, data.train_split, process_index, process_count)
-  if config.batch_size % process_count:
-    raise ValueError(f'batch_size={config.batch_size} is not divisible by the number of '
-                     f'processes ({process_count})')
-  batch = config.batch_size // process_count
+  src = src or source(data, data.train_split)
+  if rows is None:
+    local = local_batch_size(config.batch_size)
+    rows = range(jax.process_index() * local, (jax.process_index() + 1) * local)
+  if src.num_examples == 0:
+    raise ValueError(f'{src.name} has no examples')
   preprocess, batch_ops = ops.parse_preprocess(config.pp_train)
-  ds = source.dataset
-  if data.get('cache', False):
-    ds = ds.cache()
-  ds = ds.shuffle(data.get('shuffle_buffer', 10_000), seed=config.seed,
-                  reshuffle_each_iteration=True).repeat()
-  ds = ds.enumerate().skip(start_step * batch).map(_with_seed(config.seed, process_index))
-  ds = ds.apply(_skip_failures(lambda ex: _keep_model_inputs(preprocess(ex))))
-  ds = ds.batch(batch, drop_remainder=True).enumerate(start=start_step)
+  global_batch, local, first = config.batch_size, len(rows), rows.start
 
-  def finish(step, local):
-    local = _fill_skipped(local)
+  def position(m):  # m-th example this process reads -> its stream position k
+    step = start_step + m // local
+    return step * global_batch + first + m % local
+  positions = tf.data.Dataset.range(2 ** 62).map(position)
+  ds = _examples(src, positions, record_index(config.seed, src.num_examples))
+  ds = ds.map(_parsed_with_seed(src, config.seed), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.apply(_skip_failures(lambda ex: _keep_model_inputs(preprocess(ex))))
+  ds = ds.batch(local, drop_remainder=True).enumerate(start=start_step)
+
+  def finish(step, batch):
+    batch = _fill_skipped(batch)
     if batch_ops is not None:
-      skipped = local.pop(SKIPPED_KEY)
-      local[ops.SEED_KEY] = tf.stack([_seed_base(config.seed, process_index), -1 - step])
-      local = dict(batch_ops(local), **{SKIPPED_KEY: skipped})
-      local.pop(ops.SEED_KEY)
-    return local
+      skipped = batch.pop(SKIPPED_KEY)
+      batch[ops.SEED_KEY] = tf.stack([tf.constant(config.seed, tf.int64) * 1_000_003 + first,
+                                      -1 - step])
+      batch = dict(batch_ops(batch), **{SKIPPED_KEY: skipped})
+      batch.pop(ops.SEED_KEY)
+    return batch
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(data.get('prefetch', 2)).with_options(_options())
 
 
 class TrainIterator:
-  """Global batches {'image', 'labels'}; counts the examples skipped because they failed."""
+  """Global batches {'image', 'labels'}, copied to the devices `_DEVICE_PREFETCH` steps ahead;
+  counts the examples skipped because they failed."""
 
-  def __init__(self, dataset: tf.data.Dataset, mesh):
+  def __init__(self, dataset: tf.data.Dataset, mesh, global_batch: int):
     self._batches = dataset.as_numpy_iterator()
-    self._mesh = mesh
-    self.skipped = 0  # by this process, since this iterator started
+    self._mesh, self._global_batch = mesh, global_batch
+    self._queue = collections.deque()
+    self.skipped = 0  # by this process, in the batches handed out since this iterator started
 
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict:
+  def _fetch(self) -> None:
     local = next(self._batches)
-    self.skipped += int(local.pop(SKIPPED_KEY))
-    return _to_global(local, self._mesh)
+    skipped = int(local.pop(SKIPPED_KEY))
+    # make_array_from_process_local_data starts the copies and returns: they overlap the step.
+    self._queue.append((_to_global(local, self._mesh, self._global_batch), skipped))
+
+  def __next__(self) -> dict:
+    while len(self._queue) <= _DEVICE_PREFETCH:
+      self._fetch()
+    batch, skipped = self._queue.popleft()
+    self.skipped += skipped
+    return batch
 
   def skipped_images(self) -> int:
     """Skipped by all processes since the start (every process must call it: a collective)."""
@@ -178,31 +214,46 @@ class TrainIterator:
 
 def train_iterator(config, mesh, start_step: int = 0) -> TrainIterator:
   """Yields global batches {'image', 'labels'} from step `start_step` on."""
-  return TrainIterator(train_dataset(config, start_step), mesh)
+  rows = sharding.process_batch_rows(mesh, config.batch_size)
+  return TrainIterator(train_dataset(config, start_step, rows), mesh, config.batch_size)
 
 
 def eval_batches(config, mesh, split: str) -> tuple[int, Iterator[dict]]:
   """(num_batches, iterator) over a whole split, padded with mask=0 examples.
 
-  Every process yields the same number of batches (collectives need it), however unevenly
-  the split divides. Examples that fail to preprocess get mask=0 (left out of the metrics).
+  Global batch b holds examples b * eval_batch_size + row, in the split's order; each process
+  reads its rows, and rows past the end repeat the last example with mask 0. Examples that fail
+  to preprocess get mask=0 too (left out of the metrics).
   """
-  data = config.data
-  source = _source(data, split)
-  batch = local_batch_size(config.get('eval_batch_size', config.batch_size))
+  src = source(config.data, split)
+  global_batch = config.get('eval_batch_size', config.batch_size)
+  local_batch_size(global_batch)  # divisible by the process count
+  rows = sharding.process_batch_rows(mesh, global_batch)
   preprocess = ops.get_preprocess_fn(config.pp_eval)
-  num_batches = math.ceil(source.num_examples_max / batch)
+  num_examples = src.num_examples
+  num_batches = math.ceil(num_examples / global_batch)
 
-  def with_mask(ex):
-    ex = dict(ex)
-    return dict(ex, mask=ex.pop(VALID_KEY))
-  ds = source.dataset.map(lambda ex: dict(ex, **{ops.SEED_KEY: tf.constant([0, 0], tf.int64)}))
-  ds = ds.apply(_skip_failures(lambda ex: _keep_model_inputs(preprocess(ex)))).map(with_mask)
-  padding = ds.take(1).map(lambda ex: dict(ex, mask=tf.constant(0.))).cache().repeat()
-  ds = ds.concatenate(padding).take(num_batches * batch).batch(batch)
-  ds = ds.prefetch(2).with_options(_options())
+  def position(m):
+    return m // len(rows) * global_batch + rows.start + m % len(rows)
+  positions = tf.data.Dataset.range(num_batches * len(rows)).map(position)
+  ds = _examples(src, positions, lambda k: tf.minimum(k, num_examples - 1))
+
+  def parse(k, record):
+    return dict(src.parse(record), **{ops.SEED_KEY: tf.constant([0, 0], tf.int64),
+                                      _REAL_KEY: k < num_examples})
+
+  def preprocess_keeping_real(example):
+    return dict(_keep_model_inputs(preprocess(example)), **{_REAL_KEY: example[_REAL_KEY]})
+
+  def with_mask(example):
+    example = dict(example)
+    real = tf.cast(example.pop(_REAL_KEY), tf.float32)
+    return dict(example, mask=example.pop(VALID_KEY) * real)
+  ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.apply(_skip_failures(preprocess_keeping_real)).map(with_mask)
+  ds = ds.batch(len(rows)).prefetch(2).with_options(_options())
 
   def iterate():
     for local in ds.as_numpy_iterator():
-      yield _to_global(local, mesh)
+      yield _to_global(local, mesh, global_batch)
   return num_batches, iterate()

@@ -59,8 +59,9 @@ def make_example(rng: np.random.RandomState) -> tuple[np.ndarray, list[int]]:
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
   """20,000 train / 1,000 test procedurally generated multi-label images (seeded)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Eight primitives, seeds 0 (train) and 1 (test).'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Eight primitives, seeds 0 (train) and 1 (test).',
+                   '1.1.0': 'Prepared as ArrayRecord: read by example index.'}
   SPLIT_SIZES = {'train': (20_000, 0), 'test': (1_000, 1)}
 
   def _info(self) -> tfds.core.DatasetInfo:

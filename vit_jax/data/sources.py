@@ -1,49 +1,83 @@
-"""Example sources, split per process: any tensorflow-datasets dataset (incl. the offline digits)
-and the sharded TFRecord files that `python -m vit_jax.data.make_records` writes."""
-import dataclasses
+"""Splits read by example index: any tensorflow-datasets dataset prepared as ArrayRecord (incl.
+the offline digits) and the TFRecord files `python -m vit_jax.data.make_records` writes.
+
+Random access is what makes the input a pure function of (seed, step): the pipeline computes
+which record sits at position k of the training stream and reads just that one, so resuming at
+step 100,000 reads one batch, not the 51M records before it, and each process reads only the
+rows of the global batch its devices hold, whatever the number of processes.
+"""
+import bisect
+import concurrent.futures
 import json
 import os
+import struct
+import threading
 
-import jax
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import paths, records_io
 from vit_jax.data import digits, shapes  # noqa: F401  (register sklearn_digits, synthetic_shapes)
 
+# Reads in flight per process; records are small and latency (a disk seek, a GCS range read)
+# dominates, so many at once.
+READ_THREADS = 32
 
-@dataclasses.dataclass
+
 class Source:
-  """One process's share of a split."""
-  dataset: tf.data.Dataset  # examples as dicts; images still encoded bytes
-  num_examples: int  # in this process's share
-  num_examples_max: int  # largest share over processes: every process runs that many eval steps
-  num_classes: int | None
+  """A split: `read(indices)` gives serialized examples, `parse` turns one into a dict with
+  'image' (encoded bytes) and 'label' (class id or ids). Counts the records it has read."""
+
+  def __init__(self, num_examples: int, read_many, parse, name: str):
+    self.num_examples, self.name = num_examples, name
+    self._read_many, self.parse = read_many, parse
+    self.records_read = 0
+    self._count_lock = threading.Lock()
+
+  def read(self, indices: np.ndarray) -> np.ndarray:
+    records = self._read_many([int(i) for i in indices])
+    with self._count_lock:
+      self.records_read += len(records)
+    return np.array(records, dtype=object)
 
 
-def tfds_source(name: str, split: str, data_dir: str | None = None,
-                process_index: int | None = None, process_count: int | None = None) -> Source:
-  """Reads this process's even share of a tfds split, images left encoded for the `decode` op.
+# ---------------------------------------------------------------------------------------------
+# tensorflow-datasets, prepared as ArrayRecord (random access through tfds.data_source).
 
-  The dataset is prepared on first use (for builders that need no manual download, like
-  sklearn_digits); reading is deterministic so that training resumes exactly.
+def prepare_tfds(builder) -> None:
+  """Prepares a dataset that is not prepared yet, as ArrayRecord (random access)."""
+  if not builder.is_prepared():
+    builder.download_and_prepare(file_format='array_record')
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None) -> Source:
+  """A tfds split (any split syntax, e.g. 'train[:90%]'), images left encoded for `decode`.
+
+  The dataset must be prepared (start-up does it, once, before step 1: see preflight) and in
+  ArrayRecord form; a TFRecord-prepared one is refused with the command that converts it.
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
   builder = tfds.builder(name, data_dir=data_dir)
-  builder.download_and_prepare()
-  shares = tfds.even_splits(split, n=process_count, drop_remainder=False)
-  sizes = [builder.info.splits[s].num_examples for s in shares]
-  decoders = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
+  prepare_tfds(builder)  # a no-op once prepared; here for callers outside training
+  file_format = str(getattr(builder.info.file_format, 'value', builder.info.file_format))
+  if file_format != 'array_record':
+    raise ValueError(
+        f'tfds dataset {name} in {builder.data_dir} is stored as {file_format}, which cannot be '
+        f'read by example index (exact, constant-time resume needs that); convert it once with: '
+        f'tfds convert_format --dataset_dir={builder.data_dir} --out_file_format=array_record')
+  source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                            deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  features = builder.info.features
+  decoders = {k: tfds.decode.SkipDecoding() for k, f in features.items()
               if isinstance(f, tfds.features.Image)}
-  read_config = tfds.ReadConfig(shuffle_seed=0, interleave_cycle_length=1,
-                                add_tfds_id=False)
-  ds = builder.as_dataset(split=shares[process_index], shuffle_files=False,
-                          decoders=decoders, read_config=read_config)
-  label = builder.info.features.get('label') if hasattr(builder.info.features, 'get') else None
-  num_classes = getattr(label, 'num_classes', None)
-  return Source(ds, sizes[process_index], max(sizes), num_classes)
 
+  def parse(serialized):
+    return dict(features.deserialize_example(serialized, decoders=decoders))
+  return Source(len(source), source.__getitems__, parse, f'{name}:{split}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Record files written by make_records: TFRecord shards + SPLIT.json + SPLIT.offsets.npy.
 
 # tf.train.Example features of the record files; `labels` is read into the example's 'label'
 # (a vector of class ids), so the same `onehot(K)` serves tfds and record sources.
@@ -61,6 +95,11 @@ def record_info_path(path: str, split: str) -> str:
   return str(paths.resolve(path) / f'{split}.json')
 
 
+def record_offsets_path(path: str, split: str) -> str:
+  """Where each shard's record start offsets are kept (int64, one array per split)."""
+  return str(paths.resolve(path) / f'{split}.offsets.npy')
+
+
 def read_record_info(path: str, split: str) -> dict:
   """The summary make_records writes beside the files: shard sizes, classes, skipped images."""
   info_path = record_info_path(path, split)
@@ -76,18 +115,76 @@ def read_record_info(path: str, split: str) -> dict:
   if missing:
     raise FileNotFoundError(f'{info_path} lists {num_shards} shards but {missing[0]} is missing '
                             f'({len(missing)} missing in all)')
+  offsets_path = record_offsets_path(path, split)
+  if not paths.resolve(offsets_path).exists():
+    raise FileNotFoundError(
+        f'{offsets_path} is missing (record sets written before random access); write it once, '
+        f'reading each file\'s record headers: python -m vit_jax.data.make_records '
+        f'--index_only --output={path} --split={split}')
   info['files'] = files
   return info
 
 
-def _record_reader(path: str):
-  """file name tensor -> its records: TensorFlow's reader, or for gs:// under a GCS emulator
-  (which TensorFlow's GCS filesystem cannot reach) the same records read through epath."""
-  if not (paths.is_remote(path) and os.environ.get(paths.EMULATOR_VARIABLE)):
-    return tf.data.TFRecordDataset
-  return lambda file: tf.data.Dataset.from_generator(
-      lambda name: records_io.read(name.decode()), args=(file,),
-      output_signature=tf.TensorSpec([], tf.string))
+def record_offsets(files: list[str], shard_sizes: list[int]) -> np.ndarray:
+  """Start offsets of every record of every file, in file order, plus each file's end: what
+  random access needs, from the length fields of TensorFlow's record framing."""
+  offsets = []
+  for file, size in zip(files, shard_sizes):
+    file_offsets = [0]
+    for record in records_io.read(file):
+      file_offsets.append(file_offsets[-1] + len(record) + records_io.FRAMING_BYTES)
+    if len(file_offsets) - 1 != size:
+      raise ValueError(f'{file} holds {len(file_offsets) - 1} records, its SPLIT.json says {size}')
+    offsets.append(file_offsets)
+  return np.array([o for file_offsets in offsets for o in file_offsets], np.int64)
+
+
+def write_record_offsets(path: str, split: str, offsets: np.ndarray) -> None:
+  with paths.resolve(record_offsets_path(path, split)).open('wb') as f:
+    np.save(f, offsets, allow_pickle=False)
+
+
+class _RecordReader:
+  """Record i of a set of TFRecord files, by byte range: os.pread on local files (no shared file
+  position, so threads read at once), a per-thread epath file elsewhere (gs://)."""
+
+  def __init__(self, files: list[str], shard_sizes: list[int], offsets: np.ndarray):
+    self._files = files
+    self._first = np.cumsum([0] + list(shard_sizes))  # global index of each file's record 0
+    self._offsets = offsets  # per file: size + 1 entries
+    self._base = self._first + np.arange(len(files) + 1)  # where each file's entries start
+    self._local = not any(paths.is_remote(f) for f in files)
+    self._fds = [None] * len(files)
+    self._lock = threading.Lock()
+    self._thread = threading.local()
+    self._pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS)
+
+  def _range(self, index: int) -> tuple[int, int, int]:
+    file = bisect.bisect_right(self._first, index) - 1
+    entry = self._base[file] + index - self._first[file]
+    return file, int(self._offsets[entry]), int(self._offsets[entry + 1])
+
+  def _bytes(self, file: int, start: int, stop: int) -> bytes:
+    if self._local:
+      if self._fds[file] is None:
+        with self._lock:
+          if self._fds[file] is None:
+            self._fds[file] = os.open(self._files[file], os.O_RDONLY)
+      return os.pread(self._fds[file], stop - start, start)
+    handles = self._thread.__dict__.setdefault('handles', {})
+    if file not in handles:
+      handles[file] = paths.resolve(self._files[file]).open('rb')
+    handles[file].seek(start)
+    return handles[file].read(stop - start)
+
+  def read_one(self, index: int) -> bytes:
+    file, start, stop = self._range(index)
+    framed = self._bytes(file, start, stop)
+    (length,) = struct.unpack('<Q', framed[:8])
+    return framed[12:12 + length]
+
+  def read_many(self, indices: list[int]) -> list[bytes]:
+    return list(self._pool.map(self.read_one, indices))
 
 
 def _parse_record(serialized):
@@ -95,28 +192,15 @@ def _parse_record(serialized):
   return {'image': example['image'], 'label': tf.sparse.to_dense(example['labels'])}
 
 
-def records_source(path: str, split: str, process_index: int | None = None,
-                   process_count: int | None = None) -> Source:
-  """This process's share of a split written by make_records, images left encoded.
-
-  With at least as many files as processes, process i reads files i, i+P, i+2P, ... (each host
-  reads only its own files; make num_shards a multiple of the process count for even shares).
-  With fewer files, every process reads all of them and keeps every P-th example.
-  """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
+def records_source(path: str, split: str) -> Source:
+  """A split written by make_records, images left encoded, read by record index."""
   info = read_record_info(path, split)
-  files, sizes = info['files'], info['shard_sizes']
-  if len(files) >= process_count:
-    mine = files[process_index::process_count]
-    shares = [sum(sizes[i::process_count]) for i in range(process_count)]
-    ds = tf.data.Dataset.from_tensor_slices(mine).interleave(
-        _record_reader(path), cycle_length=min(len(mine), 16), block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  else:
-    total = sum(sizes)
-    shares = [len(range(i, total, process_count)) for i in range(process_count)]
-    ds = tf.data.Dataset.from_tensor_slices(files).flat_map(_record_reader(path)).shard(
-        process_count, process_index)
-  ds = ds.map(_parse_record, num_parallel_calls=tf.data.AUTOTUNE)
-  return Source(ds, shares[process_index], max(shares), info.get('num_classes'))
+  with paths.resolve(record_offsets_path(path, split)).open('rb') as f:
+    offsets = np.load(f, allow_pickle=False)
+  sizes = info['shard_sizes']
+  if len(offsets) != sum(sizes) + len(sizes):
+    raise ValueError(f'{record_offsets_path(path, split)} does not match {split}.json; write it '
+                     f'again: python -m vit_jax.data.make_records --index_only --output={path} '
+                     f'--split={split}')
+  reader = _RecordReader(info['files'], sizes, offsets)
+  return Source(sum(sizes), reader.read_many, _parse_record, f'{path}:{split}')

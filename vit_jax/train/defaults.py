@@ -41,8 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_size = 224
   c.num_classes = placeholder(int)  # classification only
   c.data = ml_collections.ConfigDict(dict(
-      name='', data_dir='', path='', train_split='train', eval_split='test', cache=False,
-      shuffle_buffer=10_000, prefetch=2))
+      name='', data_dir='', path='', train_split='train', eval_split='test', prefetch=2))
   # Record files say `--config.data.num_classes=K`; one value with num_classes.
   c.data.num_classes = c.get_ref('num_classes')
   c.pp_train = ''

@@ -2,6 +2,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import sharding
@@ -9,13 +10,19 @@ from vit_jax.data import pipeline
 from vit_jax.train import fewshot, steps
 
 
+_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+
 def sum_over_split(eval_step, params, config, mesh, split: str) -> tuple[dict, float]:
-  """Adds up eval_step's per-batch sums over a whole (padded) split; returns (sums, count)."""
+  """Adds up eval_step's per-batch sums over a whole (padded) split; returns (sums, count).
+
+  The sums stay on the devices until the split is done: nothing waits for a batch's result,
+  so reading batch b+1 overlaps evaluating batch b."""
   _, batches = pipeline.eval_batches(config, mesh, split)
   totals = None
   for batch in batches:
     sums = eval_step(params, batch)
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    totals = sums if totals is None else _add(totals, sums)
   totals = jax.device_get(totals)
   return totals, max(float(totals['count']), 1.)
 

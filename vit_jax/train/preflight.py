@@ -112,7 +112,7 @@ def _check_split(config, data, split: str, key: str) -> None:
   builder = tfds.builder(data['name'], data_dir=data.get('data_dir') or None)
   if not builder.is_prepared():
     _check_can_prepare(builder)
-    builder.download_and_prepare()
+    sources.prepare_tfds(builder)
   try:
     num_examples = builder.info.splits[split].num_examples
   except (KeyError, ValueError) as e:
@@ -143,7 +143,8 @@ def _check_can_prepare(builder) -> None:
       f'tfds dataset {builder.name} is not prepared in data_dir {builder.data_dir_root} and this '
       f'machine is offline; prepare it where there is internet (python -c "import '
       f'tensorflow_datasets as tfds; tfds.builder(\'{builder.name}\', data_dir=DIR)'
-      f'.download_and_prepare()") and copy DIR here, or set --config.data.data_dir to it')
+      f'.download_and_prepare(file_format=\'array_record\')") and copy DIR here, or set '
+      f'--config.data.data_dir to it')
 
 
 def _check_workdir_writable(workdir: str) -> None:
