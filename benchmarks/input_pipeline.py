@@ -1,24 +1,36 @@
-"""Input pipeline speed: images/sec on one core for the training preprocessing of real JPEGs.
+"""Input pipeline speed: images/sec on one core for the training preprocessing of real JPEGs,
+and what a resumed run reads before its first batch.
 
-    python -m benchmarks.input_pipeline [--num_images=200 --repeats=5]
+    python -m benchmarks.input_pipeline [--num_images=200 --repeats=5 --resume_at=10,100000]
 
 Generates natural-looking 500x375 JPEGs (smooth colour fields, edges, noise; ImageNet's typical
 size and quality), then times, on one thread each, in the same run:
   bare decode       tf.io.decode_jpeg, the floor every pipeline pays;
   decode+crop+flip  'decode|inception_crop(224)|flip_lr' (fused: only the crop is decoded);
   unfused           the same with the whole image decoded before cropping;
-  training wrapper  the fused ops inside the pipeline's skip-and-count wrapper.
+  training wrapper  the fused ops inside the pipeline's skip-and-count wrapper;
+  whole pipeline    the same JPEGs written by make_records, read by index through
+                    `pipeline.train_dataset` (order, parse, preprocess, batch) on one thread.
 Prints the median images/sec of each and its median ratio to bare decode within a round
-(robust to the load of other processes), then one JSON line.
+(robust to the load of other processes). Then, for each --resume_at step, starts a fresh
+process that builds the training input at that step (batch --resume_batch) and takes one batch:
+seconds from process start to that batch and records read. Ends with one JSON line.
 """
 import argparse
+import io
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
 import tensorflow as tf
 
-from vit_jax.data import ops, pipeline
+from vit_jax.data import make_records, ops, pipeline
+
+_PP = 'decode|inception_crop(224)|flip_lr'
 
 
 def natural_jpegs(num_images: int, seed: int = 0) -> list[bytes]:
@@ -48,6 +60,53 @@ def _one_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
+def write_records(jpegs: list[bytes], folder: str) -> str:
+  """The JPEGs as a make_records record set (one class each); returns its data.path."""
+  os.makedirs(os.path.join(folder, 'images'), exist_ok=True)
+  rows = []
+  for i, jpeg in enumerate(jpegs):
+    with open(os.path.join(folder, 'images', f'{i}.jpg'), 'wb') as f:
+      f.write(jpeg)
+    rows.append(f'{i}.jpg,{i % 10}')
+  with open(os.path.join(folder, 'labels.csv'), 'w') as f:
+    f.write('image,labels\n' + '\n'.join(rows) + '\n')
+  out = os.path.join(folder, 'records')
+  make_records.write_records(os.path.join(folder, 'images'), os.path.join(folder, 'labels.csv'),
+                             out, num_shards=4, log=io.StringIO())
+  return out
+
+
+def _config(records: str, batch_size: int):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(dict(
+      seed=0, batch_size=batch_size, pp_train=_PP + '|value_range(-1, 1)',
+      data=dict(path=records, train_split='train', prefetch=2)))
+
+
+def first_batch(records: str, step: int, batch_size: int) -> dict:
+  """Runs in a fresh process: one batch of the training input at `step`; what it took."""
+  src = pipeline.source(_config(records, batch_size).data, 'train')
+  batch = next(pipeline.train_dataset(_config(records, batch_size), step, range(batch_size), src)
+               .as_numpy_iterator())
+  assert batch['image'].shape[0] == batch_size
+  return {'records_read': src.records_read}
+
+
+def resume_costs(records: str, steps: list[int], batch_size: int) -> dict:
+  costs = {}
+  for step in steps:
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, '-c', 'import json, sys; from benchmarks import input_pipeline as b; '
+         f'print(json.dumps(b.first_batch({records!r}, {step}, {batch_size})))'],
+        capture_output=True, text=True, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    costs[step] = dict(json.loads(out.stdout.strip().splitlines()[-1]),
+                       seconds=round(time.perf_counter() - start, 2))
+    print(f'resume at step {step:>7} (batch {batch_size}): first batch {costs[step]["seconds"]:.2f} s '
+          f'after process start, {costs[step]["records_read"]} records read')
+  return costs
+
+
 def images_per_sec(cases: dict, count: int, repeats: int) -> dict:
   """{case: [images/sec per pass]} over `repeats` full passes (after one warm-up pass each),
   the cases taking turns so that load from other processes hits them alike."""
@@ -67,6 +126,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--num_images', type=int, default=200)
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--resume_at', default='10,100000', help='steps, comma-separated')
+  parser.add_argument('--resume_batch', type=int, default=512)
   args = parser.parse_args()
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -77,13 +138,18 @@ def main():
     seeds = tf.stack([tf.zeros(len(jpegs), tf.int64), tf.range(len(jpegs), dtype=tf.int64)], 1)
     return tf.data.Dataset.from_tensor_slices({'image': jpegs, ops.SEED_KEY: seeds})
 
-  fused = ops.get_preprocess_fn('decode|inception_crop(224)|flip_lr')
+  fused = ops.get_preprocess_fn(_PP)
+  records = write_records(jpegs, tempfile.mkdtemp(prefix='input_pipeline_'))
+  batch = 25  # divides --num_images: every case passes over the same number of images
+  whole = pipeline.train_dataset(_config(records, batch), 0, range(batch)).take(
+      len(jpegs) // batch)
   decode, crop, flip = (ops.get_op(s) for s in ('decode', 'inception_crop(224)', 'flip_lr'))
   cases = {
       'bare decode': examples().map(lambda ex: tf.io.decode_jpeg(ex['image'], channels=3)),
       'decode+crop+flip': examples().map(fused),
       'unfused': examples().map(lambda ex: flip(crop(decode(dict(ex))))),
       'training wrapper': examples().apply(pipeline._skip_failures(fused)),  # pylint: disable=protected-access
+      'whole pipeline': whole,
   }
   rates = images_per_sec(cases, len(jpegs), args.repeats)
   bare = np.array(rates['bare decode'])
@@ -95,6 +161,8 @@ def main():
                      'ratio_to_bare_decode': round(ratio, 3)}
     print(f'{name:18s} {np.median(per_pass):8.1f} images/sec/core (median of {len(per_pass)})'
           f'   ratio to bare decode {ratio:.2f}')
+  summary['resume'] = resume_costs(records, [int(s) for s in args.resume_at.split(',')],
+                                   args.resume_batch)
   print(json.dumps(summary))
 
 if __name__ == '__main__':
