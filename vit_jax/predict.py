@@ -77,21 +77,23 @@ def infer_image_size(model, params: dict) -> int | None:
 
 
 def build(checkpoint_path: str, model_name: str | None = None, *, image_size: int = 0,
-          posemb: str = ''):
-  """(model, params, image size) for classifying with the weights at `checkpoint_path`."""
+          posemb: str = '', require_head: bool = True):
+  """(model, params, image size) for classifying with the weights at `checkpoint_path`; with
+  require_head=False weights without a head give a model whose output is its features."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from vit_jax import checkpoint, models  # pylint: disable=g-import-not-at-top
   params = checkpoint.load(checkpoint_path)
-  if 'head' not in params:
+  if 'head' not in params and require_head:
     raise ValueError(
         f'{checkpoint_path} has no classifier head: it holds '
         f'{"a self-supervised (MAE / masked patch) run" if "Transformer" in params else "no ViT"}'
         f"'s weights. Fine-tune it first, e.g. --config.init_from={checkpoint_path}")
   run = checkpoint.read_run_config(checkpoint_path)
   options = {k: v for k, v in run.get('model', {}).items() if k != 'name' and v is not None}
-  options.update(architecture(params), num_classes=params['head']['bias'].shape[0])
+  options.update(architecture(params),
+                 num_classes=params['head']['bias'].shape[0] if 'head' in params else None)
   options.update({'posemb': posemb} if posemb else {})
   if 'posemb' not in options:
     raise ValueError(f'{checkpoint_path} holds no learned position embeddings: pass '

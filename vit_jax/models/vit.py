@@ -161,13 +161,18 @@ class MultiHeadDotProductAttention(nn.Module):
     bias = None
     if self.relative_grid is not None:
       bias = self._relative_bias(x.shape[1]).astype(q.dtype)
-    if self.dropout_rate > 0. and not deterministic:
-      # jax.nn.dot_product_attention has no dropout: spell attention out when it is needed.
+    dropout = self.dropout_rate > 0. and not deterministic
+    if dropout or self.is_mutable_collection('intermediates'):
+      # jax.nn.dot_product_attention has neither dropout nor its weights: spell attention out
+      # when either is wanted. The weights go to `intermediates` (vit_jax.inspect reads them:
+      # `model.apply(..., mutable='intermediates')`).
       logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(q.dtype)
       if bias is not None:
         logits = logits + bias
       weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(q.dtype)
-      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+      self.sow('intermediates', 'attention_weights', weights)
+      if dropout:
+        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
       out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     else:
       out = jax.nn.dot_product_attention(q, k, v, bias=bias)
@@ -260,7 +265,7 @@ class Encoder(nn.Module):
                   relative_grid=self.relative_grid, dtype=self.dtype,
                   param_dtype=self.param_dtype)
     if self.scan_layers:
-      scanned = nn.scan(block, variable_axes={'params': 0},
+      scanned = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
                         split_rngs={'params': True, 'dropout': True},
                         in_axes=(0, nn.broadcast), length=self.num_layers,
                         metadata_params={nn.PARTITION_NAME: LAYERS})

@@ -1,0 +1,90 @@
+"""vit_jax.inspect: each figure's numbers against an independent computation, and the whole
+command on a small checkpoint."""
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from vit_jax import checkpoint, inspect, models
+from vit_jax.models import vit
+
+
+def test_mean_attention_distance_of_a_constructed_attention():
+  """2x2 patches of 10 px plus a class token; every query attends only to the bottom-right
+  patch (the class token's share is left out and the rest renormalised)."""
+  weights = np.zeros((1, 1, 5, 5))
+  weights[..., 4] = 0.6
+  weights[..., 0] = 0.4  # the class token
+  expected = (np.hypot(10, 10) + 10 + 10 + 0) / 4
+  got = inspect.mean_attention_distance(weights, (2, 2), patch_size=10, num_prefix=1)
+  np.testing.assert_allclose(got, [expected])
+
+
+def test_rollout_of_identity_attention_is_the_identity():
+  eye = np.broadcast_to(np.eye(6), (2, 3, 6, 6))
+  np.testing.assert_allclose(inspect.attention_rollout([eye, eye, eye]),
+                             np.broadcast_to(np.eye(6), (2, 6, 6)))
+  maps = inspect.rollout_maps(inspect.attention_rollout([eye]), (2, 2), num_prefix=2)
+  np.testing.assert_allclose(maps, 0.)  # no patch flows into the class token
+
+
+def test_sincos2d_positions_are_most_similar_to_themselves_then_their_neighbours():
+  sim = inspect.position_similarity(vit.posemb_sincos_2d(6, 6, 64)[0], (6, 6))
+  for i in range(6):
+    for j in range(6):
+      order = np.argsort(-sim[i, j].ravel())
+      assert order[0] == i * 6 + j
+      neighbours = {(i + di) * 6 + j + dj for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1))
+                    if 0 <= i + di < 6 and 0 <= j + dj < 6}
+      assert order[1] in neighbours
+
+
+def test_filter_components_are_the_covariance_eigenvectors():
+  kernel = np.random.RandomState(0).normal(size=(4, 4, 3, 40)) * np.linspace(0.1, 2, 48).reshape(
+      4, 4, 3, 1)
+  components, explained = inspect.filter_components(kernel, num=5)
+  filters = kernel.reshape(48, 40).T
+  eigenvalues, eigenvectors = np.linalg.eigh(np.cov(filters, rowvar=False))
+  top = np.argsort(-eigenvalues)[:5]
+  np.testing.assert_allclose(explained, eigenvalues[top] / eigenvalues.sum(), rtol=1e-6)
+  for component, vector in zip(components, eigenvectors[:, top].T):
+    assert abs(np.dot(component.ravel(), vector)) == pytest.approx(1., abs=1e-6)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_the_model_sows_its_own_attention_weights(scan_layers):
+  model = models.get_model('testing', num_classes=3, scan_layers=scan_layers)
+  images = np.random.RandomState(1).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  params = model.init(jax.random.key(0), images)['params']
+  weights = inspect.attention_weights(model, params, images)
+  assert len(weights) == model.num_layers
+  tokens = (16 // model.patch_size)**2 + model.num_prefix_tokens
+  for w in weights:
+    assert w.shape == (2, model.num_heads, tokens, tokens)
+    np.testing.assert_allclose(w.sum(-1), 1., rtol=1e-5)
+  # The spelled-out attention that sows the weights computes what the fused one does.
+  sown, _ = model.apply({'params': params}, images, mutable='intermediates')
+  np.testing.assert_allclose(sown, model.apply({'params': params}, images), rtol=1e-5, atol=1e-6)
+
+
+def test_inspect_writes_the_figures_and_their_numbers(tmp_path):
+  model = models.get_model('testing', num_classes=3)
+  params = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 16, 16, 3)))['params'])
+  checkpoint.save_npz(params, str(tmp_path / 'w.npz'))
+  image = tmp_path / 'a.png'
+  Image.fromarray(np.random.RandomState(0).randint(0, 255, (20, 24, 3), np.uint8)).save(image)
+  result = inspect.analyse(str(tmp_path / 'w.npz'), [str(image)])
+  assert result['grid'] == (4, 4) and result['rollout'].shape == (1, 4, 4)
+  assert result['attention_distance'].shape == (model.num_layers, model.num_heads)
+  assert result['position_similarity'].shape == (4, 4, 4, 4)
+  assert list(result['top_classes']) == [str(image)]
+  written = inspect.draw(result, str(tmp_path / 'out'))
+  assert written == ['filters.png', 'position_similarity.png', 'attention_distance.png',
+                     'rollout.png']
+  for name in written:
+    assert Image.open(tmp_path / 'out' / name).size[0] > 100
+  numbers = json.loads(json.dumps(inspect.summary(result)))
+  assert np.allclose(numbers['attention_distance'], result['attention_distance'])
