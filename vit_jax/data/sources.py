@@ -8,6 +8,7 @@ rows of the global batch its devices hold, whatever the number of processes.
 """
 import bisect
 import concurrent.futures
+import functools
 import json
 import os
 import struct
@@ -51,6 +52,9 @@ def prepare_tfds(builder) -> None:
     builder.download_and_prepare(file_format='array_record')
 
 
+# Sources are kept per process (functools.cache): every evaluation reads the same split, and a
+# record source holds open files, its offsets and a thread pool that should not be made again.
+@functools.cache
 def tfds_source(name: str, split: str, data_dir: str | None = None) -> Source:
   """A tfds split (any split syntax, e.g. 'train[:90%]'), images left encoded for `decode`.
 
@@ -192,6 +196,7 @@ def _parse_record(serialized):
   return {'image': example['image'], 'label': tf.sparse.to_dense(example['labels'])}
 
 
+@functools.cache
 def records_source(path: str, split: str) -> Source:
   """A split written by make_records, images left encoded, read by record index."""
   info = read_record_info(path, split)
