@@ -134,7 +134,8 @@ def _encoded_tokens(model, params, images):
   _, state = model.apply({'params': params}, images, mask_rng=jax.random.key(3),
                          capture_intermediates=lambda m, _: m.name == "Transformer",
                          mutable=['intermediates'])
-  outputs = jax.tree.leaves(state['intermediates'])
+  # Beside it, the attention layers sow their weights there too (vit_jax.inspect reads them).
+  outputs = state['intermediates']['Transformer']['__call__']
   assert len(outputs) == 1
   return np.asarray(outputs[0])
 

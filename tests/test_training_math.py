@@ -115,7 +115,7 @@ def test_masked_patch_tokens_get_their_position_after_corruption():
   _, state = jax.jit(lambda p: model.apply(
       {'params': p}, IMAGES, mask_rng=rng, mutable=['intermediates'],
       capture_intermediates=lambda m, _: m.name == 'Transformer'))(params)
-  encoded = np.asarray(jax.tree.leaves(state['intermediates'])[0])
+  encoded = np.asarray(state['intermediates']['Transformer']['__call__'][0])
   embedded = model.apply({'params': params}, IMAGES, method='embed').reshape(2, 16, -1)
   _, _, kind = mae.corrupt_patches(rng, embedded, jnp.zeros((1, 1, 16)), 0.9)
   kind = np.asarray(kind)
