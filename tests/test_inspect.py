@@ -54,9 +54,9 @@ def test_filter_components_are_the_covariance_eigenvectors():
     assert abs(np.dot(component.ravel(), vector)) == pytest.approx(1., abs=1e-6)
 
 
-@pytest.mark.parametrize('scan_layers', [False, True])
-def test_the_model_sows_its_own_attention_weights(scan_layers):
-  model = models.get_model('testing', num_classes=3, scan_layers=scan_layers)
+def test_scanned_blocks_sow_their_attention_weights_too():
+  """(Unscanned blocks sow theirs in test_inspect_writes_the_figures_and_their_numbers.)"""
+  model = models.get_model('testing', num_classes=3, scan_layers=True)
   images = np.random.RandomState(1).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   params = model.init(jax.random.key(0), images)['params']
   weights = inspect.attention_weights(model, params, images)
@@ -76,6 +76,8 @@ def test_inspect_writes_the_figures_and_their_numbers(tmp_path):
   checkpoint.save_npz(params, str(tmp_path / 'w.npz'))
   image = tmp_path / 'a.png'
   Image.fromarray(np.random.RandomState(0).randint(0, 255, (20, 24, 3), np.uint8)).save(image)
+  weights = inspect.attention_weights(model, params, np.zeros((1, 16, 16, 3), np.float32))
+  assert len(weights) == model.num_layers and weights[0].shape == (1, model.num_heads, 17, 17)
   result = inspect.analyse(str(tmp_path / 'w.npz'), [str(image)])
   assert result['grid'] == (4, 4) and result['rollout'].shape == (1, 4, 4)
   assert result['attention_distance'].shape == (model.num_layers, model.num_heads)
