@@ -7,6 +7,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from tests import test_resume
 from vit_jax import checkpoint
@@ -41,6 +42,13 @@ def test_unknown_eval_op_and_onehot_other_than_num_classes(quickstart_config, tm
 def test_image_size_not_a_multiple_of_the_patch(quickstart_config, tmp_path):
   quickstart_config.image_size = 18  # the testing model's patch is 4
   _fails(quickstart_config, tmp_path, 'image_size=18', 'patch size 4', 'image_size=16')
+
+
+def test_tfds_data_stored_as_tfrecord_names_the_conversion(quickstart_config, tmp_path):
+  tfds.builder('sklearn_digits', data_dir=str(tmp_path / 'tfds')).download_and_prepare()
+  quickstart_config.data.data_dir = str(tmp_path / 'tfds')
+  _fails(quickstart_config, tmp_path / 'run', "data.train_split='train'", 'stored as tfrecord',
+         'tfds convert_format --dataset_dir=', '--out_file_format=array_record')
 
 
 def test_missing_tfds_split(quickstart_config, tmp_path):

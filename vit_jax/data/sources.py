@@ -52,6 +52,17 @@ def prepare_tfds(builder) -> None:
     builder.download_and_prepare(file_format='array_record')
 
 
+def check_random_access(builder) -> None:
+  """A prepared dataset stored as anything but ArrayRecord is refused, naming the conversion."""
+  file_format = str(getattr(builder.info.file_format, 'value', builder.info.file_format))
+  if file_format != 'array_record':
+    raise ValueError(
+        f'tfds dataset {builder.name} in {builder.data_dir} is stored as {file_format}, which '
+        f'cannot be read by example index (exact, constant-time resume needs that); convert it '
+        f'once with: tfds convert_format --dataset_dir={builder.data_dir} '
+        f'--out_file_format=array_record')
+
+
 # Sources are kept per process (functools.cache): every evaluation reads the same split, and a
 # record source holds open files, its offsets and a thread pool that should not be made again.
 @functools.cache
@@ -63,12 +74,7 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> Source:
   """
   builder = tfds.builder(name, data_dir=data_dir)
   prepare_tfds(builder)  # a no-op once prepared; here for callers outside training
-  file_format = str(getattr(builder.info.file_format, 'value', builder.info.file_format))
-  if file_format != 'array_record':
-    raise ValueError(
-        f'tfds dataset {name} in {builder.data_dir} is stored as {file_format}, which cannot be '
-        f'read by example index (exact, constant-time resume needs that); convert it once with: '
-        f'tfds convert_format --dataset_dir={builder.data_dir} --out_file_format=array_record')
+  check_random_access(builder)
   source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                             deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
   features = builder.info.features

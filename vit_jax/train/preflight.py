@@ -114,6 +114,10 @@ def _check_split(config, data, split: str, key: str) -> None:
     _check_can_prepare(builder)
     sources.prepare_tfds(builder)
   try:
+    sources.check_random_access(builder)
+  except ValueError as e:
+    raise PreflightError(f'{key}={split!r}: {e}') from None
+  try:
     num_examples = builder.info.splits[split].num_examples
   except (KeyError, ValueError) as e:
     raise PreflightError(f'{key}={split!r}: tfds dataset {data["name"]} has no such split '
