@@ -43,7 +43,7 @@ def test_pickled_entries_are_refused_by_name_and_missing_keys_listed(tmp_path):
   np.savez(tmp_path / 'partial.npz', **{'embedding/kernel': np.zeros((4, 4, 3, 8)),
                                         'Transformer/encoderblock_0/LayerNorm_0/scale': np.ones(8)})
   message = _error(tmp_path / 'partial.npz')
-  assert 'is not a ViT checkpoint in a known layout' in message
+  assert 'is not a ViT or BiT checkpoint in a known layout' in message
   assert "'Transformer/encoder_norm/scale'" in message
   assert "'Transformer/encoderblock_0/MlpBlock_3/Dense_1/kernel'" in message
 

@@ -144,7 +144,11 @@ def held_out_images(checkpoint: str, size: int, count: int) -> np.ndarray:
 def analyse(checkpoint: str, image_paths: list[str], num_images: int = 32) -> dict:
   """All the numbers: {'filters', 'position_similarity', 'attention_distance', 'rollout', ...}."""
   import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
   model, params, size = predict.build(checkpoint, require_head=False)
+  if not isinstance(model, vit.VisionTransformer):
+    raise ValueError(f'{checkpoint} holds a ResNet: it has no patch embedding, position '
+                     'embeddings or attention to show; inspect works on plain ViTs')
   if model.resnet_layers:
     raise ValueError(f'{checkpoint} is a hybrid (ResNet stem): its patch embedding is not a '
                      'pixel filter bank; inspect works on plain ViTs')

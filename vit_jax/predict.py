@@ -36,8 +36,18 @@ _IMAGENET_CLASS_INDEX = ('https://storage.googleapis.com/download.tensorflow.org
                          'imagenet_class_index.json')
 
 
+def _resnet_stages(params: dict) -> tuple[tuple, int]:
+  """A ResNet's units per stage, from the unit names, and its width factor, from the root."""
+  stages = sorted(int(k[len('block'):]) for k in params if re.fullmatch(r'block\d+', k))
+  return (tuple(len(params[f'block{s}']) for s in stages),
+          params['conv_root']['kernel'].shape[-1] // 64)
+
+
 def architecture(params: dict) -> dict:
   """The model options that the weights determine."""
+  if 'Transformer' not in params:  # a BiT ResNet classifier
+    stages, width = _resnet_stages(params)
+    return dict(stage_sizes=stages, width_factor=width)
   transformer = params['Transformer']
   blocks = sorted(int(k.split('_')[1]) for k in transformer if k.startswith('encoderblock_'))
   block0 = transformer[f'encoderblock_{blocks[0]}']
@@ -51,10 +61,9 @@ def architecture(params: dict) -> dict:
                  'token' if 'cls' in params else 'gap',
                  representation_size=params['pre_logits']['bias'].shape[0]
                  if 'pre_logits' in params else None)
-  if 'conv_root' in params:  # hybrid: ResNet stages from the unit names, width from the root
-    stages = sorted(int(k[len('block'):]) for k in params if re.fullmatch(r'block\d+', k))
-    options.update(resnet_layers=tuple(len(params[f'block{s}']) for s in stages),
-                   resnet_width=params['conv_root']['kernel'].shape[-1] // 64)
+  if 'conv_root' in params:  # hybrid
+    stages, width = _resnet_stages(params)
+    options.update(resnet_layers=stages, resnet_width=width)
   if 'posembed_input' in transformer:
     options['posemb'] = 'learn'
   elif 'posembed_input' in params:
@@ -68,7 +77,7 @@ def infer_image_size(model, params: dict) -> int | None:
   """Pixels per token times the learned grid side; None where the weights hold no grid."""
   from vit_jax import models  # pylint: disable=g-import-not-at-top
   pixels = models.pixels_per_token(model)
-  if 'posembed_input' in params['Transformer']:
+  if 'posembed_input' in params.get('Transformer', {}):
     tokens = params['Transformer']['posembed_input']['pos_embedding'].shape[1]
     return int(round((tokens - (1 if 'cls' in params else 0))**0.5)) * pixels
   if 'posembed_input' in params:
@@ -95,10 +104,12 @@ def build(checkpoint_path: str, model_name: str | None = None, *, image_size: in
   options.update(architecture(params),
                  num_classes=params['head']['bias'].shape[0] if 'head' in params else None)
   options.update({'posemb': posemb} if posemb else {})
-  if 'posemb' not in options:
+  resnet = 'Transformer' not in params
+  if 'posemb' not in options and not resnet:
     raise ValueError(f'{checkpoint_path} holds no learned position embeddings: pass '
                      "--posemb=sincos2d or --posemb=none, as the model was trained")
-  model = models.get_model(model_name or run.get('model', {}).get('name') or 'ViT-B_16',
+  default_name = 'BiT-R50x1' if resnet else 'ViT-B_16'  # the weights set the architecture
+  model = models.get_model(model_name or run.get('model', {}).get('name') or default_name,
                            **options)
   size = image_size or infer_image_size(model, params) or run.get('image_size') or 224
   abstract = jax.eval_shape(lambda: model.init(

@@ -301,13 +301,15 @@ def check_layout(flat: dict, path: str) -> None:
   """Raises naming every unknown key and every leaf missing from a present block."""
   unknown = sorted(k for k in flat if not any(p.fullmatch(k) for p in _KNOWN))
   blocks = {int(m[1]) for k in flat for m in [re.match(r'Transformer/encoderblock_(\d+)/', k)] if m}
-  required = ['embedding/kernel', 'Transformer/encoder_norm/scale',
-              'Transformer/encoder_norm/bias']
+  resnet = 'conv_root/kernel' in flat and not any(k.startswith('Transformer/') for k in flat)
+  required = (['conv_root/kernel', 'gn_root/scale', 'gn_root/bias'] if resnet else  # BiT
+              ['embedding/kernel', 'Transformer/encoder_norm/scale',
+               'Transformer/encoder_norm/bias'])
   if blocks:
     required += [BLOCK.format(i=i) + leaf for i in range(max(blocks) + 1) for leaf in BLOCK_LEAVES]
   missing = [k for k in required if k not in flat]
   if unknown or missing:
-    raise ValueError(f'{path} is not a ViT checkpoint in a known layout:'
+    raise ValueError(f'{path} is not a ViT or BiT checkpoint in a known layout:'
                      + (f'\n  unknown keys: {unknown}' if unknown else '')
                      + (f'\n  missing keys: {missing}' if missing else ''))
 

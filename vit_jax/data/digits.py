@@ -11,6 +11,17 @@ NUM_TEST = 297  # fixed held-out split: 1,500 train / 297 test
 SPLIT_SEED = 0
 
 
+def load_arrays() -> tuple[np.ndarray, np.ndarray, dict]:
+  """(1797, 8, 8, 1) uint8 images, their labels, and {'train': indices, 'test': indices}: the
+  builder's fixed split (the transfer demos draw their few labelled digits from 'train')."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  images = np.round(digits.images * (255. / 16.)).astype(np.uint8)[..., None]
+  order = np.random.RandomState(SPLIT_SEED).permutation(len(images))
+  return images, digits.target, {'train': np.sort(order[NUM_TEST:]),
+                                 'test': np.sort(order[:NUM_TEST])}
+
+
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   """8x8 grayscale digits 0-9 (UCI optical recognition of handwritten digits, test part)."""
 
@@ -33,15 +44,9 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-    digits = load_digits()
-    images = np.round(digits.images * (255. / 16.)).astype(np.uint8)[..., None]
-    order = np.random.RandomState(SPLIT_SEED).permutation(len(images))
-    test, train = order[:NUM_TEST], order[NUM_TEST:]
-    return {
-        'train': self._generate_examples(images, digits.target, np.sort(train)),
-        'test': self._generate_examples(images, digits.target, np.sort(test)),
-    }
+    images, labels, splits = load_arrays()
+    return {split: self._generate_examples(images, labels, indices)
+            for split, indices in splits.items()}
 
   def _generate_examples(self, images, labels, indices):
     for i in indices:

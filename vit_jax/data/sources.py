@@ -19,7 +19,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import paths, records_io
-from vit_jax.data import digits, shapes  # noqa: F401  (register sklearn_digits, synthetic_shapes)
+from vit_jax.data import digits  # noqa: F401  (registers sklearn_digits)
 
 # Reads in flight per process; records are small and latency (a disk seek, a GCS range read)
 # dominates, so many at once.

@@ -194,6 +194,9 @@ def get_model(task: str, name: str, **overrides) -> vit.VisionTransformer:
   classes = {'mae': MaskedAutoencoder, 'masked_patch': MaskedPatchPredictor}
   if task not in classes:
     raise ValueError(f'unknown self-supervised task={task!r}; choose one of {sorted(classes)}')
+  if registry.is_resnet(name):
+    raise ValueError(f'task={task!r} predicts masked patches: it needs a ViT, not the ResNet '
+                     f'{name!r} (e.g. model.name="ViT-B_16")')
   cls = classes[task]
   kwargs = registry.model_config(name)
   kwargs.update(overrides)

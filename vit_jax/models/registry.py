@@ -2,13 +2,14 @@
 
 'ViT-<size>_<patch>' for size in Ti/S/B/L/H/g and any patch size; hybrids
 'R<depth>+ViT-<size>_<patch>' where the ResNet stem's stride times the embedding's patch
-(1 for the released hybrids) gives <patch>; 'testing' is a tiny ViT for tests.
+(1 for the released hybrids) gives <patch>; 'testing' is a tiny ViT for tests; BiT ResNets
+'BiT-R<depth>x<width>' (the ViT paper's baseline) for depth in 14/26/50/101/152.
 """
 import re
 
 import jax.numpy as jnp
 
-from vit_jax.models import vit
+from vit_jax.models import bit, vit
 
 # (hidden_size, num_layers, mlp_dim, num_heads), from the ViT paper (g from Zhai et al. 2022).
 VIT_SIZES = {
@@ -29,21 +30,40 @@ HYBRID_STAGES = {
     (26, 16): (2, 2, 2),
 }
 
+# BiT ResNet depth -> units per stage (3 convs each, + root conv + head = depth). R14 and R26
+# are the small ones for CPUs (R26's stages are the R26+ViT hybrid's).
+BIT_STAGES = {14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+              152: (3, 8, 36, 3)}
+
 # A few-thousand-parameter ViT for tests.
 TESTING = dict(patch_size=4, hidden_size=16, num_layers=2, mlp_dim=32, num_heads=2)
 
 _VIT_NAME = re.compile(r'^(R(?P<depth>\d+)\+)?ViT-(?P<size>[A-Za-z]+)_(?P<patch>\d+)$')
+_BIT_NAME = re.compile(r'^BiT-R(?P<depth>\d+)x(?P<width>\d+)$')
 _DTYPE_FIELDS = ('dtype', 'param_dtype')
+
+
+def is_resnet(name: str) -> bool:
+  """Whether `name` is a BiT ResNet (no tokens: no position embeddings, attention or MAE)."""
+  return bool(_BIT_NAME.match(name))
 
 
 def model_config(name: str) -> dict:
   """The architecture keyword arguments that a model name stands for."""
   if name == 'testing':
     return dict(TESTING)
+  bit_match = _BIT_NAME.match(name)
+  if bit_match:
+    depth = int(bit_match['depth'])
+    if depth not in BIT_STAGES or not int(bit_match['width']):
+      raise ValueError(f'unknown BiT model {name!r}; depths {sorted(BIT_STAGES)}, width >= 1, '
+                       'e.g. "BiT-R50x1"')
+    return dict(stage_sizes=BIT_STAGES[depth], width_factor=int(bit_match['width']))
   match = _VIT_NAME.match(name)
   if not match or match['size'] not in VIT_SIZES:
-    raise ValueError(f'unknown model name {name!r}; expected "testing", "ViT-<size>_<patch>" or '
-                     f'"R50+ViT-<size>_<patch>" with size in {sorted(VIT_SIZES)}, e.g. "ViT-B_16"')
+    raise ValueError(f'unknown model name {name!r}; expected "testing", "ViT-<size>_<patch>", '
+                     f'"R50+ViT-<size>_<patch>" with size in {sorted(VIT_SIZES)}, e.g. '
+                     '"ViT-B_16", or "BiT-R<depth>x<width>", e.g. "BiT-R50x1"')
   hidden, layers, mlp, heads = VIT_SIZES[match['size']]
   config = dict(patch_size=int(match['patch']), hidden_size=hidden, num_layers=layers,
                 mlp_dim=mlp, num_heads=heads)
@@ -64,23 +84,28 @@ def _dtype(key: str, value):
     raise ValueError(f'model option {key}={value!r} is not a dtype name') from None
 
 
-def get_model(name: str, num_classes=1000, **overrides) -> vit.VisionTransformer:
+def get_model(name: str, num_classes=1000, **overrides) -> vit.VisionTransformer | bit.ResNet:
   """Builds a named model; keyword overrides replace any architecture field."""
   kwargs = model_config(name)
   kwargs.update(overrides)
-  fields = set(vit.VisionTransformer.__dataclass_fields__) - {'parent', 'name'}
+  cls = bit.ResNet if is_resnet(name) else vit.VisionTransformer
+  fields = set(cls.__dataclass_fields__) - {'parent', 'name'}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise ValueError(f'unknown model option(s) {unknown} for {name!r}; known: {sorted(fields)}')
   for key in _DTYPE_FIELDS:
     if key in kwargs:
       kwargs[key] = _dtype(key, kwargs[key])
-  if kwargs.get('resnet_layers') is not None:
-    kwargs['resnet_layers'] = tuple(kwargs['resnet_layers'])  # configs may hold lists
-  return vit.VisionTransformer(num_classes=num_classes, **kwargs)
+  for key in ('resnet_layers', 'stage_sizes'):
+    if kwargs.get(key) is not None:
+      kwargs[key] = tuple(kwargs[key])  # configs may hold lists
+  return cls(num_classes=num_classes, **kwargs)
 
 
 def pixels_per_token(model) -> int:
-  """Image pixels per token side: the patch size, times a hybrid ResNet stem's downsampling."""
+  """Image pixels per token side: the patch size, times a hybrid ResNet stem's downsampling;
+  1 for a ResNet classifier, which takes any image size."""
+  if isinstance(model, bit.ResNet):
+    return 1
   resnet = getattr(model, 'resnet_layers', None)
   return model.patch_size * (4 * 2**(len(resnet) - 1) if resnet else 1)
