@@ -33,14 +33,9 @@ BATCH_SIZE = 128
 
 def training_flops_per_image(config) -> int:
   """3 x the forward pass's matmul and convolution FLOPs at the config's image size."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  model = trainer.build_model(config)
-  shape = (1, config.image_size, config.image_size, 3)
-  params = jax.eval_shape(lambda: nn.unbox(
-      model.init(jax.random.key(0), jnp.zeros(shape), train=False)['params']))
-  return 3 * benchmark.forward_flops_per_image(model, params, config.image_size)
+  training = trainer.build(config)  # abstract state only: nothing is initialised
+  return 3 * benchmark.forward_flops_per_image(training.model, training.abstract_state.params,
+                                               config.image_size)
 
 
 def write_plot(rows: list, path: str, title: str) -> None:
@@ -94,9 +89,11 @@ def main():
   splits = [(f'train_{n}', n) for n in subsets] + [('train', data['splits']['train'])]
   rows = []
   for model in MODELS:
+    flops_per_image = None  # the same for every set: pretraining is always at 16 px
     for (split, images), num_steps in zip(splits, steps):
       config = few_digits.pretrain_config(model, glyph_dir, split, num_steps, data['num_classes'],
                                           BATCH_SIZE)
+      flops_per_image = flops_per_image or training_flops_per_image(config)
       print(f'== {model["name"]}: pretraining on {images} glyphs for {num_steps} steps',
             flush=True)
       began = time.time()
@@ -106,7 +103,7 @@ def main():
       accs = [few_digits.finetune(model, args.outdir, seed, args.finetune_steps, workdir)
               for seed in range(args.seeds)]
       mean, spread = few_digits.mean_and_spread(accs)
-      flops = training_flops_per_image(config) * num_steps * BATCH_SIZE
+      flops = flops_per_image * num_steps * BATCH_SIZE
       rows.append(dict(model=model['name'], images=images, steps=num_steps,
                        pretrain_tflops=flops / 1e12, pretrain_minutes=seconds / 60,
                        glyph_val_accuracy=pretrained['val_accuracy'], accuracies=accs,
