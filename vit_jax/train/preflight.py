@@ -12,12 +12,12 @@ import jax
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
-from vit_jax import models, paths, train_state
+from vit_jax import errors, models, paths, train_state
 from vit_jax.data import ops, sources
 from vit_jax.train import tasks
 
 
-class PreflightError(ValueError):
+class PreflightError(errors.UserError):
   """A run that cannot succeed, found before step 1."""
 
 
