@@ -28,7 +28,7 @@ import time
 
 from absl import app, flags
 
-from vit_jax import benchmark, host_tuning
+from vit_jax import benchmark, host_tuning, startup
 
 benchmark.define_flags()
 FLAGS = flags.FLAGS  # --model, --batch_size, --image_size, ... from vit_jax.benchmark
@@ -142,5 +142,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_tuning.apply()
+  startup.begin()
   app.run(main)

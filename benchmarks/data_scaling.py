@@ -24,7 +24,7 @@ import matplotlib  # the plot comes after ~45 minutes of training: fail now if i
 # Run as a script from a checkout: the repository root holds `benchmarks`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import few_digits, glyphs  # noqa: E402  pylint: disable=g-import-not-at-top
-from vit_jax import benchmark, host_tuning  # noqa: E402  pylint: disable=g-import-not-at-top
+from vit_jax import benchmark, startup  # noqa: E402  pylint: disable=g-import-not-at-top
 from vit_jax.train import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
 
 MODELS = (few_digits.VIT, few_digits.RESNET)
@@ -135,5 +135,5 @@ def main():
 
 
 if __name__ == '__main__':
-  host_tuning.apply()
+  startup.begin()
   main()

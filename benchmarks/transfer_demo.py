@@ -25,7 +25,7 @@ import numpy as np
 # Run as a script from a checkout: the repository root holds `benchmarks`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import few_digits, glyphs  # noqa: E402  pylint: disable=g-import-not-at-top
-from vit_jax import host_tuning  # noqa: E402  pylint: disable=g-import-not-at-top
+from vit_jax import startup  # noqa: E402  pylint: disable=g-import-not-at-top
 from vit_jax.train import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ARMS = ('from scratch', 'pretrained on glyphs')
@@ -107,5 +107,5 @@ def main():
 
 
 if __name__ == '__main__':
-  host_tuning.apply()
+  startup.begin()
   main()

@@ -14,7 +14,7 @@ import statistics
 
 from absl import app, flags
 
-from vit_jax import benchmark, host_tuning
+from vit_jax import benchmark, host_tuning, startup
 
 benchmark.define_flags()
 FLAGS = flags.FLAGS  # --model, --batch_size, --image_size, ... from vit_jax.benchmark
@@ -67,5 +67,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_tuning.apply(xla_flags=False)  # huge pages for all; 'baseline' keeps jax's XLA defaults
+  startup.begin(xla_flags=False)  # huge pages for all; 'baseline' keeps jax's XLA defaults
   app.run(main)

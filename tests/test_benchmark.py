@@ -36,13 +36,15 @@ def test_benchmark_command_reports_json_with_exact_model_flops():
 
   assert result['model_flops_per_image'] == 3 * _vit_forward_flops(16, 10, **registry.TESTING)
   assert result['devices'] == 8  # conftest's host devices reach the child: the batch is sharded
-  assert 0 < result['step_time_s'] < 60
-  assert result['images_per_sec'] == pytest.approx(8 / result['step_time_s'], rel=1e-2)
+  assert result['step_time_s'] > 0  # how fast is the machine's business, not the test's
+  assert result['images_per_sec'] == pytest.approx(8 / result['step_time_s'], rel=1e-4)
   # MFU from the independent FLOP count and the measured rate, not from the JSON's own FLOPs;
-  # a CPU runs this small a model far below its matmul peak, but above nothing.
+  # a CPU runs this small a model far below its matmul peak, but above nothing. The JSON's
+  # figures carry 6 significant digits, so the two agree to 1e-4 whatever the machine's speed
+  # (an MFU rounded to 4 decimals, 0.0012 on a loaded machine, was 4% off).
   expected_mfu = (3 * _vit_forward_flops(16, 10, **registry.TESTING) * result['images_per_sec']
                   / (result['peak_gflops_per_sec'] * 1e9))
-  assert result['mfu'] == pytest.approx(expected_mfu, rel=2e-2)
+  assert result['mfu'] == pytest.approx(expected_mfu, rel=1e-4)
   assert 0 < result['mfu'] < 1
   assert result['peak_source'] == 'measured f32 matmul'  # CPU: no spec-sheet bf16 peak
   assert result['xla_flops_per_step'] > 0  # unscanned: XLA's count is a cross-check

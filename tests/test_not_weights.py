@@ -1,9 +1,11 @@
 """Files that are not weights: each error names the file, what was expected and what was found."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint
-from vit_jax.train import trainer
+from vit_jax import checkpoint, models
+from vit_jax.train import preflight, trainer
 
 # Never a hint to unpickle (numpy's own message suggests loading "unsafely" when trusted).
 UNSAFE_HINTS = ('allow_pickle', 'unsafe', 'trust')
@@ -57,7 +59,23 @@ def test_a_directory_without_a_checkpoint_is_named(tmp_path):
 def test_init_from_names_the_config_key_and_the_file(quickstart_config, tmp_path):
   (tmp_path / 'notes.txt').write_text('not weights\n')
   quickstart_config.init_from = str(tmp_path / 'notes.txt')
-  with pytest.raises(ValueError) as info:
+  with pytest.raises(preflight.PreflightError) as info:
     trainer.train_and_evaluate(quickstart_config, str(tmp_path / 'run'))
   assert str(info.value).startswith(f'config.init_from: {tmp_path / "notes.txt"} is not a '
                                     'weights file: expected a .npz of named arrays')
+  assert not (tmp_path / 'run').exists()  # stopped before anything was written
+
+
+def test_init_from_of_another_architecture_is_said_in_two_lines(quickstart_config, tmp_path):
+  other = models.get_model('ViT-Ti_16', num_classes=10)
+  params = other.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)['params']
+  checkpoint.save_npz(params, str(tmp_path / 'model.npz'))
+  quickstart_config.init_from = str(tmp_path / 'model.npz')
+  with pytest.raises(preflight.PreflightError) as info:
+    trainer.train_and_evaluate(quickstart_config, str(tmp_path / 'run'))
+  lines = str(info.value).splitlines()
+  assert len(lines) == 1, lines
+  assert lines[0].startswith(f'config.init_from: cannot load {tmp_path / "model.npz"} into '
+                             'this model: shape mismatch for ')
+  assert 'more: does config.model match' in lines[0]
+  assert not (tmp_path / 'run').exists()

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import quickstart
 from tests import test_resume
-from vit_jax import checkpoint
+from vit_jax import checkpoint, errors, main
 from vit_jax.data import make_records, sources
 from vit_jax.train import preflight, trainer
 
@@ -66,15 +67,56 @@ def _records(folder, split, num_classes, num_examples=1):
   sources.write_record_offsets(str(folder), split, np.zeros(num_examples + 1, np.int64))
 
 
-def test_records_missing_val_split_and_too_many_classes(quickstart_config, tmp_path):
+def test_records_missing_val_split_and_classes_other_than_the_config(quickstart_config,
+                                                                      tmp_path):
   config = quickstart_config
   config.data = dict(path=str(tmp_path / 'records'), train_split='train', eval_split='val',
                      num_classes=10)
   _records(tmp_path / 'records', 'train', num_classes=13)
-  _fails(config, tmp_path / 'run', 'train.json has num_classes=13 but data.num_classes=10',
-         '--config.data.num_classes=13')
+  _fails(config, tmp_path / 'run', 'train.json declares num_classes=13 but the config has '
+         'data.num_classes=10', '--config.data.num_classes=13')
+  # Fewer: a config left at another dataset's head (pretrain_jft's 18,291 classes on 3).
+  _records(tmp_path / 'records', 'train', num_classes=3)
+  _fails(config, tmp_path / 'run', 'train.json declares num_classes=3 but the config has '
+         'data.num_classes=10', '--config.data.num_classes=3')
   _records(tmp_path / 'records', 'train', num_classes=10)
   _fails(config, tmp_path / 'run', "data.eval_split='val'", 'val.json is missing')
+  _records(tmp_path / 'records', 'val', num_classes=9)  # an evaluation split may lack a class
+  config.pp_train = config.pp_eval = 'decode|resize(16)|value_range(-1, 1)'
+  _fails(config, tmp_path / 'run', "pp_train='decode|resize(16)|value_range(-1, 1)' gives no "
+         "'labels'", 'onehot(10)')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_preprocessing_that_does_not_give_what_the_model_takes(quickstart_config, tmp_path):
+  quickstart_config.pp_train = 'decode|resize(16)|value_range(-1, 1)'  # the labels forgotten
+  _fails(quickstart_config, tmp_path / 'run', "pp_train='decode|resize(16)|value_range(-1, 1)'",
+         "gives no 'labels'", 'onehot(10)')
+  quickstart_config.pp_eval = 'decode|resize(24)|value_range(-1, 1)|onehot(10)'
+  quickstart_config.pp_train = quickstart_config.pp_eval.replace('24', '16')
+  _fails(quickstart_config, tmp_path / 'run', 'pp_eval gives images of shape (24, 24, 3) but the '
+         'model takes (16, 16, 3) (image_size=16)')
+  assert not (tmp_path / 'run').exists()  # nothing written by a start that failed
+
+
+def test_model_name_and_mesh_mistakes_are_user_errors(quickstart_config, tmp_path):
+  quickstart_config.model.name = 'ViT-Q_4'
+  with pytest.raises(errors.UserError, match="unknown model name 'ViT-Q_4'"):
+    trainer.train_and_evaluate(quickstart_config, str(tmp_path / 'run'))
+  quickstart_config.model.name = 'testing'
+  quickstart_config.mesh.data = 16
+  with pytest.raises(errors.UserError, match=r"needs 16 devices, but 8 are available.*"
+                                             r"--config.mesh.data=-1"):
+    trainer.train_and_evaluate(quickstart_config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_config_file_that_does_not_exist_is_named():
+  message = main._config_file_error(['prog', '--config=configs/quickstrat.py:arg'])  # pylint: disable=protected-access
+  assert message.startswith("--config=configs/quickstrat.py:arg: no such file "
+                            "'configs/quickstrat.py'; the shipped configs are configs/{")
+  assert 'quickstart.py' in message
+  assert main._config_file_error(['prog', f'--config={quickstart.__file__}']) is None  # pylint: disable=protected-access
 
 
 def test_unprepared_tfds_dataset_offline(quickstart_config, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax.train import trainer
+from vit_jax.train import preemption, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,18 +84,25 @@ def _kill_during_a_save(process, workdir, after_step):
 def _final(workdir, config):
   abstract_state = trainer.build(config).abstract_state
   manager = checkpoint.make_manager(workdir)
-  state = checkpoint.restore_state(manager, abstract_state, config.total_steps)
-  return state, _losses(workdir)
+  return checkpoint.restore_state(manager, abstract_state, config.total_steps)
 
 
-def _losses(workdir):
-  """[(step, train_loss)] in the order metrics.jsonl holds them (restarts repeat steps)."""
+def _metrics(workdir) -> list:
+  """metrics.jsonl's lines without the measured rate (the one value a restart may change)."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [(m['step'], m['train_loss']) for m in map(json.loads, f) if 'train_loss' in m]
+    return [{k: v for k, v in m.items() if k != 'images_per_sec'} for m in map(json.loads, f)]
+
+
+def _tensorboard_scalars(workdir, tag) -> list:
+  """[(step, value)] of `tag` as TensorBoard shows it, from every event file in the folder."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(os.path.join(workdir, 'tensorboard'))
+  events.Reload()
+  return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 @pytest.mark.slow
-def test_sigterm_then_sigkill_then_restart_matches_an_uninterrupted_run(quickstart_config,
+def test_ctrl_c_then_sigkill_then_restart_reads_as_an_uninterrupted_run(quickstart_config,
                                                                         tmp_path):
   config = quickstart_config
   config.total_steps, config.batch_size = 8, 8
@@ -111,36 +118,65 @@ def test_sigterm_then_sigkill_then_restart_matches_an_uninterrupted_run(quicksta
   workdir = str(tmp_path / 'interrupted')
   command = [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}',
              f'--config={_write_config(config, tmp_path / "config.py")}']
-  # SIGTERM once the first checkpoint is complete (the run is in its loop): it saves and exits.
+  # Ctrl-C once the first checkpoint is complete (the run is in its loop): like SIGTERM, it
+  # saves at the next step and exits with status 0, without a traceback.
   process = _start(command)
   _wait(process, lambda: _complete_steps(workdir))
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signal.SIGINT)
   rc, output = _finish(process)
   assert rc == 0, output
-  preempted_at = max(_complete_steps(workdir))
-  assert f'preemption notice: saved step {preempted_at}' in output, output
-  assert preempted_at < config.total_steps
+  stopped_at = max(_complete_steps(workdir))
+  assert f'Ctrl-C: saved step {stopped_at} to {workdir}/checkpoints; stopping' in output, output
+  assert 'Traceback' not in output, output
+  assert stopped_at < config.total_steps
 
   # It resumes; SIGKILL in the middle of a later save leaves that step's temporary directory.
-  rc, output, left_behind = _kill_during_a_save(_start(command), workdir, preempted_at)
+  rc, output, left_behind = _kill_during_a_save(_start(command), workdir, stopped_at)
   assert rc == -signal.SIGKILL, output
   assert left_behind, 'the run ended before SIGKILL reached it during a save'
   killed_after = max(_complete_steps(workdir))
-  assert preempted_at <= killed_after < config.total_steps
+  assert stopped_at <= killed_after < config.total_steps
 
   # Restarting (what main runs) skips the temporary directory and ends exactly as the reference.
   trainer.train_and_evaluate(config, workdir)
   assert max(_complete_steps(workdir)) == config.total_steps
-  state, losses = _final(workdir, config)
-  reference_state, reference_losses = _final(reference_dir, reference)
-  reference_losses = dict(reference_losses)
-  assert len(reference_losses) == config.total_steps - 1  # all but the (compiling) first step
-  assert losses[-1][0] == config.total_steps
-  # Every loss any of the three runs logged, restarted steps included, is the reference's.
-  for step, loss in losses:
-    assert loss == reference_losses[step], step
+  state = _final(workdir, config)
+  reference_state = _final(reference_dir, reference)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Its logs read as if it had never stopped: every step once, each line the reference's (the
+  # first step after each start included), in metrics.jsonl and in TensorBoard.
+  reference_metrics = _metrics(reference_dir)
+  assert [m['step'] for m in reference_metrics] == list(range(1, config.total_steps + 1))
+  assert _metrics(workdir) == reference_metrics
+  assert (_tensorboard_scalars(workdir, 'train_loss') ==
+          _tensorboard_scalars(reference_dir, 'train_loss'))
+
+
+def test_sigterm_asks_to_stop_and_a_second_ctrl_c_exits_at_once():
+  watch = preemption.PreemptionWatch()
+  try:
+    assert not watch.reached(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert watch.reached(2) and not watch.interrupted
+  finally:
+    watch.close()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  # Two Ctrl-C in a row, in a child (the second ends the process on the spot).
+  child = ('import os, signal, time\n'
+           'from vit_jax.train import preemption\n'
+           'watch = preemption.PreemptionWatch()\n'
+           'os.kill(os.getpid(), signal.SIGINT)\n'
+           'print("first: stop requested", watch.reached(1), flush=True)\n'
+           'os.kill(os.getpid(), signal.SIGINT)\n'
+           'time.sleep(60)\n'
+           'print("still running")\n')
+  result = subprocess.run([sys.executable, '-c', child], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == preemption.INTERRUPTED_EXIT_STATUS, result
+  assert result.stdout.splitlines() == ['first: stop requested True']
+  assert 'Ctrl-C: saving a checkpoint at the next step' in result.stderr
+  assert 'second Ctrl-C: exiting now, without saving' in result.stderr
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(quickstart_config,
@@ -158,5 +194,5 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(quickstart_config,
     trainer.train_and_evaluate(config, workdir)
   assert _complete_steps(workdir) == [1, 2]
   config.total_steps = 2
-  state, _ = _final(workdir, config)
+  state = _final(workdir, config)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))

@@ -29,7 +29,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from vit_jax import accelerators, benchmark, host_tuning
+from vit_jax import accelerators, benchmark, startup
 from vit_jax.train import trainer
 
 GIB = 2**30
@@ -312,6 +312,6 @@ def main(argv):
 
 if __name__ == '__main__':
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for the target, run nothing here
-  host_tuning.apply()
+  startup.begin()
   define_flags()
   app.run(main)

@@ -26,7 +26,7 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 import ml_collections
 
-from vit_jax import accelerators, host_tuning, sharding
+from vit_jax import accelerators, sharding, startup
 from vit_jax.train import trainer
 
 
@@ -201,6 +201,12 @@ def compile_figures(config, step: TrainStep) -> dict:
   return figures
 
 
+def _significant(x: float, digits: int = 6) -> float:
+  """x to `digits` significant figures: rates and ratios span 1e-4 (a CPU's MFU) to 1e4, and
+  rounding them to fixed decimals loses most of the small ones' precision."""
+  return float(f'{x:.{digits}g}')
+
+
 def run(config, steps: int, peak_matmul_size: int = 2048, compile_only: bool = False) -> dict:
   """Compiles and times the trainer's step; returns the figures (see the module docstring)."""
   step = TrainStep(config)
@@ -225,14 +231,14 @@ def run(config, steps: int, peak_matmul_size: int = 2048, compile_only: bool = F
   model_flops = result['model_flops_per_image'] * config.batch_size
   return result | {
       'steps': steps,
-      'step_time_s': round(step_time, 4),
-      'step_time_min_s': round(min(step_times), 4),
-      'step_time_max_s': round(max(step_times), 4),
-      'images_per_sec': round(config.batch_size / step_time, 3),
-      'achieved_gflops_per_sec': round(model_flops / step_time / 1e9, 2),
-      'peak_gflops_per_sec': round(peak / 1e9, 2),
+      'step_time_s': _significant(step_time),
+      'step_time_min_s': _significant(min(step_times)),
+      'step_time_max_s': _significant(max(step_times)),
+      'images_per_sec': _significant(config.batch_size / step_time),
+      'achieved_gflops_per_sec': _significant(model_flops / step_time / 1e9),
+      'peak_gflops_per_sec': _significant(peak / 1e9),
       'peak_source': peak_source,
-      'mfu': round(model_flops / step_time / peak, 4),
+      'mfu': _significant(model_flops / step_time / peak),
       'peak_memory_mb': round(step.peak_memory_bytes() / 2**20, 1),
       'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       'train_loss': float(step.metrics['train_loss']),
@@ -257,6 +263,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_tuning.apply()
+  startup.begin()
   define_flags()
   app.run(main)

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from vit_jax import host_tuning, paths, predict, startup
+from vit_jax import paths, predict, startup
 
 # --checkpoint is predict's flag (a workdir, .npz, or timm / HF weights file): one definition.
 _IMAGES = flags.DEFINE_list('images', [], 'Image files (default: the run\'s held-out split).')
@@ -283,6 +283,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_tuning.apply()
+  startup.begin()
   flags.mark_flags_as_required(['checkpoint', 'out'])
   app.run(main)

@@ -1,10 +1,11 @@
 """Entry point: python -m vit_jax.main --config=configs/quickstart.py --workdir=DIR."""
+import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from vit_jax import host_tuning, startup
+from vit_jax import errors, startup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
@@ -39,8 +40,23 @@ def _known_keys(culprit: str, argv: list[str]) -> str:
     return 'See the keys in the config file.'
 
 
+def _config_file_error(argv: list[str]) -> str | None:
+  """'--config=PATH: no such file ...' when the config file a user named does not exist."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None or os.path.isfile(spec.split(':', 1)[0]):
+    return None
+  shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+  names = sorted(n for n in os.listdir(shipped) if n.endswith('.py') and not n.startswith('_')) \
+      if os.path.isdir(shipped) else []
+  hint = f'; the shipped configs are configs/{{{",".join(names)}}}' if names else ''
+  return f'--config={spec}: no such file {spec.split(":", 1)[0]!r}{hint}'
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a misspelt config key said in two lines, not a traceback."""
+  """absl's flag parsing, with a misspelt config key or a missing config file said in one or
+  two lines, not a traceback."""
+  if message := _config_file_error(argv):
+    sys.exit(f'error: {message}')
   try:
     return app.parse_flags_with_usage(argv)  # absl's own: bad values are said in two lines
   except (AttributeError, KeyError) as e:  # raised by config_flags for a key the config lacks
@@ -63,15 +79,18 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  from vit_jax.train import preflight, trainer  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import preemption, trainer  # pylint: disable=g-import-not-at-top
   try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except preflight.PreflightError as e:  # the message is the whole story: no traceback
-    sys.exit(f'error: {e}')
+    with errors.reported_as_one_line():  # the message is the whole story: no traceback
+      trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except KeyboardInterrupt:  # from the training loop on, Ctrl-C saves and stops instead
+    print('\nCtrl-C during start-up: stopped before the first step', file=sys.stderr,
+          flush=True)
+    os._exit(preemption.INTERRUPTED_EXIT_STATUS)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':
-  host_tuning.apply()
+  startup.begin()
   # Required only when run as a program: tests parse these modules' flags side by side.
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main, flags_parser=parse_flags)

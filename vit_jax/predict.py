@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from vit_jax import host_tuning, paths, startup
+from vit_jax import paths, startup
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Weights file or training workdir.')
 _MODEL = flags.DEFINE_string('model', None, "Model name, e.g. 'ViT-B_16'; optional: the weights "
@@ -234,7 +234,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_tuning.apply()
+  startup.begin()
   # Required only when run as a program: tests parse these modules' flags side by side.
   flags.mark_flags_as_required(['checkpoint'])
   app.run(main)

@@ -17,6 +17,8 @@ from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vit_jax import errors
+
 MESH_AXES = ('data', 'fsdp', 'model')
 
 # The batch dimension is split over every data-like axis.
@@ -47,16 +49,18 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple:
   """(data, fsdp, model) sizes; one of them may be -1 = all remaining devices."""
   sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f'at most one of mesh.{MESH_AXES} may be -1, got {dict(zip(MESH_AXES, sizes))}')
+    raise errors.UserError(f'at most one of mesh.{MESH_AXES} may be -1, got '
+                           f'{dict(zip(MESH_AXES, sizes))}')
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not '
-                       f'divisible by {known}')
+      raise errors.UserError(f'mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not '
+                             f'divisible by {known}')
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, '
-                     f'but {num_devices} are available')
+    raise errors.UserError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} '
+                           f'devices, but {num_devices} are available; set the config\'s mesh.* '
+                           f'to use {num_devices} (e.g. --config.mesh.data=-1 for all of them)')
   return tuple(sizes)
 
 
@@ -75,8 +79,8 @@ def rules_from_config(config) -> tuple:
   unknown = [axes for _, axes in rules
              if not set((axes,) if isinstance(axes, str) else axes or ()) <= set(MESH_AXES)]
   if unknown:
-    raise ValueError(f'config.sharding_rules maps to {unknown}, which are not mesh axes; '
-                     f'use {MESH_AXES} or None')
+    raise errors.UserError(f'config.sharding_rules maps to {unknown}, which are not mesh axes; '
+                           f'use {MESH_AXES} or None')
   return rules + DEFAULT_RULES
 
 

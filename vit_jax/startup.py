@@ -1,5 +1,9 @@
 """What the command-line programs do first: quiet logging, TensorFlow and JAX without chatter.
 
+`begin()` comes first in every program's `__main__`: on a machine without accelerators JAX is
+told to use the CPU alone, so that libtpu (which the [tpu] extra installs for compiling) does not
+probe for TPUs and print its failures; then the CPU host defaults (`vit_jax.host_tuning`).
+
 TensorFlow's C++ runtime writes lines such as "oneDNN custom operations are on ..." to the
 process's stderr when it is imported (twice: two of its libraries each log it), before and
 regardless of TF_CPP_MIN_LOG_LEVEL. `import_tensorflow` imports it with stderr captured and
@@ -14,6 +18,8 @@ import tempfile
 
 from absl import flags, logging
 
+from vit_jax import host_tuning
+
 # Lines TensorFlow's import writes that tell a user nothing they can act on.
 _START_UP_NOISE = (
     'oneDNN custom operations are on',
@@ -22,6 +28,28 @@ _START_UP_NOISE = (
     'This TensorFlow binary is optimized to use available CPU instructions',
     'To enable the following instructions:',
 )
+
+
+def begin(xla_flags: bool = True) -> None:
+  """First thing in a program's `__main__`, before JAX starts a backend (see the docstring)."""
+  cpu_only_without_accelerators()
+  host_tuning.apply(xla_flags=xla_flags)
+
+
+def cpu_only_without_accelerators(environ=os.environ) -> None:
+  """JAX_PLATFORMS=cpu where no TPU chip and no GPU is attached (JAX's own PCI and device-file
+  checks) and the user chose no platforms. Elsewhere nothing changes: a TPU VM's chips, or a
+  GPU, are found as before. Set in the environment, it holds for child processes too."""
+  if environ.get('JAX_PLATFORMS') or 'JAX_FORCE_TPU_INIT' in environ:
+    return
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  if (hardware_utils.num_available_tpu_chips_and_device_id()[0]
+      or hardware_utils.has_visible_nvidia_gpu()
+      or hardware_utils.num_available_amd_gpus(stop_at=1)):
+    return
+  environ['JAX_PLATFORMS'] = 'cpu'
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_platforms', 'cpu')  # jax read its environment when it was imported
 
 
 def quiet_logging() -> None:

@@ -12,6 +12,11 @@ import orbax.checkpoint as ocp
 from vit_jax import paths
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether WORKDIR has a checkpoint directory (complete steps or not), without creating it."""
+  return (paths.resolve(workdir) / 'checkpoints').exists()
+
+
 def make_manager(workdir: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
                  async_save: bool = True) -> ocp.CheckpointManager:
   """CheckpointManager on WORKDIR/checkpoints/<step>/.

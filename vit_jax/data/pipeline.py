@@ -142,6 +142,19 @@ def _parsed_with_seed(src: sources.Source, seed: int):
   return fn
 
 
+def example_spec(src: sources.Source, spec: str) -> dict:
+  """{key: tf.TensorSpec} of one example of `src` preprocessed by `spec` (per-example ops),
+  found by tracing: nothing is read or decoded. Start-up checks it against the model."""
+  preprocess, _ = ops.parse_preprocess(spec)
+
+  @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+  def one(record):
+    example = src.parse(record)
+    example[ops.SEED_KEY] = tf.constant([0, 0], tf.int64)
+    return _keep_model_inputs(preprocess(example))
+  return dict(one.get_concrete_function().structured_outputs)
+
+
 def train_dataset(config, start_step: int = 0, rows: range | None = None,
                   src: sources.Source | None = None) -> tf.data.Dataset:
   """The batches {'image', 'labels', 'skipped'} of rows `rows` (default: this process's even
@@ -204,6 +217,13 @@ class TrainIterator:
     batch, skipped = self._queue.popleft()
     self.skipped += skipped
     return batch
+
+  def close(self) -> None:
+    """Stops the input threads now: dropping the tf.data iterator cancels them. Left running
+    at interpreter exit, they call into Python (the readers) after it has shut down, and the
+    process can hang there."""
+    self._queue.clear()
+    self._batches = None
 
   def skipped_images(self) -> int:
     """Skipped by all processes since the start (every process must call it: a collective)."""

@@ -9,6 +9,7 @@ import re
 
 import jax.numpy as jnp
 
+from vit_jax import errors
 from vit_jax.models import bit, vit
 
 # (hidden_size, num_layers, mlp_dim, num_heads), from the ViT paper (g from Zhai et al. 2022).
@@ -56,22 +57,23 @@ def model_config(name: str) -> dict:
   if bit_match:
     depth = int(bit_match['depth'])
     if depth not in BIT_STAGES or not int(bit_match['width']):
-      raise ValueError(f'unknown BiT model {name!r}; depths {sorted(BIT_STAGES)}, width >= 1, '
-                       'e.g. "BiT-R50x1"')
+      raise errors.UserError(f'unknown BiT model {name!r}; depths {sorted(BIT_STAGES)}, '
+                             'width >= 1, e.g. "BiT-R50x1"')
     return dict(stage_sizes=BIT_STAGES[depth], width_factor=int(bit_match['width']))
   match = _VIT_NAME.match(name)
   if not match or match['size'] not in VIT_SIZES:
-    raise ValueError(f'unknown model name {name!r}; expected "testing", "ViT-<size>_<patch>", '
-                     f'"R50+ViT-<size>_<patch>" with size in {sorted(VIT_SIZES)}, e.g. '
-                     '"ViT-B_16", or "BiT-R<depth>x<width>", e.g. "BiT-R50x1"')
+    raise errors.UserError(f'unknown model name {name!r}; expected "testing", '
+                           f'"ViT-<size>_<patch>", "R50+ViT-<size>_<patch>" with size in '
+                           f'{sorted(VIT_SIZES)}, e.g. '
+                           '"ViT-B_16", or "BiT-R<depth>x<width>", e.g. "BiT-R50x1"')
   hidden, layers, mlp, heads = VIT_SIZES[match['size']]
   config = dict(patch_size=int(match['patch']), hidden_size=hidden, num_layers=layers,
                 mlp_dim=mlp, num_heads=heads)
   if match['depth']:
     key = (int(match['depth']), int(match['patch']))
     if key not in HYBRID_STAGES:
-      raise ValueError(f'unknown hybrid {name!r}; known (ResNet depth, patch): '
-                       f'{sorted(HYBRID_STAGES)}')
+      raise errors.UserError(f'unknown hybrid {name!r}; known (ResNet depth, patch): '
+                             f'{sorted(HYBRID_STAGES)}')
     config.update(resnet_layers=HYBRID_STAGES[key], patch_size=1)
   return config
 
@@ -81,7 +83,7 @@ def _dtype(key: str, value):
   try:
     return jnp.dtype(value)
   except TypeError:
-    raise ValueError(f'model option {key}={value!r} is not a dtype name') from None
+    raise errors.UserError(f'model option {key}={value!r} is not a dtype name') from None
 
 
 def get_model(name: str, num_classes=1000, **overrides) -> vit.VisionTransformer | bit.ResNet:
@@ -92,7 +94,8 @@ def get_model(name: str, num_classes=1000, **overrides) -> vit.VisionTransformer
   fields = set(cls.__dataclass_fields__) - {'parent', 'name'}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
-    raise ValueError(f'unknown model option(s) {unknown} for {name!r}; known: {sorted(fields)}')
+    raise errors.UserError(f'unknown model option(s) {unknown} for {name!r}; known: '
+                           f'{sorted(fields)}')
   for key in _DTYPE_FIELDS:
     if key in kwargs:
       kwargs[key] = _dtype(key, kwargs[key])

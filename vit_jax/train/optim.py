@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
+from vit_jax import errors
+
 
 def make_schedule(config) -> optax.Schedule:
   """Linear warmup to `base_lr`, then 'cosine', 'linear', 'rsqrt' or 'constant' decay."""
@@ -34,8 +36,8 @@ def make_schedule(config) -> optax.Schedule:
   elif decay_type == 'constant':
     decay = optax.constant_schedule(base_lr)
   else:
-    raise ValueError(f'unknown schedule.decay_type={decay_type!r}; '
-                     "choose 'cosine', 'linear', 'rsqrt' or 'constant'")
+    raise errors.UserError(f'unknown schedule.decay_type={decay_type!r}; '
+                           "choose 'cosine', 'linear', 'rsqrt' or 'constant'")
   if not warmup:
     return decay
   return optax.join_schedules([optax.linear_schedule(0., base_lr, warmup), decay], [warmup])
@@ -75,8 +77,8 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
   elif name == 'adafactor':
     tx = optax.adafactor(schedule, weight_decay_rate=wd or None, weight_decay_mask=_decay_mask)
   else:
-    raise ValueError(f"unknown optimizer.name={name!r}; choose 'adam', 'adamw', 'sgd' or "
-                     "'adafactor'")
+    raise errors.UserError(f"unknown optimizer.name={name!r}; choose 'adam', 'adamw', 'sgd' or "
+                           "'adafactor'")
   clip = o.get('grad_clip_norm', 0.)
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)

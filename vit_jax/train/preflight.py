@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
 from vit_jax import errors, models, paths, train_state
-from vit_jax.data import ops, sources
+from vit_jax.data import ops, pipeline, sources
 from vit_jax.train import tasks
 
 
@@ -29,10 +29,12 @@ def check(config, workdir: str, model, mesh) -> None:
     _check_preprocessing(config, key, spec)
   for data, split, key in _splits(config):
     _check_split(config, data, split, key)
+  for key, spec, split in _model_inputs(config):
+    _check_model_inputs(config, key, spec, split)
   if config.get('init_from') and not paths.resolve(config.init_from).exists():
     raise PreflightError(f'init_from={config.init_from}: no such file or directory; give a '
                          'released .npz / .safetensors file or an earlier run\'s workdir')
-  _check_workdir_writable(workdir)
+  _check_workdir_writable(workdir)  # last: the first check that writes
 
 
 def _check_batch_sizes(config, mesh) -> None:
@@ -78,6 +80,31 @@ def _check_preprocessing(config, key: str, spec: str) -> None:
                            'them equal (the labels and the head must have the same classes)')
 
 
+def _model_inputs(config) -> list:
+  """(key, preprocessing string, split it reads) of what reaches the model."""
+  inputs = [('pp_train', config.pp_train, config.data.train_split)]
+  if config.data.get('eval_split'):
+    inputs.append(('pp_eval', config.pp_eval, config.data.eval_split))
+  return inputs
+
+
+def _check_model_inputs(config, key: str, spec: str, split: str) -> None:
+  """The examples `spec` makes of `split` hold what the model and the loss take: images of
+  image_size, and labels over num_classes where the task has labels. Traced on the split's
+  record parser, so nothing is read or decoded."""
+  example = pipeline.example_spec(pipeline.source(config.data, split), spec)
+  size = config.image_size
+  image = example.get('image')
+  if image is None:
+    raise PreflightError(f'{key}={spec!r} gives no \'image\'; the model needs one')
+  if image.shape.is_fully_defined() and tuple(image.shape) != (size, size, 3):
+    raise PreflightError(f'{key} gives images of shape {tuple(image.shape)} but the model takes '
+                         f'({size}, {size}, 3) (image_size={size}); resize or crop to {size}')
+  if tasks.get(config).has_labels and 'labels' not in example:
+    raise PreflightError(f'{key}={spec!r} gives no \'labels\' for the loss; end it with '
+                         f'onehot({config.num_classes}) (or another label op)')
+
+
 def _splits(config) -> list:
   """(data config, split, config key) of every split the run reads."""
   splits = [(config.data, config.data.train_split, 'data.train_split')]
@@ -99,13 +126,7 @@ def _check_split(config, data, split: str, key: str) -> None:
     if info['num_examples'] == 0:
       raise PreflightError(f'{key}={split!r}: {sources.record_info_path(data["path"], split)} '
                            'lists 0 examples; write the split again with make_records')
-    limit = config.data.get('num_classes') or config.get('num_classes')
-    if limit and info.get('num_classes', 0) > limit:
-      raise PreflightError(
-          f'{sources.record_info_path(data["path"], split)} has num_classes='
-          f'{info["num_classes"]} but data.num_classes={limit}: class ids up to '
-          f'{info["num_classes"] - 1} would train silently; set --config.data.num_classes='
-          f'{info["num_classes"]}')
+    _check_record_classes(config, data, split, key, info)
     return
   if not data.get('name'):
     return  # the pipeline's own error names both keys
@@ -124,6 +145,21 @@ def _check_split(config, data, split: str, key: str) -> None:
                          f'(it has {sorted(builder.info.splits)}): {e}') from None
   if num_examples == 0:
     raise PreflightError(f'{key}={split!r}: tfds dataset {data["name"]} has 0 examples there')
+
+
+def _check_record_classes(config, data, split: str, key: str, info: dict) -> None:
+  """The classes the records declare against the config's: more would train out of range;
+  fewer in the training split usually mean a config left at another dataset's head (an
+  18,291-way head on 3 classes). An evaluation split may lack some classes."""
+  configured = config.data.get('num_classes') or config.get('num_classes')
+  declared = info.get('num_classes', 0)
+  if not configured or not declared or declared == configured:
+    return
+  if declared > configured or key == 'data.train_split':
+    raise PreflightError(
+        f'{sources.record_info_path(data["path"], split)} declares num_classes={declared} but '
+        f'the config has data.num_classes={configured}; set --config.data.num_classes='
+        f'{declared} (or write the records with make_records --num_classes={configured})')
 
 
 def _builds_offline(builder) -> bool:
@@ -152,11 +188,18 @@ def _check_can_prepare(builder) -> None:
 
 
 def _check_workdir_writable(workdir: str) -> None:
-  probe = paths.resolve(workdir) / f'.write_probe_{uuid.uuid4().hex}'
+  """Writes and removes a file there; folders made for it are removed too, so that a run that
+  stops later in its start-up leaves the filesystem as it found it."""
+  directory = paths.resolve(workdir)
+  made = [] if paths.is_remote(directory) else [  # object stores have no folders to remove
+      d for d in [directory, *directory.parents] if not d.exists()]
+  probe = directory / f'.write_probe_{uuid.uuid4().hex}'
   try:
-    probe.parent.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     probe.write_text('ok')
     probe.unlink()
+    for folder in made:  # innermost first
+      folder.rmdir()
   except OSError as e:
     raise PreflightError(f'--workdir={workdir} is not writable ({e}); choose a folder or '
                          'bucket this machine can write to') from None

@@ -124,9 +124,28 @@ def abstract_batch(config, mesh, batch_size: int | None = None) -> dict:
   return batch
 
 
-def initial_state(config, workdir: str, training: Training, manager, init_rng):
+def pretrained_params(config, abstract_params):
+  """`config.init_from`'s weights in this model's tree, as numpy; the leaves it does not give (a
+  new head) stay abstract, for fresh parameters to fill. Read on every process (under FSDP
+  across hosts each then places only its own devices' slices). A file that is not weights, or
+  holds another architecture, stops the run here in two lines."""
+  logging.info('reading init_from=%s', config.init_from)
+  try:
+    return weights.load_pretrained(config.init_from, abstract_params)
+  except (ValueError, OSError) as e:
+    problems = str(e).splitlines()
+    more = (f' (and {len(problems) - 2} more: does config.model match the file\'s model?)'
+            if len(problems) > 2 else '')
+    raise preflight.PreflightError(f'config.init_from: {problems[0]}'
+                                   f'{" " + problems[1].strip() if len(problems) > 1 else ""}'
+                                   f'{more}') from None
+
+
+def initial_state(config, workdir: str, training: Training, manager, init_rng,
+                  pretrained=None):
   """The state to start from: the newest complete checkpoint in WORKDIR (resume), else fresh
-  parameters, with `config.init_from`'s weights merged in when it is set (transfer)."""
+  parameters, with `config.init_from`'s weights merged in when it is set (transfer; `pretrained`
+  when they were read already)."""
   abstract_state, state_sharding = training.abstract_state, training.state_sharding
   resume_step = train_state.latest_complete_step(manager)
   if resume_step is not None:
@@ -138,20 +157,18 @@ def initial_state(config, workdir: str, training: Training, manager, init_rng):
   state = training.init_fn(init_rng)
   if not config.init_from:
     return state
-  logging.info('initialising from %s', config.init_from)
-  # Params may be sharded across processes: merged on every host, then each host places only
-  # its own devices' slices.
-  try:
-    params = weights.load_pretrained(config.init_from, sharding.to_host(state.params))
-  except (ValueError, FileNotFoundError) as e:  # they name the file: say which key gave it
-    raise ValueError(f'config.init_from: {e}') from None
+  if pretrained is None:
+    pretrained = pretrained_params(config, abstract_state.params)
+  fresh = sharding.to_host(state.params)
+  params = jax.tree.map(lambda p, f: f if isinstance(p, jax.ShapeDtypeStruct) else p,
+                        pretrained, fresh)
   params = sharding.to_global(params, state_sharding.params)
   tx = training.tx
   return jax.jit(lambda p: steps.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                  out_shardings=state_sharding)(params)
 
 
-def _log_training(step: int, pending: list, throughput, config, schedule, batches, manager,
+def _log_training(step: int, pending: list, throughput, schedule, batches, manager,
                   workdir: str) -> dict:
   """The training line of `step`: means over the steps since the last one; stops on NaN/Inf."""
   fetched = jax.device_get(pending)
@@ -166,19 +183,24 @@ def _log_training(step: int, pending: list, throughput, config, schedule, batche
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per `config`, writing WORKDIR/{metrics.jsonl, checkpoints/}; returns last metrics."""
   training = build(config)
-  mesh, model, _, schedule, _, abstract_state, state_sharding, _ = training
+  mesh, model, _, _, _, abstract_state, state_sharding, _ = training
   logging.info('mesh %s; model %s with %.2fM parameters', dict(mesh.shape), config.model.name,
                sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)) / 1e6)
 
   preflight.check(config, workdir, model, mesh)  # before anything compiles
+  pretrained = None
+  if config.init_from and not train_state.has_checkpoints(workdir):
+    pretrained = pretrained_params(config, abstract_state.params)  # before anything is written
   manager = train_state.make_manager(workdir, max_to_keep=config.get('keep_checkpoints', 3))
-  train_state.write_run_config(workdir, config)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  state = initial_state(config, workdir, training, manager, init_rng)
+  state = initial_state(config, workdir, training, manager, init_rng, pretrained)
   start_step = int(state.step)
   if start_step >= config.total_steps:
     logging.warning('%s is already at step %d of %d: nothing to train (raise total_steps to '
                     'continue)', workdir, start_step, config.total_steps)
+    manager.close()
+    return {}
+  train_state.write_run_config(workdir, config)  # the config of the run that trains on
 
   train_step = jit_train_step(make_train_step(config, training, dropout_rng), training)
   evals = tasks.get(config).evaluators(config, model, mesh, state_sharding.params, workdir)
@@ -186,21 +208,35 @@ def train_and_evaluate(config, workdir: str) -> dict:
   progress = metrics_log.Progress(config.total_steps, start_step)
   batches = pipeline.train_iterator(config, mesh, start_step)
   watch = preemption.PreemptionWatch()
+  try:
+    last = _train_loop(config, workdir, state, start_step, training, train_step, evals, log,
+                       progress, batches, watch, manager)
+  finally:
+    batches.close()  # no input thread may outlive the run (it would hold the process at exit)
+    manager.wait_until_finished()
+    manager.close()
+    log.close()
+    watch.close()  # last: a second Ctrl-C while the final save is written still exits at once
+  return last
 
+
+def _train_loop(config, workdir, state, start_step, training, train_step, evals, log, progress,
+                batches, watch, manager) -> dict:
+  """Steps from start_step + 1 to total_steps (or a stop request); returns the last metrics."""
   last = {}
   pending, throughput = [], metrics_log.Throughput(config.batch_size, start_step)
   for step in range(start_step + 1, config.total_steps + 1):
     state, metrics = train_step(state, next(batches))
     pending.append(metrics)
     if step == start_step + 1 and step < config.total_steps:
-      # Leave compilation out of images_per_sec and the ETA; a run of one step (nothing else
+      # Leave compilation out of images_per_sec and the ETA (the step's loss still counts: a
+      # resumed run logs the same means as one never stopped); a run of one step (nothing else
       # to measure) logs it with compilation included.
       jax.block_until_ready(state)
-      pending = []
       throughput.restart(step)
       progress.restart_clock(step)
     if pending and _interval_hit(step, config.log_every, config.total_steps):
-      last = _log_training(step, pending, throughput, config, schedule, batches, manager,
+      last = _log_training(step, pending, throughput, training.schedule, batches, manager,
                            workdir)
       log.write(step, last)
       progress.log(step, last)
@@ -214,15 +250,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.log(step, result)
         last.update(result)
       throughput.exclude(time.time() - eval_start)  # evaluation is not training throughput
-    preempted = watch.reached(step)
-    if preempted or _interval_hit(step, config.checkpoint_every, config.total_steps):
+    stopping = watch.reached(step)
+    if stopping or _interval_hit(step, config.checkpoint_every, config.total_steps):
       _save_if_finite(manager, step, state, pending, workdir)
-    if preempted:
-      logging.warning('preemption notice: saved step %d to %s/checkpoints; stopping', step,
-                      workdir)
+    if stopping:
+      reason = 'Ctrl-C' if watch.interrupted else 'preemption notice'
+      logging.warning('%s: saved step %d to %s/checkpoints; stopping (run the same command '
+                      'again to resume)', reason, step, workdir)
       break
-  watch.close()
-  manager.wait_until_finished()
-  manager.close()
-  log.close()
   return last

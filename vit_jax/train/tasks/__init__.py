@@ -7,6 +7,8 @@ through `get(config)`; none of them branches on the task's name.
 """
 from typing import Callable
 
+from vit_jax import errors
+
 
 class Task:
   """What the trainer needs from a training objective.
@@ -48,7 +50,7 @@ def get(config) -> Task:
   """The task `config.task` names (default 'classification'); unknown names list the known."""
   name = config.get('task', 'classification')
   if name not in _TASKS:
-    raise ValueError(f'unknown task={name!r}; choose one of {names()}')
+    raise errors.UserError(f'unknown task={name!r}; choose one of {names()}')
   return _TASKS[name]
 
 
