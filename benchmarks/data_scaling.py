@@ -19,31 +19,32 @@ import os
 import sys
 import time
 
-import matplotlib  # the plot comes after ~45 minutes of training: fail now if it is missing
-
 # Run as a script from a checkout: the repository root holds `benchmarks`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import few_digits, glyphs  # noqa: E402  pylint: disable=g-import-not-at-top
-from vit_jax import benchmark, startup  # noqa: E402  pylint: disable=g-import-not-at-top
-from vit_jax.train import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
+# Light imports only up here (--help answers at once); training's come in main().
+from benchmarks import seed_spread  # noqa: E402  pylint: disable=g-import-not-at-top
+from vit_jax import startup  # noqa: E402  pylint: disable=g-import-not-at-top
 
-MODELS = (few_digits.VIT, few_digits.RESNET)
 BATCH_SIZE = 128
 
 
 def training_flops_per_image(config) -> int:
   """3 x the forward pass's matmul and convolution FLOPs at the config's image size."""
+  from vit_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
   training = trainer.build(config)  # abstract state only: nothing is initialised
   return 3 * benchmark.forward_flops_per_image(training.model, training.abstract_state.params,
                                                config.image_size)
 
 
 def write_plot(rows: list, path: str, title: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
-  for i, (name, colour) in enumerate(zip((m['name'] for m in MODELS), ('#3366cc', '#cc6633'))):
+  names = list(dict.fromkeys(r['model'] for r in rows))  # in the order they were trained
+  for i, (name, colour) in enumerate(zip(names, ('#3366cc', '#cc6633'))):
     mine = [r for r in rows if r['model'] == name]
     means = [100 * r['mean'] for r in mine]
     spreads = [100 * r['std'] for r in mine]
@@ -68,14 +69,22 @@ def write_plot(rows: list, path: str, title: str) -> None:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--outdir', required=True)
+  parser.add_argument('--outdir', required=True, help='where the records, runs, table and plot '
+                      'go (rendered glyphs are kept there and reused)')
   parser.add_argument('--subsets', default='2000,8000', help='smaller pretraining sets; the '
                       'largest is the whole train split')
   parser.add_argument('--steps', default='400,800,1600', help='pretraining steps per set')
-  parser.add_argument('--finetune_steps', type=int, default=100)
+  parser.add_argument('--finetune_steps', type=int, default=100,
+                      help='fine-tuning steps on the 100 digits, per model and seed')
   parser.add_argument('--per_font', type=int, default=8, help='images per character and font')
-  parser.add_argument('--seeds', type=int, default=3)
+  parser.add_argument('--seeds', type=int, default=3,
+                      help='digit draws (and fine-tuning seeds) per model and set')
   args = parser.parse_args()
+  startup.begin()
+  # The plot comes after ~45 minutes of training: fail now if matplotlib is missing.
+  import matplotlib  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from benchmarks import few_digits, glyphs  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
   subsets = tuple(int(n) for n in args.subsets.split(','))
   steps = [int(n) for n in args.steps.split(',')]
   if len(steps) != len(subsets) + 1:
@@ -88,7 +97,7 @@ def main():
   data = glyphs.write_glyph_records(glyph_dir, args.per_font, subsets)
   splits = [(f'train_{n}', n) for n in subsets] + [('train', data['splits']['train'])]
   rows = []
-  for model in MODELS:
+  for model in (few_digits.VIT, few_digits.RESNET):
     flops_per_image = None  # the same for every set: pretraining is always at 16 px
     for (split, images), num_steps in zip(splits, steps):
       config = few_digits.pretrain_config(model, glyph_dir, split, num_steps, data['num_classes'],
@@ -102,7 +111,7 @@ def main():
       seconds = time.time() - began
       accs = [few_digits.finetune(model, args.outdir, seed, args.finetune_steps, workdir)
               for seed in range(args.seeds)]
-      mean, spread = few_digits.mean_and_spread(accs)
+      mean, spread = seed_spread.mean_and_spread(accs)
       flops = flops_per_image * num_steps * BATCH_SIZE
       rows.append(dict(model=model['name'], images=images, steps=num_steps,
                        pretrain_tflops=flops / 1e12, pretrain_minutes=seconds / 60,
@@ -135,5 +144,4 @@ def main():
 
 
 if __name__ == '__main__':
-  startup.begin()
   main()

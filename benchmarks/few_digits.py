@@ -99,9 +99,3 @@ def finetune(model: dict, outdir: str, seed: int, steps: int, init_from: str = '
                                        workdir)
   shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)  # metrics.jsonl stays
   return float(metrics['val_accuracy'])
-
-
-def mean_and_spread(values) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for a single value)."""
-  values = np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.

@@ -19,33 +19,35 @@ import os
 import sys
 import time
 
-import matplotlib  # the plot comes after ~15 minutes of training: fail now if it is missing
-import numpy as np
-
 # Run as a script from a checkout: the repository root holds `benchmarks`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import few_digits, glyphs  # noqa: E402  pylint: disable=g-import-not-at-top
+# Light imports only up here (--help answers at once); training's come in main().
+from benchmarks import seed_spread  # noqa: E402  pylint: disable=g-import-not-at-top
 from vit_jax import startup  # noqa: E402  pylint: disable=g-import-not-at-top
-from vit_jax.train import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ARMS = ('from scratch', 'pretrained on glyphs')
 
 
 def verdict(scratch: list, transferred: list) -> str:
   """The gain of the means, said against the larger of the two arms' standard deviations."""
-  (m0, s0), (m1, s1) = few_digits.mean_and_spread(scratch), few_digits.mean_and_spread(transferred)
+  (m0, s0), (m1, s1) = (seed_spread.mean_and_spread(scratch),
+                        seed_spread.mean_and_spread(transferred))
   gain, spread = m1 - m0, max(s0, s1)
+  if min(len(scratch), len(transferred)) < 2:
+    return (f'gain {100 * gain:+.1f} points; one seed per arm: no spread to compare it with '
+            '(--seeds=3 measures one)')
   relation = 'larger' if abs(gain) > spread else 'NOT larger'
   return (f'gain {100 * gain:+.1f} points; {relation} than the spread over seeds (largest '
           f'standard deviation {100 * spread:.1f} points)')
 
 
 def write_plot(results: dict, path: str, title: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for i, arm in enumerate(ARMS):
-    mean, spread = few_digits.mean_and_spread(results[arm])
+    mean, spread = seed_spread.mean_and_spread(results[arm])
     ax.bar(i, 100 * mean, yerr=100 * spread, capsize=6, color=['#999999', '#3366cc'][i])
     ax.scatter([i] * len(results[arm]), [100 * a for a in results[arm]], color='black', zorder=3)
   ax.set_xticks(range(len(ARMS)), ARMS)
@@ -58,12 +60,21 @@ def write_plot(results: dict, path: str, title: str) -> None:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--outdir', required=True)
-  parser.add_argument('--pretrain_steps', type=int, default=1500)
-  parser.add_argument('--finetune_steps', type=int, default=200)
+  parser.add_argument('--outdir', required=True, help='where the records, runs, table and plot '
+                      'go (rendered glyphs are kept there and reused)')
+  parser.add_argument('--pretrain_steps', type=int, default=1500,
+                      help='pretraining steps of 128 glyphs')
+  parser.add_argument('--finetune_steps', type=int, default=200,
+                      help='fine-tuning steps on the 100 digits, each arm')
   parser.add_argument('--per_font', type=int, default=8, help='images per character and font')
-  parser.add_argument('--seeds', type=int, default=3)
+  parser.add_argument('--seeds', type=int, default=3, help='digit draws (and fine-tuning seeds) '
+                      'per arm; the verdict needs 2 or more')
   args = parser.parse_args()
+  startup.begin()
+  # The plot comes after ~15 minutes of training: fail now if matplotlib is missing.
+  import matplotlib  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from benchmarks import few_digits, glyphs  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
   os.makedirs(args.outdir, exist_ok=True)
   start = time.time()
 
@@ -92,7 +103,7 @@ def main():
            '| arm | ' + ' | '.join(f'seed {s}' for s in range(args.seeds)) + ' | mean ± std |',
            '|---|' + '---|' * (args.seeds + 1)]
   for arm, accs in results.items():
-    mean, spread = few_digits.mean_and_spread(accs)
+    mean, spread = seed_spread.mean_and_spread(accs)
     lines.append(f'| {arm} | ' + ' | '.join(f'{a:.3f}' for a in accs) +
                  f' | {mean:.3f} ± {spread:.3f} |')
   lines += ['', verdict(*results.values()), '', f'wall time: {minutes:.1f} min']
@@ -107,5 +118,4 @@ def main():
 
 
 if __name__ == '__main__':
-  startup.begin()
   main()

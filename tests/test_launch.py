@@ -320,8 +320,20 @@ def test_slurm_errors_name_the_variable(slurm, monkeypatch):
   with pytest.raises(SystemExit, match='SLURM_NTASKS=16 but SLURM_JOB_NUM_NODES=2'):
     gpu_slurm.trainer_command(os.environ, [])
   monkeypatch.delenv('SLURM_NTASKS')
-  with pytest.raises(SystemExit, match='SLURM_NTASKS is not set'):
+  monkeypatch.delenv('SLURM_PROCID')
+  with pytest.raises(SystemExit, match='SLURM_NTASKS, SLURM_PROCID not set'):
     gpu_slurm.trainer_command(os.environ, [])
+
+
+def test_slurm_dry_run_outside_slurm_shows_an_example_job(monkeypatch, capsys):
+  for name in gpu_slurm.SLURM_VARIABLES:
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv('PATH', '')  # no scontrol either, as on a laptop
+  gpu_slurm.main(['--dry_run', '--', *TRAINER_FLAGS])
+  out, err = capsys.readouterr()
+  assert 'not inside a SLURM allocation' in err
+  assert shlex.split(out)[3:] == [*TRAINER_FLAGS, '--coordinator_address=node01:32345',
+                                  '--num_processes=2', '--process_id=0']
 
 
 def test_sbatch_script_hands_trainer_flags_to_one_task_per_node(tmp_path):

@@ -12,6 +12,7 @@ machines without TPUs. Both use `native_stderr_captured`, which make_records als
 decoders' messages from cutting through its progress bar.
 """
 import contextlib
+import glob
 import os
 import sys
 import tempfile
@@ -36,20 +37,33 @@ def begin(xla_flags: bool = True) -> None:
   host_tuning.apply(xla_flags=xla_flags)
 
 
+# Google's PCI vendor id (TPU chips); NVIDIA's and AMD's device files.
+_GOOGLE_PCI_VENDOR = '0x1ae0'
+_GPU_DEVICE_FILES = ('/dev/nvidia*', '/dev/kfd')
+
+
+def has_accelerators() -> bool:
+  """Whether a TPU chip (a Google PCI device, as JAX itself looks for them) or a GPU is
+  attached. Read from /sys and /dev, without importing JAX (programs print --help fast)."""
+  for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return any(glob.glob(pattern) for pattern in _GPU_DEVICE_FILES)
+
+
 def cpu_only_without_accelerators(environ=os.environ) -> None:
-  """JAX_PLATFORMS=cpu where no TPU chip and no GPU is attached (JAX's own PCI and device-file
-  checks) and the user chose no platforms. Elsewhere nothing changes: a TPU VM's chips, or a
-  GPU, are found as before. Set in the environment, it holds for child processes too."""
-  if environ.get('JAX_PLATFORMS') or 'JAX_FORCE_TPU_INIT' in environ:
-    return
-  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
-  if (hardware_utils.num_available_tpu_chips_and_device_id()[0]
-      or hardware_utils.has_visible_nvidia_gpu()
-      or hardware_utils.num_available_amd_gpus(stop_at=1)):
+  """JAX_PLATFORMS=cpu where no TPU chip and no GPU is attached and the user chose no
+  platforms. Elsewhere nothing changes: a TPU VM's chips, or a GPU, are found as before. Set in
+  the environment, it holds for child processes too."""
+  if environ.get('JAX_PLATFORMS') or 'JAX_FORCE_TPU_INIT' in environ or has_accelerators():
     return
   environ['JAX_PLATFORMS'] = 'cpu'
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_platforms', 'cpu')  # jax read its environment when it was imported
+  if 'jax' in sys.modules:  # jax reads its environment when it is imported
+    sys.modules['jax'].config.update('jax_platforms', 'cpu')
 
 
 def quiet_logging() -> None:

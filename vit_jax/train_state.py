@@ -27,7 +27,10 @@ def make_manager(workdir: str, *, max_to_keep: int = 3, save_interval_steps: int
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
       enable_async_checkpointing=async_save, create=True)
-  return ocp.CheckpointManager(paths.resolve(workdir) / 'checkpoints', options=options)
+  # The handler named up front lets the manager read a step's metadata before any save or
+  # restore (start-up checks it), without Orbax warning of missing metadata files.
+  return ocp.CheckpointManager(paths.resolve(workdir) / 'checkpoints', options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save_state(manager: ocp.CheckpointManager, step: int, state, *, force: bool = False) -> bool:
@@ -55,11 +58,6 @@ def latest_complete_step(manager: ocp.CheckpointManager) -> int | None:
   return None
 
 
-def _params_metadata(item):
-  """The params subtree of an Orbax item's metadata (shapes and dtypes, no arrays read)."""
-  return ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree['params']
-
-
 def flat_shapes(params) -> dict:
   """{'/'-joined name: shape} of a params tree (arrays, ShapeDtypeStructs or Orbax metadata)."""
   return {k: tuple(v.shape) for k, v in
@@ -68,7 +66,7 @@ def flat_shapes(params) -> dict:
 
 def saved_param_shapes(manager: ocp.CheckpointManager, step: int) -> dict:
   """flat_shapes of the params a training checkpoint holds, read from its metadata only."""
-  return flat_shapes(_params_metadata(paths.resolve(manager.directory) / str(step) / 'default'))
+  return flat_shapes(manager.item_metadata(step)['params'])
 
 
 def restore_state(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):

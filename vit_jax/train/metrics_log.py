@@ -81,9 +81,10 @@ class Throughput:
   def exclude(self, seconds: float) -> None:
     self.excluded += seconds
 
-  def rate(self, step: int) -> float:
-    """images/sec since the last restart (or rate), then restarts at `step`."""
+  def rate(self, step: int) -> float | None:
+    """images/sec since the last restart (or rate), then restarts at `step`; None when no step
+    was timed (a line right after the compiling first step)."""
     seconds = max(self.clock() - self.start - self.excluded, 1e-9)
     images = (step - self.step) * self.batch_size
     self.restart(step)
-    return images / seconds
+    return images / seconds if images else None

@@ -4,10 +4,14 @@ A mistake that would otherwise surface at the first evaluation (hours in with a 
 `eval_every`) or never (silently dropped pixels, out-of-range class ids) stops the run here with
 one or two lines naming the config key, file, split or value and the fix.
 """
+import contextlib
+import io
 import re
 import socket
+import sys
 import uuid
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
@@ -130,10 +134,11 @@ def _check_split(config, data, split: str, key: str) -> None:
     return
   if not data.get('name'):
     return  # the pipeline's own error names both keys
-  builder = tfds.builder(data['name'], data_dir=data.get('data_dir') or None)
-  if not builder.is_prepared():
-    _check_can_prepare(builder)
-    sources.prepare_tfds(builder)
+  with _tfds_warnings_hidden():  # of the version folder it is about to prepare
+    builder = tfds.builder(data['name'], data_dir=data.get('data_dir') or None)
+    if not builder.is_prepared():
+      _check_can_prepare(builder)
+      _prepare(builder)
   try:
     sources.check_random_access(builder)
   except ValueError as e:
@@ -160,6 +165,29 @@ def _check_record_classes(config, data, split: str, key: str, info: dict) -> Non
         f'{sources.record_info_path(data["path"], split)} declares num_classes={declared} but '
         f'the config has data.num_classes={configured}; set --config.data.num_classes='
         f'{declared} (or write the records with make_records --num_classes={configured})')
+
+
+@contextlib.contextmanager
+def _tfds_warnings_hidden():
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+def _prepare(builder) -> None:
+  """Prepares a tfds dataset, saying so in one line. tfds's own progress bars are shown on a
+  terminal only (in a log file they are control codes); its "Downloading and preparing dataset
+  Unknown size" line is left out for the project's builders, which download nothing."""
+  if not sys.stderr.isatty():
+    tfds.disable_progress_bar()
+  offline = _builds_offline(builder)
+  print(f'preparing tfds dataset {builder.name} in {builder.data_dir_root} (once; '
+        f'{"made locally, no download" if offline else "downloads it first"})', flush=True)
+  with contextlib.redirect_stdout(io.StringIO()) if offline else contextlib.nullcontext():
+    sources.prepare_tfds(builder)
 
 
 def _builds_offline(builder) -> bool:

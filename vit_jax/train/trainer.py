@@ -173,11 +173,12 @@ def _log_training(step: int, pending: list, throughput, schedule, batches, manag
   """The training line of `step`: means over the steps since the last one; stops on NaN/Inf."""
   fetched = jax.device_get(pending)
   _check_finite(fetched, step, workdir, manager)
-  return {'train_loss': float(np.mean([m['train_loss'] for m in fetched])),
+  line = {'train_loss': float(np.mean([m['train_loss'] for m in fetched])),
           'learning_rate': float(schedule(step - 1)),
           'images_per_sec': throughput.rate(step),
           'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
           'skipped_images': batches.skipped_images()}  # failed to decode, since start
+  return {k: v for k, v in line.items() if v is not None}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
