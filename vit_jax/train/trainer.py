@@ -168,16 +168,18 @@ def initial_state(config, workdir: str, training: Training, manager, init_rng,
                  out_shardings=state_sharding)(params)
 
 
-def _log_training(step: int, pending: list, throughput, schedule, batches, manager,
+def _log_training(step: int, pending: list, throughput, schedule, skipped: int, manager,
                   workdir: str) -> dict:
-  """The training line of `step`: means over the steps since the last one; stops on NaN/Inf."""
+  """The training line of `step`: means over the steps since the last one; stops on NaN/Inf.
+  Every value but images_per_sec is a function of the steps alone, so a resumed run logs the
+  lines an uninterrupted one does."""
   fetched = jax.device_get(pending)
   _check_finite(fetched, step, workdir, manager)
   line = {'train_loss': float(np.mean([m['train_loss'] for m in fetched])),
           'learning_rate': float(schedule(step - 1)),
           'images_per_sec': throughput.rate(step),
           'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
-          'skipped_images': batches.skipped_images()}  # failed to decode, since start
+          'skipped_images': skipped}  # failed to decode in these steps, all processes
   return {k: v for k, v in line.items() if v is not None}
 
 
@@ -224,7 +226,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _train_loop(config, workdir, state, start_step, training, train_step, evals, log, progress,
                 batches, watch, manager) -> dict:
   """Steps from start_step + 1 to total_steps (or a stop request); returns the last metrics."""
-  last = {}
+  last, skipped_before = {}, 0
   pending, throughput = [], metrics_log.Throughput(config.batch_size, start_step)
   for step in range(start_step + 1, config.total_steps + 1):
     state, metrics = train_step(state, next(batches))
@@ -237,8 +239,10 @@ def _train_loop(config, workdir, state, start_step, training, train_step, evals,
       throughput.restart(step)
       progress.restart_clock(step)
     if pending and _interval_hit(step, config.log_every, config.total_steps):
-      last = _log_training(step, pending, throughput, training.schedule, batches, manager,
-                           workdir)
+      skipped = batches.skipped_images()  # since this run started (a collective)
+      last = _log_training(step, pending, throughput, training.schedule,
+                           skipped - skipped_before, manager, workdir)
+      skipped_before = skipped
       log.write(step, last)
       progress.log(step, last)
       pending = []
