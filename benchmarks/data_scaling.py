@@ -30,10 +30,10 @@ BATCH_SIZE = 128
 
 def training_flops_per_image(config) -> int:
   """3 x the forward pass's matmul and convolution FLOPs at the config's image size."""
-  from vit_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from vit_jax import flops  # pylint: disable=g-import-not-at-top
   from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
   training = trainer.build(config)  # abstract state only: nothing is initialised
-  return 3 * benchmark.forward_flops_per_image(training.model, training.abstract_state.params,
+  return 3 * flops.forward_flops_per_image(training.model, training.abstract_state.params,
                                                config.image_size)
 
 

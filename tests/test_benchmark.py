@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vit_jax import benchmark, host_tuning
+from vit_jax import benchmark, flops, host_tuning
 from vit_jax.models import registry
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,4 +80,4 @@ def test_matmul_flops_counts_scanned_layers_and_convolutions():
   jaxpr = jax.make_jaxpr(layers)(jnp.ones((2, 16, 16, 3)), jnp.ones((5, 8, 8)))
   conv = 2 * (2 * 4 * 4 * 8) * (4 * 4 * 3)
   scanned = 5 * 2 * (2 * 16 * 8) * 8
-  assert benchmark.matmul_flops(jaxpr) == conv + scanned
+  assert flops.matmul_flops(jaxpr) == conv + scanned

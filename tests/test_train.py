@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint, models, sharding
+from vit_jax import accelerators, checkpoint, flops, models, sharding
 from vit_jax.train import trainer
 
 
@@ -81,7 +81,10 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, caplog):
+def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, caplog,
+                                                 monkeypatch):
+  # As on an accelerator whose peak is known (here 1 TFLOP/s per CPU device): lines carry mfu.
+  monkeypatch.setitem(accelerators.PEAK_BF16_FLOPS, jax.devices()[0].device_kind, 1e12)
   workdir = str(tmp_path / 'run')
   config = quickstart_config
   config.total_steps = 3
@@ -89,17 +92,27 @@ def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, ca
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3']
   config.total_steps = 6
   with caplog.at_level(logging.WARNING):
-    last = trainer.train_and_evaluate(config, workdir)  # resumes from step 3
+    trainer.train_and_evaluate(config, workdir)  # resumes from step 3
   # At WARNING, the level the command line shows.
   assert f'resuming from {workdir}/checkpoints/3 (step 3 of 6)' in caplog.text
   lines = _metrics(workdir)
   train_steps = [m['step'] for m in lines if 'train_loss' in m]
   assert train_steps == [2, 3, 4, 6]  # log_every=2, and each run's last step
+  # The step's FLOPs, counted independently: 3 x the forward pass (no remat here).
+  training = trainer.build(config)
+  step_flops = 3 * config.batch_size * flops.forward_flops_per_image(
+      training.model, training.abstract_state.params, config.image_size)
   for m in lines:
     if 'train_loss' in m:
       assert 'learning_rate' in m and np.isfinite(m['train_loss'])
       # The first step after a start is compilation: its loss counts, its time does not.
-      assert ('images_per_sec' in m) == (m['step'] != 4), m
+      timed = m['step'] != 4
+      assert {'images_per_sec', 'input_wait_s', 'mfu'} <= set(m) if timed else not (
+          {'images_per_sec', 'input_wait_s', 'mfu'} & set(m)), m
+      if timed:
+        assert m['input_wait_s'] >= 0
+        steps_per_sec = m['images_per_sec'] / config.batch_size
+        assert m['mfu'] == pytest.approx(step_flops * steps_per_sec / (8 * 1e12), rel=1e-6)
   evals = [m for m in lines if 'val_accuracy' in m]
   assert [m['step'] for m in evals] == [3, 6]
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']

@@ -194,6 +194,21 @@ def test_images_per_sec_counts_the_steps_before_an_evaluation_with_their_time():
   assert throughput.rate(6) == pytest.approx(2 * 10 / 2.)
 
 
+def test_input_wait_and_mfu_over_the_steps_since_the_last_line():
+  now = [0.]
+  throughput = metrics_log.Throughput(batch_size=10, step=0, clock=lambda: now[0],
+                                      flops_per_step=3e12, peak_flops=8 * 1e12)
+  throughput.waited_for_input(0.25)
+  throughput.waited_for_input(0.5)
+  now[0] = 2.  # 4 steps in 2 s: 6e12 FLOP/s of a 8e12 peak
+  assert throughput.figures(4) == {'images_per_sec': 20., 'input_wait_s': 0.75,
+                                   'mfu': pytest.approx(0.75)}
+  assert throughput.figures(4) == {'images_per_sec': None, 'input_wait_s': None, 'mfu': None}
+  cpu = metrics_log.Throughput(batch_size=10, step=0, clock=lambda: now[0])  # no known peak
+  now[0] = 3.
+  assert cpu.figures(1)['mfu'] is None and cpu.figures(2)['input_wait_s'] == 0.
+
+
 def test_loading_a_workdir_reads_its_newest_complete_step(tmp_path):
   manager = checkpoint.make_manager(str(tmp_path), async_save=False)
   for step in (1, 2):

@@ -29,7 +29,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from vit_jax import accelerators, benchmark, startup
+from vit_jax import accelerators, flops, startup
 from vit_jax.train import trainer
 
 GIB = 2**30
@@ -163,9 +163,9 @@ def check(config, target: accelerators.Target, devices=None,
     if target.platform == 'cuda':
       report['cudnn_fused_attention'] = '__cudnn$fmha' in hlo
   report['headroom_gib'] = round(target.device_memory_gib - report['required_gib'], 2)
-  flops = benchmark.matmul_flops(traced.jaxpr)
-  report['flops_per_step'] = flops
-  report['ideal_step_s'] = flops / (target.num_devices * target.peak_bf16_flops)
+  flops_per_step = flops.matmul_flops(traced.jaxpr)
+  report['flops_per_step'] = flops_per_step
+  report['ideal_step_s'] = flops_per_step / (target.num_devices * target.peak_bf16_flops)
   return report
 
 

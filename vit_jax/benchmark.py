@@ -14,7 +14,6 @@ JAX in the same process, so MFU there means "fraction of the matmul rate this ma
 right now", which also cancels some of the noise of a shared machine.
 """
 import json
-import math
 import os
 import resource
 import statistics
@@ -22,11 +21,10 @@ import time
 
 from absl import app, flags
 import jax
-from jax.extend import core as jax_core
 import jax.numpy as jnp
 import ml_collections
 
-from vit_jax import accelerators, sharding, startup
+from vit_jax import accelerators, flops, sharding, startup
 from vit_jax.train import trainer
 
 
@@ -68,38 +66,6 @@ def benchmark_config(model: str, batch_size: int, image_size: int, num_classes: 
   c.schedule = dict(base_lr=1e-3, warmup_steps=100, decay_type='cosine')
   c.mesh = dict(data=-1, fsdp=mesh_fsdp, model=mesh_model)
   return c
-
-
-def matmul_flops(closed_jaxpr) -> int:
-  """FLOPs (2 per multiply-add) of every dot_general and convolution in a jaxpr, sub-jaxprs
-  included; a scan's body counts `length` times."""
-  total = 0
-  for eqn in closed_jaxpr.jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == 'dot_general':
-      (lhs_contract, _), _ = eqn.params['dimension_numbers']
-      lhs_shape = eqn.invars[0].aval.shape
-      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
-          lhs_shape[d] for d in lhs_contract)
-    elif name == 'conv_general_dilated':
-      rhs_shape = eqn.invars[1].aval.shape
-      out_features = rhs_shape[eqn.params['dimension_numbers'].rhs_spec[0]]
-      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs_shape) // out_features
-    repeat = eqn.params.get('length', 1) if name == 'scan' else 1
-    for value in eqn.params.values():
-      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
-        if hasattr(sub, 'jaxpr') and hasattr(sub, 'consts'):  # ClosedJaxpr
-          total += repeat * matmul_flops(sub)
-        elif hasattr(sub, 'eqns'):  # open Jaxpr
-          total += repeat * matmul_flops(jax_core.ClosedJaxpr(sub, ()))
-  return total
-
-
-def forward_flops_per_image(model, params, image_size: int) -> int:
-  """Matmul FLOPs of one image's forward pass, counted on the model's traced computation."""
-  image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  jaxpr = jax.make_jaxpr(lambda p, x: model.apply({'params': p}, x, train=False))(params, image)
-  return matmul_flops(jaxpr)
 
 
 def matmul_times(n: int, repeats: int = 5) -> list:
@@ -165,7 +131,7 @@ class TrainStep:
 
   def model_flops_per_step(self) -> int:
     """3 x forward matmul FLOPs (forward + backward) for the whole batch."""
-    forward = forward_flops_per_image(self.model, self.abstract_state.params,
+    forward = flops.forward_flops_per_image(self.model, self.abstract_state.params,
                                       self.config.image_size)
     return 3 * forward * self.config.batch_size
 

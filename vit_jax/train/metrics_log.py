@@ -67,24 +67,42 @@ class Progress:
 
 
 class Throughput:
-  """Training images/sec over the steps since the last `rate`, with time spent elsewhere
-  (evaluations, checkpoints) left out of both the steps' time and nothing else: the steps run
-  before an evaluation still count, with the time they took."""
+  """How fast training went over the steps since the last line: images/sec; `input_wait_s`, the
+  seconds the step loop waited for its next batch (near 0: the input keeps up; near the
+  interval's length: the devices wait for input); and `mfu`, model FLOPs per second (3 x the
+  forward pass's matmuls, as `vit_jax.benchmark` counts them) over the devices' peak bf16 rate,
+  where that peak is known.
+  Time spent elsewhere (evaluations, checkpoints) is left out; the steps run before an
+  evaluation still count, with the time they took."""
 
-  def __init__(self, batch_size: int, step: int, clock=time.time):
+  def __init__(self, batch_size: int, step: int, clock=time.time,
+               flops_per_step: float | None = None, peak_flops: float | None = None):
     self.batch_size, self.clock = batch_size, clock
+    self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
     self.restart(step)
 
   def restart(self, step: int) -> None:
-    self.start, self.step, self.excluded = self.clock(), step, 0.
+    self.start, self.step, self.excluded, self.input_wait = self.clock(), step, 0., 0.
 
   def exclude(self, seconds: float) -> None:
     self.excluded += seconds
 
+  def waited_for_input(self, seconds: float) -> None:
+    self.input_wait += seconds
+
   def rate(self, step: int) -> float | None:
     """images/sec since the last restart (or rate), then restarts at `step`; None when no step
     was timed (a line right after the compiling first step)."""
+    return self.figures(step)['images_per_sec']
+
+  def figures(self, step: int) -> dict:
+    """{'images_per_sec', 'input_wait_s', 'mfu'} since the last restart, then restarts at
+    `step`; a figure that cannot be told is None (no step timed, or no known peak)."""
     seconds = max(self.clock() - self.start - self.excluded, 1e-9)
-    images = (step - self.step) * self.batch_size
+    steps = step - self.step
+    figures = {'images_per_sec': steps * self.batch_size / seconds if steps else None,
+               'input_wait_s': self.input_wait if steps else None,
+               'mfu': (self.flops_per_step * steps / seconds / self.peak_flops
+                       if steps and self.flops_per_step and self.peak_flops else None)}
     self.restart(step)
-    return images / seconds if images else None
+    return figures

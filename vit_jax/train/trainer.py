@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vit_jax import sharding, train_state, weights
+from vit_jax import accelerators, flops, sharding, train_state, weights
 from vit_jax.data import pipeline
 from vit_jax.train import metrics_log, optim, preemption, preflight, steps, tasks
 
@@ -177,7 +177,7 @@ def _log_training(step: int, pending: list, throughput, schedule, skipped: int, 
   _check_finite(fetched, step, workdir, manager)
   line = {'train_loss': float(np.mean([m['train_loss'] for m in fetched])),
           'learning_rate': float(schedule(step - 1)),
-          'images_per_sec': throughput.rate(step),
+          **throughput.figures(step),  # images_per_sec, input_wait_s, mfu
           'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
           'skipped_images': skipped}  # failed to decode in these steps, all processes
   return {k: v for k, v in line.items() if v is not None}
@@ -223,13 +223,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return last
 
 
+def _mfu_terms(config, training: Training) -> dict:
+  """Model FLOPs per step (3 x the forward pass's matmuls, the benchmark's MFU convention: no
+  recomputation counted) and the mesh's peak bf16 FLOP/s, where the devices' peak is known
+  (TPUs, H100s); {} elsewhere (CPUs: no mfu in the lines)."""
+  peak = accelerators.PEAK_BF16_FLOPS.get(training.mesh.devices.flat[0].device_kind)
+  if not peak:
+    return {}
+  forward = flops.forward_flops_per_image(training.model, training.abstract_state.params,
+                                          config.image_size)
+  return {'flops_per_step': 3 * forward * config.batch_size,
+          'peak_flops': peak * training.mesh.devices.size}
+
+
 def _train_loop(config, workdir, state, start_step, training, train_step, evals, log, progress,
                 batches, watch, manager) -> dict:
   """Steps from start_step + 1 to total_steps (or a stop request); returns the last metrics."""
-  last, skipped_before = {}, 0
-  pending, throughput = [], metrics_log.Throughput(config.batch_size, start_step)
+  last, skipped_before, pending = {}, 0, []
+  throughput = metrics_log.Throughput(config.batch_size, start_step,
+                                      **_mfu_terms(config, training))
   for step in range(start_step + 1, config.total_steps + 1):
-    state, metrics = train_step(state, next(batches))
+    waiting_since = time.time()
+    batch = next(batches)
+    throughput.waited_for_input(time.time() - waiting_since)
+    state, metrics = train_step(state, batch)
     pending.append(metrics)
     if step == start_step + 1 and step < config.total_steps:
       # Leave compilation out of images_per_sec and the ETA (the step's loss still counts: a
