@@ -102,6 +102,26 @@ def test_fused_jpeg_crop_equals_decode_then_crop():
   assert np.abs(fused.astype(int) - separate).mean() < 1.0
 
 
+@pytest.mark.parametrize('spec', [
+    'inception_crop(40)|flip_lr|value_range(-1, 1)',  # decodes the crop itself
+    'decode|resize(24, method="bicubic")|random_crop(20, pad=2)|value_range(0, 1)',
+    'decode|resize_small(30)|central_crop(24)|value_range(-1, 1)'])
+def test_a_resize_hands_value_range_the_same_numbers_as_floats(spec):
+  """Fused (parse_preprocess: the resize keeps float32) and op by op (uint8 in between): equal."""
+  buf = io.BytesIO()
+  Image.fromarray(_natural(96, 128)).save(buf, 'JPEG', quality=90)
+  data = {'image': tf.constant(buf.getvalue()), ops.SEED_KEY: tf.constant([3, 4], tf.int64)}
+  op_by_op = dict(data)
+  for op_spec in spec.split('|'):
+    op_by_op = ops.get_op(op_spec)(op_by_op)
+    assert op_spec.startswith('value_range') or op_by_op['image'].dtype in (tf.string, tf.uint8)
+  fused = ops.get_preprocess_fn(spec)(dict(data))['image'].numpy()
+  np.testing.assert_array_equal(fused, op_by_op['image'].numpy())
+  resizing = next(op for op in spec.split('|') if op.startswith(('inception_crop', 'resize')))
+  assert ops.get_op(resizing.replace(')', ', float_output=True)'))(
+      ops.get_op('decode')(dict(data)))['image'].dtype == tf.float32
+
+
 def test_onehot_multihot_and_label_smoothing():
   out = ops.get_op('onehot(5, label_smoothing=0.1)')({'label': tf.constant(2)})['labels']
   np.testing.assert_allclose(out, [0.02, 0.02, 0.92, 0.02, 0.02], atol=1e-6)
