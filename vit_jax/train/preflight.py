@@ -109,10 +109,8 @@ def _check_split(config, data, split: str, key: str) -> None:
     return
   if not data.get('name'):
     return  # the pipeline's own error names both keys
-  builder = tfds.builder(data['name'], data_dir=data.get('data_dir') or None)
-  if not builder.is_prepared():
-    _check_can_prepare(builder)
-    sources.prepare_tfds(builder)
+  builder = sources.prepare_tfds(tfds.builder(data['name'], data_dir=data.get('data_dir') or None),
+                                 before_preparing=_check_can_prepare)  # on process 0 only
   try:
     sources.check_random_access(builder)
   except ValueError as e:
