@@ -135,10 +135,7 @@ def _check_split(config, data, split: str, key: str) -> None:
   if not data.get('name'):
     return  # the pipeline's own error names both keys
   with _tfds_warnings_hidden():  # of the version folder it is about to prepare
-    builder = tfds.builder(data['name'], data_dir=data.get('data_dir') or None)
-    if not builder.is_prepared():
-      _check_can_prepare(builder)
-      _prepare(builder)
+    builder = _prepare(tfds.builder(data['name'], data_dir=data.get('data_dir') or None))
   try:
     sources.check_random_access(builder)
   except ValueError as e:
@@ -177,17 +174,22 @@ def _tfds_warnings_hidden():
     logging.set_verbosity(verbosity)
 
 
-def _prepare(builder) -> None:
-  """Prepares a tfds dataset, saying so in one line. tfds's own progress bars are shown on a
+def _prepare(builder):
+  """The builder to read the dataset with, prepared first where it is not (on process 0 only:
+  `sources.prepare_tfds`), saying so in one line. tfds's own progress bars are shown on a
   terminal only (in a log file they are control codes); its "Downloading and preparing dataset
   Unknown size" line is left out for the project's builders, which download nothing."""
-  if not sys.stderr.isatty():
-    tfds.disable_progress_bar()
-  offline = _builds_offline(builder)
-  print(f'preparing tfds dataset {builder.name} in {builder.data_dir_root} (once; '
-        f'{"made locally, no download" if offline else "downloads it first"})', flush=True)
+  offline, out = _builds_offline(builder), sys.stdout
+
+  def before_preparing(builder):
+    _check_can_prepare(builder)
+    if not sys.stderr.isatty():
+      tfds.disable_progress_bar()
+    print(f'preparing tfds dataset {builder.name} in {builder.data_dir_root} (once; '
+          f'{"made locally, no download" if offline else "downloads it first"})', file=out,
+          flush=True)
   with contextlib.redirect_stdout(io.StringIO()) if offline else contextlib.nullcontext():
-    sources.prepare_tfds(builder)
+    return sources.prepare_tfds(builder, before_preparing=before_preparing)
 
 
 def _builds_offline(builder) -> bool:
