@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from vit_jax import sharding
-from vit_jax.data import make_records, pipeline, sources
+from vit_jax.data import make_records, ops, pipeline, sources
 
 COLOURS = np.array([[230, 30, 30], [30, 230, 30], [30, 30, 230], [230, 230, 30], [30, 230, 230],
                     [230, 30, 230]])
@@ -100,10 +100,14 @@ ROW_SHARES = {'1 process': [range(8)], '2 processes': [range(4), range(4, 8)],
               'scattered blocks': [[0, 1, 6, 7], [2, 3, 4, 5]]}
 
 
+# Per-example ops only (mixup mixes within a process's rows): random crops, flips, RandAugment.
+AUGMENTING = 'decode|inception_crop(16)|flip_lr|randaug(2, 5)|value_range(-1, 1)|onehot(6)'
+
+
 @pytest.mark.parametrize('shares', ROW_SHARES.values(), ids=ROW_SHARES.keys())
 def test_each_process_reads_its_rows_of_the_same_global_batches(records, shares):
   """Steps 0-2 are epoch 0 (24 records, batch 8): every record once; step 4 is in epoch 1."""
-  config = _config(records[0], pp_train='decode|resize(16)|value_range(-1, 1)|onehot(6)')
+  config = _config(records[0], pp_train=AUGMENTING)
   steps = {}
   for step in (0, 1, 2, 4):
     images = np.zeros((8, 16, 16, 3), np.float32)
@@ -120,10 +124,23 @@ def test_each_process_reads_its_rows_of_the_same_global_batches(records, shares)
 
 @functools.cache
 def _global_batches(path: str) -> dict:
-  """The global batches of one process reading every row, for the comparisons above."""
-  config = _config(path, pp_train='decode|resize(16)|value_range(-1, 1)|onehot(6)')
-  return {step: next(pipeline.train_dataset(config, step, range(8)).as_numpy_iterator())['image']
-          for step in (0, 1, 2, 4)}
+  """The global batches as the data order defines them, computed example by example without
+  the pipeline: row r of step s is example k = 8 s + r, record index_shuffle(k mod N) of the
+  permutation seeded (seed, k div N), preprocessed with its random ops seeded (seed, k)."""
+  config = _config(path, pp_train=AUGMENTING)
+  src = sources.records_source(path, 'train')
+  preprocess = ops.get_preprocess_fn(AUGMENTING)
+  batches = {}
+  for step in (0, 1, 2, 4):
+    images = []
+    for k in range(8 * step, 8 * step + 8):
+      record = tf.random.experimental.index_shuffle(
+          k % src.num_examples, [config.seed, k // src.num_examples], src.num_examples - 1)
+      example = src.parse(tf.constant(src.read(np.array([int(record)]))[0]))
+      example[ops.SEED_KEY] = tf.constant([config.seed, k], tf.int64)
+      images.append(preprocess(example)['image'].numpy())
+    batches[step] = np.stack(images)
+  return batches
 
 
 def test_record_sets_without_offsets_are_refused_until_indexed(records, tmp_path):
