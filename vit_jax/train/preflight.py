@@ -10,7 +10,6 @@ import uuid
 
 import jax
 import orbax.checkpoint as ocp
-import tensorflow_datasets as tfds
 
 from vit_jax import errors, models, paths, train_state
 from vit_jax.data import ops, sources
@@ -94,7 +93,7 @@ def _check_split(config, data, split: str, key: str) -> None:
   if data.get('path'):
     try:
       info = sources.read_record_info(data['path'], split)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, errors.UserError) as e:
       raise PreflightError(f'{key}={split!r}: {e}') from None
     if info['num_examples'] == 0:
       raise PreflightError(f'{key}={split!r}: {sources.record_info_path(data["path"], split)} '
@@ -109,7 +108,10 @@ def _check_split(config, data, split: str, key: str) -> None:
     return
   if not data.get('name'):
     return  # the pipeline's own error names both keys
-  builder = tfds.builder(data['name'], data_dir=data.get('data_dir') or None)
+  try:  # a data_dir only a mount can serve, or storage that does not answer
+    builder = sources.tfds_builder(data['name'], data.get('data_dir') or None)
+  except errors.UserError as e:
+    raise PreflightError(str(e)) from None
   if not builder.is_prepared():
     _check_can_prepare(builder)
     sources.prepare_tfds(builder)

@@ -182,7 +182,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   train_step = jit_train_step(make_train_step(config, training, dropout_rng), training)
   evals = tasks.get(config).evaluators(config, model, mesh, state_sharding.params, workdir)
-  log = metrics_log.MetricsLog(workdir)
+  log = metrics_log.MetricsLog(workdir, start_step)  # drops lines an earlier run left past it
   progress = metrics_log.Progress(config.total_steps, start_step)
   batches = pipeline.train_iterator(config, mesh, start_step)
   watch = preemption.PreemptionWatch()
@@ -216,6 +216,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       throughput.exclude(time.time() - eval_start)  # evaluation is not training throughput
     preempted = watch.reached(step)
     if preempted or _interval_hit(step, config.checkpoint_every, config.total_steps):
+      log.flush()  # a run resumed from this checkpoint finds every line up to its step
       _save_if_finite(manager, step, state, pending, workdir)
     if preempted:
       logging.warning('preemption notice: saved step %d to %s/checkpoints; stopping', step,
