@@ -9,6 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from vit_jax import checkpoint
 from vit_jax.train import trainer
@@ -89,9 +90,16 @@ def _final(workdir, config):
 
 
 def _losses(workdir):
-  """[(step, train_loss)] in the order metrics.jsonl holds them (restarts repeat steps)."""
+  """[(step, train_loss)] in the order metrics.jsonl holds them."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [(m['step'], m['train_loss']) for m in map(json.loads, f) if 'train_loss' in m]
+
+
+def _tensorboard_losses(workdir):
+  """[(step, train_loss)] as TensorBoard's own reader shows the run."""
+  accumulator = event_accumulator.EventAccumulator(os.path.join(workdir, 'tensorboard'))
+  accumulator.Reload()
+  return [(e.step, e.value) for e in accumulator.Scalars('train_loss')]
 
 
 @pytest.mark.slow
@@ -136,9 +144,16 @@ def test_sigterm_then_sigkill_then_restart_matches_an_uninterrupted_run(quicksta
   reference_losses = dict(reference_losses)
   assert len(reference_losses) == config.total_steps - 1  # all but the (compiling) first step
   assert losses[-1][0] == config.total_steps
-  # Every loss any of the three runs logged, restarted steps included, is the reference's.
+  # Every loss any of the three runs logged is the reference's, each step once and in order
+  # (a resumed run drops what the run before it logged past its checkpoint), in metrics.jsonl
+  # and in TensorBoard alike.
+  steps = [step for step, _ in losses]
+  assert steps == sorted(set(steps)), steps
   for step, loss in losses:
     assert loss == reference_losses[step], step
+  shown = _tensorboard_losses(workdir)
+  assert [step for step, _ in shown] == steps
+  np.testing.assert_allclose([v for _, v in shown], [v for _, v in losses], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
