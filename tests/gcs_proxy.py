@@ -8,7 +8,8 @@ emulator. It counts what passes: requests, bytes uploaded (request bodies), requ
 
 `python -m tests.gcs_proxy --latency_ms=50` serves an emulator behind a proxy in its own process
 (the benchmark's harness, so that it does not share the measured process's interpreter) and
-prints the proxy's URL; it answers `GET /_proxy/stats` with its counters as JSON.
+prints the proxy's URL; `GET /_proxy/stats[?latency_ms=L][&reset=1]` sets the latency, resets
+the counters and answers with them as JSON.
 
 Clients keep their connections to the proxy (HTTP/1.1); the emulator, single-threaded and
 HTTP/1.0 with a listen backlog of 5, gets at most `upstream_connections` requests at once.
@@ -40,14 +41,19 @@ class Proxy:
     self.url = None
 
   def reset_stats(self) -> None:
-    self.requests = self.bytes_uploaded = self.in_flight = self.max_in_flight = 0
+    """Counts from now on (requests in flight now stay counted as such)."""
+    self.in_flight = getattr(self, 'in_flight', 0)
+    self.connections = getattr(self, 'connections', 0)
+    self.requests = self.bytes_uploaded = self.max_in_flight = 0
+    self.max_connections = self.connections
     self.in_flight_sum = 0  # in flight as each request arrives (itself included), summed
     self.refused = dict.fromkeys(_REFUSALS, 0)
 
   def stats(self) -> dict:
     return {'requests': self.requests, 'bytes_uploaded': self.bytes_uploaded,
             'refused': dict(self.refused), 'max_in_flight': self.max_in_flight,
-            'mean_in_flight': round(self.in_flight_sum / max(self.requests, 1), 1)}
+            'mean_in_flight': round(self.in_flight_sum / max(self.requests, 1), 1),
+            'max_connections': self.max_connections}
 
   def start(self) -> 'Proxy':
     self._thread.start()
@@ -72,12 +78,15 @@ class Proxy:
     return await asyncio.start_server(self._client, '127.0.0.1', 0, backlog=1024)
 
   async def _client(self, reader, writer):
+    self.connections += 1
+    self.max_connections = max(self.max_connections, self.connections)
     try:
       while await self._one_request(reader, writer):
         pass
     except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
       pass  # the client went away, or the proxy stops
     finally:
+      self.connections -= 1
       writer.close()
 
   async def _one_request(self, reader, writer) -> bool:
@@ -90,7 +99,12 @@ class Proxy:
     if get('expect', '').lower() == '100-continue':
       writer.write(b'HTTP/1.1 100 Continue\r\n\r\n')
     body = await _read_body(reader, get)
-    if method == 'GET' and target == '/_proxy/stats':
+    if method == 'GET' and target.startswith('/_proxy/'):  # the harness's own controls
+      query = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(target).query))
+      if 'latency_ms' in query:
+        self.latency_s = float(query['latency_ms']) / 1e3
+      if 'reset' in query:
+        self.reset_stats()
       return await _respond(writer, 200, 'OK', [('Content-Type', 'application/json')],
                             json.dumps(self.stats()).encode())
     self.requests += 1

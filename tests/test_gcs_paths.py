@@ -14,8 +14,9 @@ from etils import epath
 from tensorboard.backend.event_processing import event_accumulator
 
 from tests import test_records
-from vit_jax import checkpoint, models, paths
-from vit_jax.train import metrics_log
+from vit_jax import checkpoint, errors, models, paths
+from vit_jax.data import sources
+from vit_jax.train import metrics_log, preflight, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,3 +136,26 @@ def test_checkpoint_and_npz_roundtrip(gcs_bucket, tmp_path, monkeypatch):
       np.testing.assert_array_equal(a, b)
   assert not os.listdir(tmp_path)
   assert paths.is_remote(workdir) and not paths.is_remote(str(tmp_path))
+
+
+def test_tfds_data_on_gcs_stops_at_start_up_naming_the_mount(quickstart_config, tmp_path):
+  config = quickstart_config
+  config.data.data_dir = 'gs://my-bucket/tensorflow_datasets'
+  training = trainer.build(config)
+  with pytest.raises(preflight.PreflightError,
+                     match=r'^data.data_dir=gs://my-bucket/tensorflow_datasets: .* '
+                     r'--data_bucket=gs://my-bucket` mounts it at /gcs/my-bucket .*, then pass '
+                     r'--config.data.data_dir=/gcs/my-bucket/tensorflow_datasets$'):
+    preflight.check(config, str(tmp_path / 'run'), training.model, training.mesh)
+
+
+def test_a_start_up_read_that_does_not_answer_is_named(gcs_bucket, gcs_proxy, monkeypatch):
+  monkeypatch.setattr(paths, 'STARTUP_READ_DEADLINE_S', 0.5)
+  gcs_proxy.latency_s = 5.  # a storage that does not answer in time
+  try:
+    with pytest.raises(errors.UserError, match=rf'^reading record set {gcs_bucket}/records '
+                       r'\(split train\): no answer after 0.5 s; check that this machine '
+                       'reaches that storage'):
+      sources.read_record_info(f'{gcs_bucket}/records', 'train')
+  finally:
+    gcs_proxy.latency_s = 0.

@@ -143,10 +143,11 @@ def read_range(path, start: int, stop: int) -> bytes:
 STARTUP_READ_DEADLINE_S = 300
 
 
-def within_deadline(fn, what: str, seconds: float = STARTUP_READ_DEADLINE_S):
-  """fn(), or UserError naming `what` when it has not returned within `seconds` (a storage
-  that does not answer: a bucket out of reach, a stale mount). The call is left running in a
-  daemon thread, which does not keep the process alive."""
+def within_deadline(fn, what: str, seconds: float | None = None):
+  """fn(), or UserError naming `what` when it has not returned within `seconds` (default
+  STARTUP_READ_DEADLINE_S: a storage that does not answer, a bucket out of reach, a stale
+  mount). The call is left running in a daemon thread, which does not keep the process alive."""
+  seconds = STARTUP_READ_DEADLINE_S if seconds is None else seconds
   outcome = {}
 
   def call():
@@ -158,7 +159,7 @@ def within_deadline(fn, what: str, seconds: float = STARTUP_READ_DEADLINE_S):
   thread.start()
   thread.join(seconds)
   if thread.is_alive():
-    raise errors.UserError(f'{what}: no answer after {seconds:.0f} s; check that this machine '
+    raise errors.UserError(f'{what}: no answer after {seconds:g} s; check that this machine '
                            'reaches that storage (credentials, network, a mount)')
   if 'error' in outcome:
     raise outcome['error']

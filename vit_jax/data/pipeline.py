@@ -22,7 +22,7 @@ from vit_jax.data import ops, sources
 # tf.data must not take the accelerator memory JAX needs.
 tf.config.set_visible_devices([], 'GPU')
 
-# Records fetched per read call (one call fans out over sources.READ_THREADS threads).
+# Records fetched per read call (a call reads all of its byte ranges at once: see sources).
 _READ_CHUNK = 64
 # Global batches whose host-to-device copy is under way while the step before them runs.
 _DEVICE_PREFETCH = 2
