@@ -70,7 +70,7 @@ def _one_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
-def write_records(jpegs: list[bytes], folder: str) -> str:
+def write_records(jpegs: list[bytes], folder: str, num_shards: int = 4) -> str:
   """The JPEGs as a make_records record set (one class each); returns its data.path."""
   os.makedirs(os.path.join(folder, 'images'), exist_ok=True)
   rows = []
@@ -82,7 +82,7 @@ def write_records(jpegs: list[bytes], folder: str) -> str:
     f.write('image,labels\n' + '\n'.join(rows) + '\n')
   out = os.path.join(folder, 'records')
   make_records.write_records(os.path.join(folder, 'images'), os.path.join(folder, 'labels.csv'),
-                             out, num_shards=4, log=io.StringIO())
+                             out, num_shards=num_shards, log=io.StringIO())
   return out
 
 
@@ -142,17 +142,19 @@ def _proxy_control(url: str, **query) -> dict:
     return json.loads(response.read())
 
 
-def _pipeline_rate(config, src, batches: int) -> float:
-  """images/s of the whole pipeline as training runs it, but for tf.data's autotuning budget:
-  that of a host with _HOST_CORES cores (it caps parallel reads at the cores it sees)."""
+def _pipeline_rate(config, src, batches: int) -> tuple[float, float]:
+  """(images/s, CPU ms per image: all of the process's threads) of the whole pipeline as
+  training runs it, but for tf.data's autotuning budget: that of a host with _HOST_CORES cores
+  (it caps parallel reads at the cores it sees)."""
   options = tf.data.Options()
   options.autotune.cpu_budget = _HOST_CORES
   ds = pipeline.train_dataset(config, 0, range(config.batch_size), src).take(batches)
   ds = ds.with_options(options)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for _ in ds:
     pass
-  return batches * config.batch_size / (time.perf_counter() - start)
+  images = batches * config.batch_size
+  return images / (time.perf_counter() - start), (time.process_time() - cpu) / images * 1e3
 
 
 def gcs_worker(records: str, proxy_url: str, latency_ms: float, rounds: int) -> dict:
@@ -176,17 +178,21 @@ def gcs_worker(records: str, proxy_url: str, latency_ms: float, rounds: int) -> 
   batches = sources['local'].num_examples // 25
   for name in configs:  # warm-up: tf.data's functions traced, connections opened
     _pipeline_rate(configs[name], sources[name], 2)
-  rates, proxy = {'local': [], 'gcs': []}, []
+  rates, cpu, proxy = {'local': [], 'gcs': []}, {'local': [], 'gcs': []}, []
   for _ in range(rounds):
     for name in configs:
       _proxy_control(proxy_url, reset=1)
-      rates[name].append(_pipeline_rate(configs[name], sources[name], batches))
+      rate, cpu_ms = _pipeline_rate(configs[name], sources[name], batches)
+      rates[name].append(rate)
+      cpu[name].append(cpu_ms)
       if name == 'gcs':
         proxy.append(_proxy_control(proxy_url))
   ratios = np.array(rates['gcs']) / np.array(rates['local'])
   return {'latency_ms': latency_ms, 'images_per_sec': round(float(np.median(rates['gcs'])), 1),
           'local_images_per_sec': round(float(np.median(rates['local'])), 1),
           'ratio_to_local': round(float(np.median(ratios)), 3),
+          'cpu_ms_per_image': round(float(np.median(cpu['gcs'])), 3),
+          'local_cpu_ms_per_image': round(float(np.median(cpu['local'])), 3),
           'requests_in_flight_mean': float(np.median([p['mean_in_flight'] for p in proxy])),
           'requests_in_flight_max': max(p['max_in_flight'] for p in proxy),
           'connections_max': max(p['max_connections'] for p in proxy),
@@ -195,8 +201,9 @@ def gcs_worker(records: str, proxy_url: str, latency_ms: float, rounds: int) -> 
 
 def gcs_comparison(jpegs: list[bytes], num_images: int, latency_ms: float, rounds: int) -> dict:
   """The same records local and in the emulator's bucket at `latency_ms`: see the docstring."""
+  # Small shards: the emulator copies a whole object to answer each range read of it.
   records = write_records([jpegs[i % len(jpegs)] for i in range(num_images)],
-                          tempfile.mkdtemp(prefix='input_pipeline_gcs_'))
+                          tempfile.mkdtemp(prefix='input_pipeline_gcs_'), num_shards=32)
   cores = sorted(os.sched_getaffinity(0))
   pipeline_core, harness_cores = cores[:1], cores[1:] or cores
   harness = subprocess.Popen([sys.executable, '-m', 'tests.gcs_proxy', f'--bucket={_BUCKET}'],
@@ -228,6 +235,10 @@ def gcs_comparison(jpegs: list[bytes], num_images: int, latency_ms: float, round
         f'{gcs["ratio_to_local"]:.2f}   requests in flight: mean {gcs["requests_in_flight_mean"]:g},'
         f' max {gcs["requests_in_flight_max"]}; connections max {gcs["connections_max"]}   '
         f'(load average {gcs["load_average"]})')
+  # On a loaded machine the core's share left to the pipeline swings between passes; the CPU
+  # it spends per image does not: the reader's own cost, whatever the load.
+  print(f'CPU per image: gcs {gcs["cpu_ms_per_image"]:.2f} ms, local '
+        f'{gcs["local_cpu_ms_per_image"]:.2f} ms')
   return gcs
 
 

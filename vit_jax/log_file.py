@@ -6,7 +6,7 @@ grow with the square of the run's length (a 312k-step run: ~1.5 GB in 6,240 PUTs
 bytes logged since the last upload go up once, as a segment object beside the log, which GCS
 compose joins to the end of the log (server-side): what is uploaded grows linearly with the
 run, and the log stays one whole object that `cat`, TensorBoard or json readers read as usual.
-An upload happens at most every `interval_s` (GCS takes about one update per second per
+An upload happens at most every REMOTE_INTERVAL_S seconds (GCS takes about one update per second per
 object), so a SIGKILL loses at most that much; `sync()` and `close()` write everything.
 """
 import atexit
@@ -31,11 +31,10 @@ class LogFile:
   """`write(bytes)` buffers; `flush()` asks for the buffer to be written out (within the
   interval); `sync()` waits until all written so far is durable; `close()` syncs and stops."""
 
-  def __init__(self, path, interval_s: float | None = None):
+  def __init__(self, path):
     self.path = paths.resolve(path)
     self._remote = paths.is_remote(self.path)
-    self._interval = (REMOTE_INTERVAL_S if self._remote else 0.) if interval_s is None else (
-        interval_s)
+    self._interval = REMOTE_INTERVAL_S if self._remote else 0.
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if self._remote:
       # A name without 'tfevents' in it: TensorBoard must not read a segment as an event file.
