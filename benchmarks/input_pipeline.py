@@ -15,6 +15,15 @@ Prints the median images/sec of each and its median ratio to bare decode within 
 (robust to the load of other processes). Then, for each --resume_at step, starts a fresh
 process that builds the training input at that step (batch --resume_batch) and takes one batch:
 seconds from process start to that batch and records read. Ends with one JSON line.
+
+With --gcs_latency_ms=L, the whole pipeline also reads the same records (--gcs_images of them)
+from a bucket of the local GCS emulator behind tests/gcs_proxy.py, which adds L ms to every
+request (`pip install -e '.[test]'` brings the emulator). The harness (emulator + proxy) runs in
+its own process on the other cores, the pipeline in a fresh process on one core (TensorFlow with
+8 inter-op threads, so that a read waiting on the network does not idle it); local and gcs
+passes alternate. It prints the harness's own rate without latency (what it can serve), then
+`gcs` images/s, `ratio_to_local` (median of the rounds' ratios) and the requests in flight and
+connections the proxy saw, with the machine's load.
 """
 import argparse
 import io
@@ -24,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import numpy as np
 import tensorflow as tf
@@ -60,7 +70,7 @@ def _one_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
-def write_records(jpegs: list[bytes], folder: str) -> str:
+def write_records(jpegs: list[bytes], folder: str, num_shards: int = 4) -> str:
   """The JPEGs as a make_records record set (one class each); returns its data.path."""
   os.makedirs(os.path.join(folder, 'images'), exist_ok=True)
   rows = []
@@ -72,7 +82,7 @@ def write_records(jpegs: list[bytes], folder: str) -> str:
     f.write('image,labels\n' + '\n'.join(rows) + '\n')
   out = os.path.join(folder, 'records')
   make_records.write_records(os.path.join(folder, 'images'), os.path.join(folder, 'labels.csv'),
-                             out, num_shards=4, log=io.StringIO())
+                             out, num_shards=num_shards, log=io.StringIO())
   return out
 
 
@@ -122,12 +132,128 @@ def images_per_sec(cases: dict, count: int, repeats: int) -> dict:
   return rates
 
 
+_BUCKET = 'bench-bucket'
+_HOST_CORES = 8
+
+
+def _proxy_control(url: str, **query) -> dict:
+  with urllib.request.urlopen(f'{url}/_proxy/stats?' + '&'.join(
+      f'{k}={v}' for k, v in query.items())) as response:
+    return json.loads(response.read())
+
+
+def _pipeline_rate(config, src, batches: int) -> tuple[float, float]:
+  """(images/s, CPU ms per image: all of the process's threads) of the whole pipeline as
+  training runs it, but for tf.data's autotuning budget: that of a host with _HOST_CORES cores
+  (it caps parallel reads at the cores it sees)."""
+  options = tf.data.Options()
+  options.autotune.cpu_budget = _HOST_CORES
+  ds = pipeline.train_dataset(config, 0, range(config.batch_size), src).take(batches)
+  ds = ds.with_options(options)
+  start, cpu = time.perf_counter(), time.process_time()
+  for _ in ds:
+    pass
+  images = batches * config.batch_size
+  return images / (time.perf_counter() - start), (time.process_time() - cpu) / images * 1e3
+
+
+def gcs_worker(records: str, proxy_url: str, latency_ms: float, rounds: int) -> dict:
+  """Runs in a fresh process on one core, STORAGE_EMULATOR_HOST set to the proxy: uploads the
+  records, measures the harness's rate, then local and gcs passes of the whole pipeline."""
+  from vit_jax import paths  # pylint: disable=g-import-not-at-top
+  paths.gcs().put(records, f'{_BUCKET}/records', recursive=True)
+  remote = f'gs://{_BUCKET}/records'
+  configs = {'local': _config(records, 25), 'gcs': _config(remote, 25)}
+  sources = {k: pipeline.source(c.data, 'train') for k, c in configs.items()}
+  files = [f for f in sorted(os.listdir(records)) if f.endswith('.tfrecord')]
+  sizes = [os.path.getsize(os.path.join(records, f)) for f in files]
+  rng = np.random.RandomState(0)
+  ranges = [(f'{remote}/{files[i]}', int(s), int(s) + 40_000) for i in rng.randint(len(files), size=2000)
+            for s in [rng.randint(0, sizes[i] - 40_000)]]
+  _proxy_control(proxy_url, latency_ms=0, reset=1)
+  start = time.perf_counter()
+  paths.RangeReader().read(ranges)
+  harness = len(ranges) / (time.perf_counter() - start)
+  _proxy_control(proxy_url, latency_ms=latency_ms)
+  batches = sources['local'].num_examples // 25
+  for name in configs:  # warm-up: tf.data's functions traced, connections opened
+    _pipeline_rate(configs[name], sources[name], 2)
+  rates, cpu, proxy = {'local': [], 'gcs': []}, {'local': [], 'gcs': []}, []
+  for _ in range(rounds):
+    for name in configs:
+      _proxy_control(proxy_url, reset=1)
+      rate, cpu_ms = _pipeline_rate(configs[name], sources[name], batches)
+      rates[name].append(rate)
+      cpu[name].append(cpu_ms)
+      if name == 'gcs':
+        proxy.append(_proxy_control(proxy_url))
+  ratios = np.array(rates['gcs']) / np.array(rates['local'])
+  return {'latency_ms': latency_ms, 'images_per_sec': round(float(np.median(rates['gcs'])), 1),
+          'local_images_per_sec': round(float(np.median(rates['local'])), 1),
+          'ratio_to_local': round(float(np.median(ratios)), 3),
+          'cpu_ms_per_image': round(float(np.median(cpu['gcs'])), 3),
+          'local_cpu_ms_per_image': round(float(np.median(cpu['local'])), 3),
+          'requests_in_flight_mean': float(np.median([p['mean_in_flight'] for p in proxy])),
+          'requests_in_flight_max': max(p['max_in_flight'] for p in proxy),
+          'connections_max': max(p['max_connections'] for p in proxy),
+          'harness_reads_per_sec': round(harness, 1), 'images_per_pass': batches * 25}
+
+
+def gcs_comparison(jpegs: list[bytes], num_images: int, latency_ms: float, rounds: int) -> dict:
+  """The same records local and in the emulator's bucket at `latency_ms`: see the docstring."""
+  # Small shards: the emulator copies a whole object to answer each range read of it.
+  records = write_records([jpegs[i % len(jpegs)] for i in range(num_images)],
+                          tempfile.mkdtemp(prefix='input_pipeline_gcs_'), num_shards=32)
+  cores = sorted(os.sched_getaffinity(0))
+  pipeline_core, harness_cores = cores[:1], cores[1:] or cores
+  harness = subprocess.Popen([sys.executable, '-m', 'tests.gcs_proxy', f'--bucket={_BUCKET}'],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    os.sched_setaffinity(harness.pid, harness_cores)
+    proxy_url = harness.stdout.readline().strip()
+    code = ('import json, os, sys; os.sched_setaffinity(0, {core}); '
+            'from benchmarks import input_pipeline as b; '
+            'b.tf.config.threading.set_inter_op_parallelism_threads(b._HOST_CORES); '
+            'print(json.dumps(b.gcs_worker({records!r}, {url!r}, {latency}, {rounds})))').format(
+                core=set(pipeline_core), records=records, url=proxy_url, latency=latency_ms,
+                rounds=rounds)
+    env = dict(os.environ, STORAGE_EMULATOR_HOST=proxy_url, TF_CPP_MIN_LOG_LEVEL='3')
+    for variable in ('TENSORSTORE_GCS_HTTP_URL', 'GOOGLE_AUTH_TOKEN_FOR_TESTING'):
+      env.pop(variable, None)
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         check=True, env=env)
+  finally:
+    harness.stdin.close()
+    harness.wait(timeout=30)
+  gcs = dict(json.loads(out.stdout.strip().splitlines()[-1]),
+             load_average=[round(x, 2) for x in os.getloadavg()])
+  print(f'gcs harness (emulator + proxy, cores {harness_cores}): '
+        f'{gcs["harness_reads_per_sec"]:.0f} range reads/s without latency')
+  print(f'local records    {gcs["local_images_per_sec"]:8.1f} images/sec (core {pipeline_core}, '
+        f'median of {rounds} passes of {gcs["images_per_pass"]})')
+  print(f'gcs {latency_ms:g} ms/request {gcs["images_per_sec"]:8.1f} images/sec   ratio_to_local '
+        f'{gcs["ratio_to_local"]:.2f}   requests in flight: mean {gcs["requests_in_flight_mean"]:g},'
+        f' max {gcs["requests_in_flight_max"]}; connections max {gcs["connections_max"]}   '
+        f'(load average {gcs["load_average"]})')
+  # On a loaded machine the core's share left to the pipeline swings between passes; the CPU
+  # it spends per image does not: the reader's own cost, whatever the load.
+  print(f'CPU per image: gcs {gcs["cpu_ms_per_image"]:.2f} ms, local '
+        f'{gcs["local_cpu_ms_per_image"]:.2f} ms')
+  return gcs
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--num_images', type=int, default=200)
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--resume_at', default='10,100000', help='steps, comma-separated')
   parser.add_argument('--resume_batch', type=int, default=512)
+  parser.add_argument('--gcs_latency_ms', type=float, default=None,
+                      help='also read the records from the local GCS emulator at this latency '
+                      'per request (see the docstring)')
+  parser.add_argument('--gcs_images', type=int, default=1000,
+                      help='records in the gcs comparison (the JPEGs repeated)')
+  parser.add_argument('--gcs_rounds', type=int, default=3, help='local/gcs passes, alternating')
   args = parser.parse_args()
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -163,6 +289,9 @@ def main():
           f'   ratio to bare decode {ratio:.2f}')
   summary['resume'] = resume_costs(records, [int(s) for s in args.resume_at.split(',')],
                                    args.resume_batch)
+  if args.gcs_latency_ms is not None:
+    summary['gcs'] = gcs_comparison(jpegs, args.gcs_images, args.gcs_latency_ms,
+                                    args.gcs_rounds)
   print(json.dumps(summary))
 
 if __name__ == '__main__':

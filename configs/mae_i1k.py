@@ -1,7 +1,10 @@
 """MAE pretraining of ViT-B/16 on ImageNet-1k: the paper's recipe (He et al. 2021, Table 8).
 
     python -m vit_jax.main --config=configs/mae_i1k.py --workdir=gs://BUCKET/mae_b16 \\
-        --config.data.data_dir=gs://BUCKET/tfds
+        --config.data.data_dir=/gcs/BUCKET/tfds
+
+(tfds data kept in gs://BUCKET/tfds, mounted at /gcs/BUCKET: `python -m launch.tpu_vm ...
+--data_bucket=gs://BUCKET` mounts it on every worker; README, "Data location".)
 
 800 epochs at batch 4096 (~250k steps); AdamW b1=0.9 b2=0.95, weight decay 0.05,
 lr = 1.5e-4 * batch / 256 with 40 warmup epochs, cosine decay; 75% masking, per-patch normalised

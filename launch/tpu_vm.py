@@ -1,7 +1,8 @@
 """Cloud TPU VM launcher: from a config to the trainer running on every host of a slice.
 
   python -m launch.tpu_vm [COMMAND] --name=N --zone=Z [--accelerator_type=v4-32] [--project=P]
-      [--spot] [--queued] [--num_slices=S] [--version=RUNTIME] [--dry_run] [-- TRAINER FLAGS]
+      [--spot] [--queued] [--num_slices=S] [--version=RUNTIME] [--data_bucket=gs://B]
+      [--dry_run] [-- TRAINER FLAGS]
 
 COMMAND (default: launch)
   launch  create, then setup, then run
@@ -22,6 +23,11 @@ VMs' disks go with the slice.
 nodes NAME-0 .. NAME-<S-1>), every command reaching every host of every slice, data parallel
 across slices: the trainer gets --config.mesh.dcn_data=S (unless its flags set mesh.dcn_data),
 and the fit check compiles for S slices. Give --num_slices to status, logs, stop and delete too.
+
+--data_bucket=gs://B mounts the bucket read-only at /gcs/B on every worker (gcsfuse, installed
+if missing) before `run` starts the trainer: tfds datasets are read as local files there
+(--config.data.data_dir=/gcs/B/tensorflow_datasets); record files (data.path) read gs://
+directly. A gs:// data_dir, or one under /gcs/B without --data_bucket, is refused.
 With --dry_run each command is printed (one per line, shell-quoted; lines starting with # are
 notes) and nothing runs.
 
@@ -38,6 +44,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -66,7 +73,8 @@ RUNTIME_VERSIONS = {
 }
 QUEUED_POLL_S = 30
 QUEUED_FAILED_STATES = ('FAILED', 'SUSPENDING', 'SUSPENDED')
-STOP_GRACE_S = 300  # time the trainer gets to write its SIGTERM checkpoint before SIGKILL
+STOP_GRACE_S = 300
+GCS_MOUNT_ROOT = '/gcs'  # --data_bucket=gs://B is mounted at /gcs/B, as MaxText does  # time the trainer gets to write its SIGTERM checkpoint before SIGKILL
 _IS_TRAINING = f'test -f {REMOTE_PID} && kill -0 "$(cat {REMOTE_PID})" 2>/dev/null'
 
 
@@ -156,11 +164,35 @@ def setup_commands(args, tarball):
   ]
 
 
+def mount_point(bucket_url):
+  """Where --data_bucket=gs://B is mounted on every worker: /gcs/B."""
+  return f'{GCS_MOUNT_ROOT}/{bucket_url[len("gs://"):]}'
+
+
+def _mount_script(bucket_url):
+  """Installs gcsfuse if missing and mounts the bucket read-only, unless it is mounted already
+  (after a reboot, a `run` mounts it again)."""
+  bucket, folder = bucket_url[len('gs://'):], mount_point(bucket_url)
+  install = ' && '.join([
+      'sudo curl -fsSL -o /usr/share/keyrings/cloud.google.asc '
+      'https://packages.cloud.google.com/apt/doc/apt-key.gpg',
+      'echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] '
+      'https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main" '
+      '| sudo tee /etc/apt/sources.list.d/gcsfuse.list > /dev/null',
+      'sudo apt-get update -qq', 'sudo apt-get install -y -qq fuse gcsfuse'])
+  mount = ' && '.join([f'sudo mkdir -p {folder}', f'sudo chown "$USER" {folder}',
+                       f'gcsfuse -o ro --implicit-dirs {bucket} {folder}'])
+  return (f'if ! mountpoint -q {folder}; then {{ command -v gcsfuse > /dev/null || {{ {install}; '
+          f'}}; }} && {mount} || {{ echo "$(hostname): could not mount {bucket_url} at '
+          f'{folder}" >&2; exit 1; }}; fi; ')
+
+
 def run_commands(args, trainer_flags):
   trainer = shlex.join([f'../{REMOTE_VENV}/bin/python', '-m', 'vit_jax.main', *trainer_flags,
                         '--distributed'])
   remote = (f'if {_IS_TRAINING}; then echo "$(hostname): already training, pid '
             f'$(cat {REMOTE_PID})" >&2; exit 1; fi; '
+            + (_mount_script(args.data_bucket) if args.data_bucket else '') +
             f'cd {REMOTE_DIR} || exit 1; '
             f'echo "=== $(date -u): starting the trainer" >> ../{REMOTE_LOG}; '
             f'nohup {trainer} >> ../{REMOTE_LOG} 2>&1 < /dev/null & '
@@ -205,7 +237,7 @@ def _flag_value(trainer_flags, name):
   return None
 
 
-def check_trainer_flags(trainer_flags):
+def check_trainer_flags(trainer_flags, data_bucket=None):
   """Fails before any slice is paid for on flags that cannot work on a TPU VM slice."""
   if _flag_value(trainer_flags, 'config') is None:
     raise SystemExit('trainer flags after -- need --config=configs/....py')
@@ -213,6 +245,18 @@ def check_trainer_flags(trainer_flags):
   if workdir is None or not workdir.startswith('gs://'):
     raise SystemExit(f'trainer flag --workdir={workdir}: on a TPU VM slice the workdir must be a '
                      'gs:// path (every host writes checkpoints there; VM disks go with the slice)')
+  data_dir = _flag_value(trainer_flags, 'config.data.data_dir') or ''
+  if data_dir.startswith('gs://'):  # tfds reads local files only (vit_jax.data.sources)
+    bucket, _, rest = data_dir[len('gs://'):].partition('/')
+    folder = mount_point(f'gs://{bucket}')
+    raise SystemExit(f'trainer flag --config.data.data_dir={data_dir}: tfds datasets are read '
+                     f'from local files; pass --data_bucket=gs://{bucket} (mounted at {folder} '
+                     f'on every worker) and --config.data.data_dir={f"{folder}/{rest}".rstrip("/")}')
+  mounted = data_bucket and data_dir.startswith(mount_point(data_bucket) + '/')
+  if data_dir.startswith(GCS_MOUNT_ROOT + '/') and not mounted:
+    bucket = data_dir[len(GCS_MOUNT_ROOT) + 1:].split('/')[0]
+    raise SystemExit(f'trainer flag --config.data.data_dir={data_dir} is on a mount: pass '
+                     f'--data_bucket=gs://{bucket} to mount it on every worker')
 
 
 def _config_flags(trainer_flags):
@@ -383,6 +427,10 @@ def parse_args(argv):
   parser.add_argument('--version', help='TPU software version (default: by accelerator type)')
   parser.add_argument('--lines', type=int, default=100, help='logs: lines to show')
   parser.add_argument('--follow', action='store_true', help='logs: keep following')
+  parser.add_argument('--data_bucket',
+                      help='gs://BUCKET to mount read-only at /gcs/BUCKET on every worker '
+                      '(gcsfuse, installed if missing) before the trainer starts: tfds data '
+                      'there is read as local files, --config.data.data_dir=/gcs/BUCKET/...')
   parser.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
   parser.add_argument('--skip_fit_check', action='store_true',
                       help='do not compile the config for the slice before starting')
@@ -392,8 +440,10 @@ def parse_args(argv):
   args.queued = args.queued or _multislice(args)  # several slices are one queued resource
   if args.command in ('launch', 'create') and not args.accelerator_type:
     parser.error(f'{args.command} needs --accelerator_type (e.g. v4-32)')
+  if args.data_bucket and not re.fullmatch(r'gs://[a-z0-9][a-z0-9._-]*', args.data_bucket):
+    parser.error(f'--data_bucket={args.data_bucket}: give a bucket as gs://BUCKET (no folder)')
   if args.command in ('launch', 'run'):
-    check_trainer_flags(trainer_flags)
+    check_trainer_flags(trainer_flags, args.data_bucket)
   elif trainer_flags and args.command != 'create':  # create: for the fit check only
     parser.error(f'trainer flags after -- go with launch, create or run, not {args.command}: '
                  f'{shlex.join(trainer_flags)}')

@@ -48,21 +48,31 @@ def quickstart_config(tfds_data_dir):
 
 
 @pytest.fixture(scope='session')
-def gcs_bucket():
-  """'gs://test-bucket' on a GCS emulator serving on loopback for the whole session.
+def gcs_proxy():
+  """A GCS emulator on loopback for the whole session, behind tests/gcs_proxy.py: it counts
+  requests and bytes uploaded, and adds latency or refuses requests when a test sets
+  `latency_s` / `refuse_share` (put them back to 0 after).
 
-  Only STORAGE_EMULATOR_HOST is set, as a user would; vit_jax.paths points the libraries that do
-  not read it at the emulator (in this process and, through the environment, in subprocesses).
+  Only STORAGE_EMULATOR_HOST is set (to the proxy), as a user would; vit_jax.paths points
+  tensorstore at it (in this process and, through the environment, in subprocesses).
   """
-  from tests import gcs_emulator  # pylint: disable=g-import-not-at-top
+  from tests import gcs_emulator, gcs_proxy as proxies  # pylint: disable=g-import-not-at-top
   from vit_jax import paths  # pylint: disable=g-import-not-at-top
   server, url = gcs_emulator.start('test-bucket')
+  proxy = proxies.Proxy(url).start()
   saved = dict(os.environ)
-  os.environ[paths.EMULATOR_VARIABLE] = url
+  os.environ[paths.EMULATOR_VARIABLE] = proxy.url
   paths.use_storage_emulator()
   try:
-    yield 'gs://test-bucket'
+    yield proxy
   finally:
     os.environ.clear()
     os.environ.update(saved)
+    proxy.stop()
     server.stop()
+
+
+@pytest.fixture(scope='session')
+def gcs_bucket(gcs_proxy):  # pylint: disable=redefined-outer-name,unused-argument
+  """'gs://test-bucket' on the session's GCS emulator (see gcs_proxy)."""
+  return 'gs://test-bucket'

@@ -1,4 +1,5 @@
-"""The quickstart on a gs:// workdir (GCS emulator): killed, restarted, fine-tuned, predicted."""
+"""The quickstart on a gs:// workdir (GCS emulator behind a proxy that adds latency and refuses
+some requests): killed, restarted, fine-tuned, predicted."""
 import io
 import json
 import os
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from etils import epath
 from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
 
 from tests import test_resume
 from vit_jax import checkpoint, predict
@@ -21,30 +23,55 @@ def _complete_step(workdir):
     return None
 
 
+def _tensorboard_steps(workdir, tmp_path, tag='train_loss') -> list:
+  """[(step, value)] as TensorBoard's own reader shows the run's event files."""
+  logdir = tmp_path / 'events'
+  logdir.mkdir(exist_ok=True)
+  for event_file in epath.Path(workdir, 'tensorboard').iterdir():
+    (logdir / event_file.name).write_bytes(event_file.read_bytes())
+  accumulator = event_accumulator.EventAccumulator(str(logdir))
+  accumulator.Reload()
+  return [(e.step, e.value) for e in accumulator.Scalars(tag)]
+
+
 @pytest.mark.slow
-def test_quickstart_on_gcs_survives_sigkill_then_fine_tunes_and_predicts(
-    gcs_bucket, quickstart_config, tmp_path, monkeypatch):
+def test_quickstart_on_gcs_survives_sigkill_and_refusals_then_fine_tunes_and_predicts(
+    gcs_bucket, gcs_proxy, quickstart_config, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   config = quickstart_config
   config.total_steps, config.log_every, config.checkpoint_every, config.eval_every = 24, 4, 4, 24
   workdir = f'{gcs_bucket}/run'
   command = [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}',
              f'--config={test_resume._write_config(config, tmp_path / "config.py")}']  # pylint: disable=protected-access
-  process = test_resume._start(command)  # pylint: disable=protected-access
-  test_resume._wait(process, lambda: _complete_step(workdir))  # pylint: disable=protected-access
-  process.kill()
-  rc, output = test_resume._finish(process)  # pylint: disable=protected-access
-  killed_at = _complete_step(workdir)
-  assert rc == -9 and killed_at is not None and killed_at < config.total_steps, output
-
-  rc, output = test_resume._finish(test_resume._start(command))  # pylint: disable=protected-access
+  # GCS under load: every request of the runs waits, and some are refused (503, 429, the
+  # connection dropped) before they reach the emulator; checkpoints, logs and start-up reads
+  # retry them.
+  gcs_proxy.latency_s, gcs_proxy.refuse_share = 0.002, 0.02
+  gcs_proxy.reset_stats()
+  try:
+    process = test_resume._start(command)  # pylint: disable=protected-access
+    test_resume._wait(process, lambda: _complete_step(workdir))  # pylint: disable=protected-access
+    process.kill()
+    rc, output = test_resume._finish(process)  # pylint: disable=protected-access
+    killed_at = _complete_step(workdir)
+    assert rc == -9 and killed_at is not None and killed_at < config.total_steps, output
+    rc, output = test_resume._finish(test_resume._start(command))  # pylint: disable=protected-access
+    refused = sum(gcs_proxy.stats()['refused'].values())
+  finally:
+    gcs_proxy.latency_s, gcs_proxy.refuse_share = 0., 0.
   assert rc == 0, output
+  assert refused > 10, gcs_proxy.stats()  # the runs met refusals and went through them
+  manager = checkpoint.make_manager(workdir)
+  assert sorted(manager.all_steps()) == [16, 20, 24]  # keep_checkpoints=3, all complete
   assert _complete_step(workdir) == config.total_steps
+  # Every line once, in order, though the first run was killed past its last checkpoint.
   lines = [json.loads(x) for x in epath.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
-  assert lines[-1]['step'] == config.total_steps and 'val_accuracy' in lines[-1]
-  assert max(m['step'] for m in lines if 'train_loss' in m) == config.total_steps
-  events = list(epath.Path(workdir, 'tensorboard').iterdir())
-  assert len(events) == 2 and all(e.stat().length > 0 for e in events)  # one per start
+  train = [(m['step'], m['train_loss']) for m in lines if 'train_loss' in m]
+  assert [step for step, _ in train] == list(range(4, 25, 4))
+  assert [m['step'] for m in lines if 'val_accuracy' in m] == [config.total_steps]
+  shown = _tensorboard_steps(workdir, tmp_path)  # one continuous run, the same values
+  assert [step for step, _ in shown] == [step for step, _ in train]
+  np.testing.assert_allclose([v for _, v in shown], [v for _, v in train], rtol=1e-6)
   for folder in (tmp_path, test_resume.REPO):
     assert not os.path.exists(os.path.join(folder, 'gs:')), folder
 

@@ -6,6 +6,7 @@ stubs first on PATH.
 import importlib.util
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -265,6 +266,51 @@ def test_run_status_stop_scripts_manage_a_detached_trainer(tmp_path, capsys, mon
       os.kill(pid, 9)
     except ProcessLookupError:
       pass
+
+
+@pytest.mark.parametrize('launcher_flags, data_dir, message', [
+    ([], 'gs://b/tensorflow_datasets', r'--data_bucket=gs://b .*--config.data.data_dir=/gcs/b/'
+     r'tensorflow_datasets'),
+    ([], '/gcs/b/tensorflow_datasets', r'is on a mount: pass --data_bucket=gs://b'),
+    (['--data_bucket=gs://b/tensorflow_datasets'], '/gcs/b/tfds', r'gs://BUCKET \(no folder\)'),
+])
+def test_tfds_data_in_a_bucket_needs_the_mount(capsys, launcher_flags, data_dir, message):
+  with pytest.raises(SystemExit) as exit_:
+    _dry_run(capsys, *LOCATION, '--accelerator_type=v4-32', *launcher_flags,
+             trainer_flags=TRAINER_FLAGS[:2] + [f'--config.data.data_dir={data_dir}'])
+  output = capsys.readouterr()
+  assert output.out == '' and re.search(message, f'{exit_.value} {output.err}')
+
+
+def test_data_bucket_is_mounted_on_every_worker_before_the_trainer_starts(tmp_path, capsys):
+  flags_ = TRAINER_FLAGS[:2] + ['--config.data.data_dir=/gcs/my-data/tensorflow_datasets']
+  commands, _ = _dry_run(capsys, 'run', *LOCATION, '--data_bucket=gs://my-data',
+                         trainer_flags=flags_)
+  script = _remote_script(commands[-1])
+  calls = tmp_path / 'calls'
+  (tmp_path / 'vit_jax').mkdir()
+  for name in ('mountpoint', 'sudo', 'vit_jax_venv/bin/python'):
+    _recording_stub(tmp_path / ('bin/' + name if '/' not in name else name), calls,
+                    then='exit 1' if name == 'mountpoint' else '')
+  _recording_stub(tmp_path / 'bin' / 'gcsfuse', calls, then='exit "${GCSFUSE_FAILS:-0}"')
+  result = _on_worker(tmp_path, script)
+  assert result.returncode == 0, result.stderr
+  for _ in range(400):  # the trainer starts in the background
+    if len(_read_calls(calls)) == 5:
+      break
+    time.sleep(0.05)
+  assert _read_calls(calls) == [
+      ['mountpoint', '-q', '/gcs/my-data'], ['sudo', 'mkdir', '-p', '/gcs/my-data'],
+      ['sudo', 'chown', os.environ.get('USER', ''), '/gcs/my-data'],
+      ['gcsfuse', '-o', 'ro', '--implicit-dirs', 'my-data', '/gcs/my-data'],
+      ['python', '-m', 'vit_jax.main', *flags_, '--distributed']]
+  calls.unlink()
+  (tmp_path / 'vit_jax.pid').unlink()
+  failed = subprocess.run(['bash', '-c', script], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, HOME=str(tmp_path), GCSFUSE_FAILS='1',
+                                   PATH=f'{tmp_path / "bin"}{os.pathsep}{os.environ["PATH"]}'))
+  assert failed.returncode == 1 and 'could not mount gs://my-data at /gcs/my-data' in failed.stderr
+  assert not any(c[0] == 'python' for c in _read_calls(calls))  # no trainer without its data
 
 
 def test_distributed_flag_starts_jax_distributed_auto_detected(monkeypatch):

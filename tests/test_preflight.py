@@ -146,7 +146,7 @@ def test_workdir_of_another_model(quickstart_config, tmp_path):
 
 def test_make_records_without_the_image_folder(tmp_path):
   (tmp_path / 'labels.csv').write_text('image,labels\na.png,1\n')
-  with pytest.raises(FileNotFoundError, match=f'--image_dir={tmp_path / "photos"}: no such folder'):
+  with pytest.raises(errors.UserError, match=f'--image_dir={tmp_path / "photos"}: no such folder'):
     make_records.write_records(str(tmp_path / 'photos'), str(tmp_path / 'labels.csv'),
                                str(tmp_path / 'out'), 1)
 

@@ -4,6 +4,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +16,7 @@ from PIL import Image
 from vit_jax import sharding
 from vit_jax.data import make_records, ops, pipeline, sources
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = np.array([[230, 30, 30], [30, 230, 30], [30, 30, 230], [230, 230, 30], [30, 230, 230],
                     [230, 30, 230]])
 
@@ -80,11 +83,30 @@ def test_make_records_writes_shards_and_reports_bad_rows(records):
     assert f.read() in {e['image'] for e in examples}  # original bytes, not re-encoded
 
 
-def test_make_records_rejects_malformed_labels_naming_the_line(tmp_path):
-  csv_path = tmp_path / 'bad.csv'
+def test_make_records_rejects_malformed_labels_in_one_line_before_any_work(tmp_path):
+  csv_path = tmp_path / 'bad1.csv'
   csv_path.write_text('image,labels\na.jpg,1 2\nb.jpg,one\n')
-  with pytest.raises(ValueError, match='bad.csv:3: labels must be'):
-    make_records.write_records(str(tmp_path), str(csv_path), str(tmp_path / 'o'), 1)
+  done = subprocess.run([sys.executable, '-m', 'vit_jax.data.make_records',
+                         f'--image_dir={tmp_path}', f'--labels={csv_path}',
+                         f'--output={tmp_path / "out"}'], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 1 and done.stderr.splitlines() == [
+      f"error: {csv_path}:3: labels must be space-separated class ids, got 'one'"], done.stderr
+  assert not (tmp_path / 'out').exists()
+
+
+def test_a_stale_index_is_named_with_its_shard_and_record(records, tmp_path):
+  out = tmp_path / 'stale'
+  shutil.copytree(records[0], out)
+  offsets = np.load(sources.record_offsets_path(str(out), 'train'))
+  offsets[2] += 5  # shard 0's record 1 as if the shard had been written again since
+  sources.write_record_offsets(str(out), 'train', offsets)
+  source = sources.records_source(str(out), 'train')
+  assert len(source.read(np.array([0, 7, 23]))) == 3  # records the index still gets right
+  with pytest.raises(ValueError, match=r'train-00000-of-00004.tfrecord: record 1 \(example 1\)'
+                                       r' is framed as \d+ bytes but the offsets file says '
+                                       r'\d+: the index is stale.*--index_only'):
+    source.read(np.array([1]))
 
 
 def read_examples(source) -> list[dict]:

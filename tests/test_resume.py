@@ -9,6 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from vit_jax import checkpoint
 from vit_jax.train import preemption, trainer
@@ -87,15 +88,19 @@ def _final(workdir, config):
   return checkpoint.restore_state(manager, abstract_state, config.total_steps)
 
 
+# What a line measures of the machine (the values a restart may change; mfu only with a peak).
+MEASURED = ('images_per_sec', 'input_wait_s', 'mfu')
+
+
 def _metrics(workdir) -> list:
-  """metrics.jsonl's lines without the measured rate (the one value a restart may change)."""
+  """metrics.jsonl's lines without what they measure of the machine."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [{k: v for k, v in m.items() if k != 'images_per_sec'} for m in map(json.loads, f)]
+    return [{k: v for k, v in m.items() if k not in MEASURED} for m in map(json.loads, f)]
 
 
 def _tensorboard_scalars(workdir, tag) -> list:
-  """[(step, value)] of `tag` as TensorBoard shows it, from every event file in the folder."""
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  """[(step, value)] of `tag` as TensorBoard's own reader shows it, from every event file in the
+  folder."""
   events = event_accumulator.EventAccumulator(os.path.join(workdir, 'tensorboard'))
   events.Reload()
   return [(e.step, e.value) for e in events.Scalars(tag)]

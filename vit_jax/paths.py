@@ -1,40 +1,58 @@
-"""Every path a user gives, local or gs://, goes through etils.epath (never os.path on a URL).
+"""Every path a user gives, local or gs://, and the one road gs:// takes, whatever is installed.
 
-GCS emulator (tests, or a user's own): setting STORAGE_EMULATOR_HOST is all it takes. Google's
-Python clients (gcsfs) read it; the libraries that do not are pointed at it here, at import,
-before they read their environment:
-- tensorstore (Orbax's arrays): TENSORSTORE_GCS_HTTP_URL + GOOGLE_AUTH_TOKEN_FOR_TESTING;
-- etils.epath (Orbax's directories, our files): EPATH_USE_TF=false, i.e. gcsfs instead of
-  TensorFlow's GCS filesystem, which has no endpoint setting at all;
-- gcsfs: no zonal-bucket probe (a gRPC control-plane call the emulator does not serve), and no
-  directory-listing cache: other processes (restarts, other hosts) add checkpoints meanwhile.
-TensorFlow's own readers/writers (tf.summary, TFRecordWriter) cannot be pointed at it, so the
-project writes TensorBoard events and record files through epath (`vit_jax.records_io`).
+- Files (our logs, JSON, CSV and images, Orbax's directories and metadata) go through
+  etils.epath on gcsfs. epath would pick TensorFlow's gfile whenever TensorFlow is installed (it
+  is: tf.data) and gcsfs only without it; `EPATH_USE_TF=false`, set here for every process,
+  makes it gcsfs always. gcsfs is its core filesystem (the GCS JSON API), not the experimental
+  one that probes each bucket over gRPC for zonal buckets.
+- Byte ranges (records, their index) and Orbax's arrays go through tensorstore's GCS kvstore.
+
+Both retry transient errors (429, 5xx, dropped connections) with exponential backoff, and take a
+GCE / Cloud TPU VM's credentials from its metadata server. Neither caches directory listings:
+other processes (restarts, other hosts) add checkpoints meanwhile.
+
+A GCS emulator (tests, or a user's own) changes endpoints only, never the road:
+`STORAGE_EMULATOR_HOST=http://HOST:PORT`, which gcsfs reads; tensorstore is pointed at the same
+URL here (TENSORSTORE_GCS_HTTP_URL, and GOOGLE_AUTH_TOKEN_FOR_TESTING for its auth).
 """
+import functools
 import os
+import threading
+import urllib.parse
 
 from etils import epath
+import fsspec
+
+from vit_jax import errors
 
 EMULATOR_VARIABLE = 'STORAGE_EMULATOR_HOST'
+# Range reads in flight per process on gs:// (GCS answers in tens of milliseconds: throughput
+# comes from many requests at once; tensorstore keeps that many connections at most).
+GCS_REQUESTS_IN_FLIGHT = 256
+
+
+def _one_road() -> None:
+  os.environ['EPATH_USE_TF'] = 'false'
+  # epath caches its TensorFlow check on first use: forget it, should a gs:// path have been
+  # used before this module was imported.
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  getattr(gpath._is_tf_installed, 'cache_clear', lambda: None)()  # pylint: disable=protected-access
+  fsspec.register_implementation('gs', 'gcsfs.core.GCSFileSystem', clobber=True)
+  fsspec.register_implementation('gcs', 'gcsfs.core.GCSFileSystem', clobber=True)
+  fsspec.config.conf.setdefault('gcs', {})['use_listings_cache'] = False
 
 
 def use_storage_emulator() -> None:
+  """Points tensorstore at STORAGE_EMULATOR_HOST, when it is set (gcsfs reads it itself)."""
   host = os.environ.get(EMULATOR_VARIABLE)
   if not host:
     return
   url = host if '://' in host else f'http://{host}'
   os.environ.setdefault('TENSORSTORE_GCS_HTTP_URL', url)
   os.environ.setdefault('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'storage-emulator')
-  os.environ.setdefault('EPATH_USE_TF', 'false')
-  # epath caches its TensorFlow check on first use: forget it, in case a gs:// path was used
-  # before the variable was set (a test fixture starting the emulator mid-session).
-  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
-  getattr(gpath._is_tf_installed, 'cache_clear', lambda: None)()  # pylint: disable=protected-access
-  os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
-  import fsspec  # pylint: disable=g-import-not-at-top
-  fsspec.config.conf.setdefault('gcs', {})['use_listings_cache'] = False
 
 
+_one_road()
 use_storage_emulator()
 
 
@@ -47,37 +65,102 @@ def resolve(path) -> epath.Path:
   return epath.Path(path) if is_remote(path) else epath.Path(os.path.abspath(path))
 
 
-class AppendFile:
-  """A text/bytes log that survives restarts: appends locally; on object stores, which cannot
-  append, keeps the object's content and rewrites the whole object at every flush."""
+def gcs():
+  """The gcsfs filesystem epath uses for gs:// (whole-object operations: compose, pipe)."""
+  return fsspec.filesystem('gs')
 
-  def __init__(self, path):
-    self.path = epath.Path(path)
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    if is_remote(self.path):
-      self._content = bytearray(self.path.read_bytes() if self.path.exists() else b'')
-      self._file = None
-    else:
-      self._file = open(self.path, 'ab')  # noqa: SIM115 (closed by close())
 
-  def write(self, data: bytes | str) -> None:
-    data = data.encode('utf-8') if isinstance(data, str) else data
-    if self._file is None:
-      self._content += data
-    else:
-      self._file.write(data)
+def _bucket_and_key(url: str) -> tuple[str, str]:
+  parsed = urllib.parse.urlparse(os.fspath(url))
+  if parsed.scheme != 'gs':
+    raise ValueError(f'{url}: only local paths and gs:// are supported')
+  return parsed.netloc, parsed.path.lstrip('/')
 
-  def flush(self) -> None:
-    if self._file is None:
-      self.path.write_bytes(bytes(self._content))
-    else:
-      self._file.flush()
+
+@functools.cache
+def _kvstore(bucket: str):
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  return ts.KvStore.open({
+      'driver': 'gcs', 'bucket': bucket,
+      'context': {'gcs_request_concurrency': {'limit': GCS_REQUESTS_IN_FLIGHT}},
+  }).result()
+
+
+class RangeReader:
+  """Byte ranges of files, many at once: os.pread on local files (kept open, no shared file
+  position), tensorstore range GETs on gs:// (all of a call's ranges in flight together, on
+  a bounded pool of connections; no file handles)."""
+
+  def __init__(self):
+    self._fds = {}
+    self._lock = threading.Lock()
+
+  def read(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
+    """[(path, start, stop)] -> the bytes of each range, in order (each within its file)."""
+    remote = [i for i, (path, _, _) in enumerate(ranges) if is_remote(path)]
+    out = [None] * len(ranges)
+    futures = {}
+    for i in remote:
+      path, start, stop = ranges[i]
+      bucket, key = _bucket_and_key(path)
+      futures[i] = _kvstore(bucket).read(key, byte_range=slice(start, stop))
+    for i, (path, start, stop) in enumerate(ranges):
+      if i not in futures:
+        out[i] = os.pread(self._fd(path), stop - start, start)
+    for i, future in futures.items():
+      result = future.result()
+      if result.state != 'value':
+        raise FileNotFoundError(f'{ranges[i][0]}: no such object')
+      out[i] = result.value
+    return out
+
+  def _fd(self, path: str) -> int:
+    fd = self._fds.get(path)
+    if fd is None:
+      with self._lock:
+        fd = self._fds.get(path)
+        if fd is None:
+          fd = self._fds[path] = os.open(path, os.O_RDONLY)
+    return fd
 
   def close(self) -> None:
-    self.flush()
-    if self._file is not None:
-      self._file.close()
+    with self._lock:
+      for fd in self._fds.values():
+        os.close(fd)
+      self._fds.clear()
 
-  @property
-  def closed(self) -> bool:
-    return self._file is not None and self._file.closed
+
+def read_range(path, start: int, stop: int) -> bytes:
+  """One byte range of one file (within it: gs:// refuses a range past the end)."""
+  if is_remote(path):
+    return RangeReader().read([(os.fspath(path), start, stop)])[0]
+  with open(path, 'rb') as f:
+    f.seek(start)
+    return f.read(stop - start)
+
+
+# Start-up reads of data (SPLIT.json, listings, a dataset's metadata) get this long to answer.
+STARTUP_READ_DEADLINE_S = 300
+
+
+def within_deadline(fn, what: str, seconds: float | None = None):
+  """fn(), or UserError naming `what` when it has not returned within `seconds` (default
+  STARTUP_READ_DEADLINE_S: a storage that does not answer, a bucket out of reach, a stale
+  mount). The call is left running in a daemon thread, which does not keep the process alive."""
+  seconds = STARTUP_READ_DEADLINE_S if seconds is None else seconds
+  outcome = {}
+
+  def call():
+    try:
+      outcome['value'] = fn()
+    except BaseException as e:  # pylint: disable=broad-except  (raised again in the caller)
+      outcome['error'] = e
+  thread = threading.Thread(target=call, daemon=True, name='deadline')
+  thread.start()
+  thread.join(seconds)
+  if thread.is_alive():
+    raise errors.UserError(f'{what}: no answer after {seconds:g} s; check that this machine '
+                           'reaches that storage (credentials, network, a mount)')
+  if 'error' in outcome:
+    raise outcome['error']
+  return outcome['value']

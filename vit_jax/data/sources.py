@@ -6,12 +6,10 @@ which record sits at position k of the training stream and reads just that one, 
 step 100,000 reads one batch, not the 51M records before it, and each process reads only the
 rows of the global batch its devices hold, whatever the number of processes.
 """
-import bisect
-import concurrent.futures
+import collections
 import functools
+import io
 import json
-import os
-import struct
 import threading
 
 from absl import logging
@@ -22,10 +20,6 @@ import tensorflow_datasets as tfds
 
 from vit_jax import errors, paths, records_io
 from vit_jax.data import digits  # noqa: F401  (registers sklearn_digits)
-
-# Reads in flight per process; records are small and latency (a disk seek, a GCS range read)
-# dominates, so many at once.
-READ_THREADS = 32
 
 
 class Source:
@@ -114,8 +108,34 @@ def check_random_access(builder) -> None:
         f'--out_file_format=array_record')
 
 
+def check_tfds_data_dir(data_dir: str | None) -> None:
+  """A gs:// data_dir is refused naming the mount that serves it: ArrayRecord's reader opens
+  local files only (given gs:// it blocks without an error)."""
+  if not data_dir or not paths.is_remote(data_dir):
+    return
+  bucket, _, rest = data_dir.split('://', 1)[1].partition('/')
+  folder = f'/gcs/{bucket}/{rest}'.rstrip('/')
+  raise errors.UserError(
+      f'data.data_dir={data_dir}: tfds datasets are read by example index with ArrayRecord\'s '
+      f'reader, which opens local files only; mount the bucket with gcsfuse and give the '
+      f'folder: on Cloud TPU VMs `python -m launch.tpu_vm ... --data_bucket=gs://{bucket}` '
+      f'mounts it at /gcs/{bucket} on every worker, then pass --config.data.data_dir={folder}')
+
+
+def tfds_builder(name: str, data_dir: str | None = None):
+  """tfds.builder(name, data_dir), its metadata read within the start-up deadline."""
+  check_tfds_data_dir(data_dir)
+
+  def build():
+    builder = tfds.builder(name, data_dir=data_dir)
+    builder.is_prepared()
+    return builder
+  return paths.within_deadline(build, f'reading tfds dataset {name} in data_dir '
+                               f'{data_dir or "(tfds default)"}')
+
+
 # Sources are kept per process (functools.cache): every evaluation reads the same split, and a
-# record source holds open files, its offsets and a thread pool that should not be made again.
+# record source holds open files and a cache of its index that should not be made again.
 @functools.cache
 def tfds_source(name: str, split: str, data_dir: str | None = None) -> Source:
   """A tfds split (any split syntax, e.g. 'train[:90%]'), images left encoded for `decode`.
@@ -124,10 +144,12 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> Source:
   ArrayRecord form; a TFRecord-prepared one is refused with the command that converts it.
   """
   # A no-op once prepared (start-up prepares); here for callers outside training.
-  builder = prepare_tfds(tfds.builder(name, data_dir=data_dir))
+  builder = prepare_tfds(tfds_builder(name, data_dir))
   check_random_access(builder)
-  source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                            deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  source = paths.within_deadline(
+      lambda: tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                               deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES),
+      f'opening tfds dataset {name} split {split} in {builder.data_dir}')
   features = builder.info.features
   decoders = {k: tfds.decode.SkipDecoding() for k, f in features.items()
               if isinstance(f, tfds.features.Image)}
@@ -157,12 +179,24 @@ def record_info_path(path: str, split: str) -> str:
 
 
 def record_offsets_path(path: str, split: str) -> str:
-  """Where each shard's record start offsets are kept (int64, one array per split)."""
+  """Where each shard's record start offsets are kept: per shard its records' starts and its
+  end (int64), shard after shard, one .npy array per split."""
   return str(paths.resolve(path) / f'{split}.offsets.npy')
 
 
+def _index_only_command(path: str, split: str) -> str:
+  return f'python -m vit_jax.data.make_records --index_only --output={path} --split={split}'
+
+
 def read_record_info(path: str, split: str) -> dict:
-  """The summary make_records writes beside the files: shard sizes, classes, skipped images."""
+  """The summary make_records writes beside the files (shard sizes, classes, skipped images),
+  with 'files', once every shard and the offsets file are known to be there: one listing of
+  the folder, no request per shard. Within the start-up deadline."""
+  return paths.within_deadline(lambda: _read_record_info(path, split),
+                               f'reading record set {path} (split {split})')
+
+
+def _read_record_info(path: str, split: str) -> dict:
   info_path = record_info_path(path, split)
   if not paths.resolve(info_path).exists():
     raise FileNotFoundError(
@@ -170,82 +204,127 @@ def read_record_info(path: str, split: str) -> dict:
         f'python -m vit_jax.data.make_records --output={path} --split={split} ...')
   info = json.loads(paths.resolve(info_path).read_text())
   num_shards = len(info['shard_sizes'])
-  files = [str(paths.resolve(path) / record_file_name(split, i, num_shards))
-           for i in range(num_shards)]
-  missing = [f for f in files if not paths.resolve(f).exists()]
+  names = [record_file_name(split, i, num_shards) for i in range(num_shards)]
+  present = {p.name for p in paths.resolve(path).glob(f'{split}*')}
+  missing = [n for n in names if n not in present]
   if missing:
-    raise FileNotFoundError(f'{info_path} lists {num_shards} shards but {missing[0]} is missing '
-                            f'({len(missing)} missing in all)')
+    raise FileNotFoundError(f'{info_path} lists {num_shards} shards but '
+                            f'{paths.resolve(path) / missing[0]} is missing ({len(missing)} '
+                            'missing in all)')
   offsets_path = record_offsets_path(path, split)
-  if not paths.resolve(offsets_path).exists():
+  if paths.resolve(offsets_path).name not in present:
     raise FileNotFoundError(
         f'{offsets_path} is missing (record sets written before random access); write it once, '
-        f'reading each file\'s record headers: python -m vit_jax.data.make_records '
-        f'--index_only --output={path} --split={split}')
-  info['files'] = files
+        f'reading each file\'s record headers: {_index_only_command(path, split)}')
+  info['files'] = [str(paths.resolve(path) / n) for n in names]
   return info
 
 
-def record_offsets(files: list[str], shard_sizes: list[int]) -> np.ndarray:
-  """Start offsets of every record of every file, in file order, plus each file's end: what
-  random access needs, from the length fields of TensorFlow's record framing."""
-  offsets = []
-  for file, size in zip(files, shard_sizes):
-    file_offsets = [0]
-    for record in records_io.read(file):
-      file_offsets.append(file_offsets[-1] + len(record) + records_io.FRAMING_BYTES)
-    if len(file_offsets) - 1 != size:
-      raise ValueError(f'{file} holds {len(file_offsets) - 1} records, its SPLIT.json says {size}')
-    offsets.append(file_offsets)
-  return np.array([o for file_offsets in offsets for o in file_offsets], np.int64)
+def offsets_header(num_entries: int) -> bytes:
+  """The .npy header of an offsets file with `num_entries` int64 entries."""
+  f = io.BytesIO()
+  np.lib.format.write_array_header_1_0(f, {'descr': '<i8', 'fortran_order': False,
+                                           'shape': (num_entries,)})
+  return f.getvalue()
 
 
 def write_record_offsets(path: str, split: str, offsets: np.ndarray) -> None:
+  """Writes SPLIT.offsets.npy from an array (or a memory map) of all entries."""
+  offsets = np.asarray(offsets, np.int64)
   with paths.resolve(record_offsets_path(path, split)).open('wb') as f:
-    np.save(f, offsets, allow_pickle=False)
+    f.write(offsets_header(len(offsets)))
+    for start in range(0, len(offsets), 1 << 20):
+      f.write(offsets[start:start + (1 << 20)].tobytes())
+
+
+class RecordIndex:
+  """Entries of an offsets file, read a page at a time when needed and kept in a bounded cache
+  (least recently used out): a process's memory for the index does not grow with the number of
+  records (the whole array of 300M records would be 2.4 GB per host)."""
+
+  PAGE_ENTRIES = 512  # 4 KiB pages
+  CACHE_PAGES = 1024  # 4 MiB
+
+  def __init__(self, path: str, num_entries: int, reader: paths.RangeReader, fix: str):
+    self._path, self._reader = path, reader
+    start = paths.read_range(path, 0, 10)  # magic string, version, header length (v1)
+    size = int.from_bytes(start[8:10], 'little')
+    header = io.BytesIO(start + paths.read_range(path, 10, 10 + size))
+    try:
+      version = np.lib.format.read_magic(header)
+      shape, fortran, dtype = (np.lib.format.read_array_header_1_0(header) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(header))
+    except ValueError as e:
+      raise ValueError(f'{path} is not an offsets file ({e}); write it again: {fix}') from None
+    if shape != (num_entries,) or fortran or dtype != np.dtype('<i8'):
+      raise ValueError(f'{path} holds {shape} {dtype} entries but its SPLIT.json needs '
+                       f'({num_entries},) int64 (the shards and their index disagree); write it '
+                       f'again: {fix}')
+    self._data_start, self._num_entries = header.tell(), num_entries
+    self._pages = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def __getitem__(self, entries: np.ndarray) -> np.ndarray:
+    """The int64 values at `entries` (an array of positions)."""
+    pages = entries // self.PAGE_ENTRIES
+    wanted = np.unique(pages)
+    with self._lock:
+      cached = {int(p): self._pages[int(p)] for p in wanted if int(p) in self._pages}
+    missing = [int(p) for p in wanted if int(p) not in cached]
+    if missing:
+      size = np.dtype(np.int64).itemsize
+      ranges = [(self._path, self._data_start + p * self.PAGE_ENTRIES * size,
+                 self._data_start + min((p + 1) * self.PAGE_ENTRIES, self._num_entries) * size)
+                for p in missing]
+      for p, data in zip(missing, self._reader.read(ranges)):
+        cached[p] = np.frombuffer(data, '<i8')
+    with self._lock:
+      for p in wanted:
+        self._pages[int(p)] = cached[int(p)]
+        self._pages.move_to_end(int(p))
+      while len(self._pages) > self.CACHE_PAGES:
+        self._pages.popitem(last=False)
+    values = np.empty(len(entries), np.int64)
+    for p in wanted:
+      here = pages == p
+      values[here] = cached[int(p)][entries[here] % self.PAGE_ENTRIES]
+    return values
 
 
 class _RecordReader:
-  """Record i of a set of TFRecord files, by byte range: os.pread on local files (no shared file
-  position, so threads read at once), a per-thread epath file elsewhere (gs://)."""
+  """Records by global index from a set of TFRecord files: the index gives each record's byte
+  range, `paths.RangeReader` reads all of a call's ranges at once."""
 
-  def __init__(self, files: list[str], shard_sizes: list[int], offsets: np.ndarray):
-    self._files = files
+  def __init__(self, files: list[str], shard_sizes: list[int], index: RecordIndex,
+               reader: paths.RangeReader, fix: str):
+    self._files, self._index, self._reader, self._fix = files, index, reader, fix
     self._first = np.cumsum([0] + list(shard_sizes))  # global index of each file's record 0
-    self._offsets = offsets  # per file: size + 1 entries
     self._base = self._first + np.arange(len(files) + 1)  # where each file's entries start
-    self._local = not any(paths.is_remote(f) for f in files)
-    self._fds = [None] * len(files)
-    self._lock = threading.Lock()
-    self._thread = threading.local()
-    self._pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS)
-
-  def _range(self, index: int) -> tuple[int, int, int]:
-    file = bisect.bisect_right(self._first, index) - 1
-    entry = self._base[file] + index - self._first[file]
-    return file, int(self._offsets[entry]), int(self._offsets[entry + 1])
-
-  def _bytes(self, file: int, start: int, stop: int) -> bytes:
-    if self._local:
-      if self._fds[file] is None:
-        with self._lock:
-          if self._fds[file] is None:
-            self._fds[file] = os.open(self._files[file], os.O_RDONLY)
-      return os.pread(self._fds[file], stop - start, start)
-    handles = self._thread.__dict__.setdefault('handles', {})
-    if file not in handles:
-      handles[file] = paths.resolve(self._files[file]).open('rb')
-    handles[file].seek(start)
-    return handles[file].read(stop - start)
-
-  def read_one(self, index: int) -> bytes:
-    file, start, stop = self._range(index)
-    framed = self._bytes(file, start, stop)
-    (length,) = struct.unpack('<Q', framed[:8])
-    return framed[12:12 + length]
 
   def read_many(self, indices: list[int]) -> list[bytes]:
-    return list(self._pool.map(self.read_one, indices))
+    indices = np.asarray(indices, np.int64)
+    files = np.searchsorted(self._first, indices, side='right') - 1
+    entries = self._base[files] + indices - self._first[files]
+    bounds = self._index[np.concatenate([entries, entries + 1])]
+    starts, stops = bounds[:len(entries)], bounds[len(entries):]
+    framed = self._reader.read([(self._files[f], int(a), int(b))
+                                for f, a, b in zip(files, starts, stops)])
+    return [self._unframed(data, int(i), int(f), int(b - a))
+            for data, i, f, a, b in zip(framed, indices, files, starts, stops)]
+
+  def read_one(self, index: int) -> bytes:
+    return self.read_many([index])[0]
+
+  def _unframed(self, framed: bytes, index: int, file: int, expected: int) -> bytes:
+    """The record's payload; its framing must span exactly what the index says."""
+    length = (records_io.framed_length(framed) if len(framed) >= records_io.HEADER_BYTES
+              else -1)
+    if length != expected or len(framed) != expected:
+      raise ValueError(
+          f'{self._files[file]}: record {index - self._first[file]} (example {index}) is '
+          f'framed as {length} bytes but the offsets file says {expected}: the index is stale '
+          f'(the shard was written again after it); write it again: {self._fix}')
+    return framed[records_io.HEADER_BYTES:expected - 4]
 
 
 def _parse_record(serialized):
@@ -257,12 +336,11 @@ def _parse_record(serialized):
 def records_source(path: str, split: str) -> Source:
   """A split written by make_records, images left encoded, read by record index."""
   info = read_record_info(path, split)
-  with paths.resolve(record_offsets_path(path, split)).open('rb') as f:
-    offsets = np.load(f, allow_pickle=False)
   sizes = info['shard_sizes']
-  if len(offsets) != sum(sizes) + len(sizes):
-    raise ValueError(f'{record_offsets_path(path, split)} does not match {split}.json; write it '
-                     f'again: python -m vit_jax.data.make_records --index_only --output={path} '
-                     f'--split={split}')
-  reader = _RecordReader(info['files'], sizes, offsets)
-  return Source(sum(sizes), reader.read_many, _parse_record, f'{path}:{split}')
+  fix = _index_only_command(path, split)
+  reader = paths.RangeReader()
+  index = paths.within_deadline(
+      lambda: RecordIndex(record_offsets_path(path, split), sum(sizes) + len(sizes), reader, fix),
+      f'reading {record_offsets_path(path, split)}')
+  records = _RecordReader(info['files'], sizes, index, reader, fix)
+  return Source(sum(sizes), records.read_many, _parse_record, f'{path}:{split}')

@@ -4,19 +4,44 @@ import time
 
 import jax
 
-from vit_jax import paths
+from vit_jax import log_file, paths
 from vit_jax.train import tb_events
 
 
-class MetricsLog:
-  """Writes one JSON object per line to WORKDIR/metrics.jsonl, and the same scalars to TB."""
+def _step(line: str) -> int | None:
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or not ours
+    return None
 
-  def __init__(self, workdir: str):
+
+def drop_lines_after(path, step: int) -> None:
+  """Keeps the lines of a metrics.jsonl up to `step` (a resumed run logs the rest again)."""
+  path = paths.resolve(path)
+  if not path.exists():
+    return
+  text = path.read_text()
+  kept = ''.join(line for line in text.splitlines(keepends=True)
+                 if line.endswith('\n') and (s := _step(line)) is not None and s <= step)
+  if kept != text:
+    log_file.replace(path, kept.encode('utf-8'))
+
+
+class MetricsLog:
+  """Writes one JSON object per line to WORKDIR/metrics.jsonl, and the same scalars to TB,
+  in the background (`vit_jax.log_file`: the step loop never waits on storage).
+
+  A run starting at `start_step` (a resume from that checkpoint) first drops what an earlier
+  run logged after it, so that both logs read as if the run had never stopped: no step twice.
+  """
+
+  def __init__(self, workdir: str, start_step: int = 0):
     self.is_writer = jax.process_index() == 0
     self.path = paths.resolve(workdir) / 'metrics.jsonl'
     if self.is_writer:
-      self._file = paths.AppendFile(self.path)
-      self._tb = tb_events.EventWriter(paths.resolve(workdir) / 'tensorboard')
+      drop_lines_after(self.path, start_step)
+      self._file = log_file.LogFile(self.path)
+      self._tb = tb_events.EventWriter(paths.resolve(workdir) / 'tensorboard', start_step)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.is_writer:
@@ -25,6 +50,13 @@ class MetricsLog:
     self._file.write(json.dumps({'step': int(step), **scalars}) + '\n')
     self._file.flush()
     self._tb.write_scalars(int(step), scalars)
+
+  def flush(self) -> None:
+    """Waits until all lines written so far are stored. Call it before a checkpoint is saved:
+    a run resumed from that checkpoint then finds every line up to its step."""
+    if self.is_writer:
+      self._file.sync()
+      self._tb.sync()
 
   def close(self) -> None:
     if self.is_writer:

@@ -125,7 +125,7 @@ def _check_split(config, data, split: str, key: str) -> None:
   if data.get('path'):
     try:
       info = sources.read_record_info(data['path'], split)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, errors.UserError) as e:
       raise PreflightError(f'{key}={split!r}: {e}') from None
     if info['num_examples'] == 0:
       raise PreflightError(f'{key}={split!r}: {sources.record_info_path(data["path"], split)} '
@@ -135,7 +135,11 @@ def _check_split(config, data, split: str, key: str) -> None:
   if not data.get('name'):
     return  # the pipeline's own error names both keys
   with _tfds_warnings_hidden():  # of the version folder it is about to prepare
-    builder = _prepare(tfds.builder(data['name'], data_dir=data.get('data_dir') or None))
+    try:  # a data_dir only a mount can serve, or storage that does not answer
+      builder = sources.tfds_builder(data['name'], data.get('data_dir') or None)
+    except errors.UserError as e:
+      raise PreflightError(str(e)) from None
+    builder = _prepare(builder)
   try:
     sources.check_random_access(builder)
   except ValueError as e:

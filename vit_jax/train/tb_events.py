@@ -1,23 +1,61 @@
-"""TensorBoard scalar events written through epath (local or gs://, emulator included).
+"""TensorBoard scalar events written through `vit_jax.records_io` (local or gs://, one road).
 
-TensorFlow's summary writer reaches GCS only through TensorFlow's own filesystem, which cannot be
-pointed at an emulator; these are the same event files, written by `records_io`.
+TensorFlow's summary writer reaches GCS only through TensorFlow's own filesystem (another road,
+see `vit_jax.paths`); these are the same event files, written in the background
+(`vit_jax.log_file`).
+
+A resumed run shows as one continuous run: events an earlier run wrote past the restored step
+are dropped from its files, and the new file starts with TensorBoard's own restart marker
+(SessionLog START at the first new step: a TensorBoard that already read the orphaned steps
+purges them; its data server does the same when a step comes again).
 """
+import io
 import socket
 import time
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 
-from vit_jax import paths, records_io
+from vit_jax import log_file, paths, records_io
+
+
+def is_event_file(path) -> bool:
+  return 'tfevents' in paths.resolve(path).name  # TensorBoard's own test
+
+
+def drop_events_after(path, step: int) -> None:
+  """Rewrites an event file without the events past `step` (and a record cut short at its
+  end); removes it when no summary is left."""
+  data = paths.resolve(path).read_bytes()
+  events = [event_pb2.Event.FromString(r) for r in records_io.split(data)]
+  kept = [e for e in events if e.step <= step]
+  if not any(e.HasField('summary') for e in kept):
+    paths.resolve(path).unlink()
+    return
+  out = io.BytesIO()
+  writer = RecordWriter(out)
+  for event in kept:
+    writer.write(event.SerializeToString())
+  if len(out.getvalue()) != len(data):  # events dropped, or a record cut short at the end
+    log_file.replace(path, out.getvalue())
 
 
 class EventWriter:
   """LOGDIR/events.out.tfevents.<time>.<host>: a new file per run start, as TensorFlow does."""
 
-  def __init__(self, logdir):
+  def __init__(self, logdir, start_step: int = 0):
+    logdir = paths.resolve(logdir)
+    if logdir.is_dir():
+      for path in logdir.iterdir():
+        if is_event_file(path):
+          drop_events_after(path, start_step)
     name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}'
-    self._records = records_io.writer(paths.resolve(logdir) / name, append=True)
+    self._log = log_file.LogFile(logdir / name)
+    self._records = RecordWriter(self._log)
     self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+    self._write(event_pb2.Event(wall_time=time.time(), step=start_step + 1,
+                                session_log=event_pb2.SessionLog(
+                                    status=event_pb2.SessionLog.START)))
 
   def _write(self, event) -> None:
     self._records.write(event.SerializeToString())
@@ -27,6 +65,9 @@ class EventWriter:
                                          for k, v in scalars.items()])
     self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
     self._records.flush()
+
+  def sync(self) -> None:
+    self._log.sync()
 
   def close(self) -> None:
     self._records.close()

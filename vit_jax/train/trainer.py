@@ -207,7 +207,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   train_step = jit_train_step(make_train_step(config, training, dropout_rng), training)
   evals = tasks.get(config).evaluators(config, model, mesh, state_sharding.params, workdir)
-  log = metrics_log.MetricsLog(workdir)
+  log = metrics_log.MetricsLog(workdir, start_step)  # drops lines an earlier run left past it
   progress = metrics_log.Progress(config.total_steps, start_step)
   batches = pipeline.train_iterator(config, mesh, start_step)
   watch = preemption.PreemptionWatch()
@@ -274,6 +274,7 @@ def _train_loop(config, workdir, state, start_step, training, train_step, evals,
       throughput.exclude(time.time() - eval_start)  # evaluation is not training throughput
     stopping = watch.reached(step)
     if stopping or _interval_hit(step, config.checkpoint_every, config.total_steps):
+      log.flush()  # a run resumed from this checkpoint finds every line up to its step
       _save_if_finite(manager, step, state, pending, workdir)
     if stopping:
       reason = 'Ctrl-C' if watch.interrupted else 'preemption notice'
