@@ -1,20 +1,25 @@
-"""Input pipeline speed: images/sec on one core for the training preprocessing of real JPEGs,
-and what a resumed run reads before its first batch.
+"""Input pipeline speed: images per second and CPU per image of the training preprocessing of
+real JPEGs, on 1 and 2 cores, against bare decoding; and what a resumed run reads before its
+first batch.
 
-    python -m benchmarks.input_pipeline [--num_images=200 --repeats=5 --resume_at=10,100000]
+    python -m benchmarks.input_pipeline [--num_images=200 --repeats=5 --cores=1,2]
+        [--resume_at=10,100000] [--gcs_latency_ms=50]
 
 Generates natural-looking 500x375 JPEGs (smooth colour fields, edges, noise; ImageNet's typical
-size and quality), then times, on one thread each, in the same run:
-  bare decode       tf.io.decode_jpeg, the floor every pipeline pays;
-  decode+crop+flip  'decode|inception_crop(224)|flip_lr' (fused: only the crop is decoded);
-  unfused           the same with the whole image decoded before cropping;
-  training wrapper  the fused ops inside the pipeline's skip-and-count wrapper;
-  whole pipeline    the same JPEGs written by make_records, read by index through
-                    `pipeline.train_dataset` (order, parse, preprocess, batch) on one thread.
-Prints the median images/sec of each and its median ratio to bare decode within a round
-(robust to the load of other processes). Then, for each --resume_at step, starts a fresh
-process that builds the training input at that step (batch --resume_batch) and takes one batch:
-seconds from process start to that batch and records read. Ends with one JSON line.
+size and quality) and writes them with make_records. Then, in a fresh process pinned to N cores
+(os.sched_setaffinity) for each N of --cores, with tf.data threading as training has it, times in
+turns:
+  bare decode     tf.io.decode_jpeg of every JPEG, the floor every pipeline pays;
+  ops alone       the training preprocessing 'decode|inception_crop(224)|flip_lr|value_range'
+                  on the JPEGs in memory (the crop fused into the decode);
+  whole pipeline  the records read by index through `pipeline.train_dataset`, as training reads
+                  them (order, read, parse, preprocess, batch).
+Prints each case's median images/sec, its CPU per image (all of the process's threads: robust
+to the load of other processes, and what "per core" means) and the median ratio to bare decode
+within a round, by both measures, with the machine's load. Then, for each --resume_at step,
+starts a fresh process that builds the training input at that step (batch --resume_batch) and
+takes one batch: seconds from process start to that batch and records read. Ends with one JSON
+line. Temporary files go when it ends.
 
 With --gcs_latency_ms=L, the whole pipeline also reads the same records (--gcs_images of them)
 from a bucket of the local GCS emulator behind tests/gcs_proxy.py, which adds L ms to every
@@ -36,11 +41,13 @@ import time
 import urllib.request
 
 import numpy as np
-import tensorflow as tf
 
-from vit_jax.data import make_records, ops, pipeline
+from vit_jax import startup
 
-_PP = 'decode|inception_crop(224)|flip_lr'
+tf = startup.import_tensorflow()  # without TensorFlow's start-up lines
+from vit_jax.data import make_records, ops, pipeline  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+_PP = 'decode|inception_crop(224)|flip_lr|value_range(-1, 1)'
 
 
 def natural_jpegs(num_images: int, seed: int = 0) -> list[bytes]:
@@ -62,14 +69,6 @@ def natural_jpegs(num_images: int, seed: int = 0) -> list[bytes]:
   return images
 
 
-def _one_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
-  options = tf.data.Options()
-  options.threading.private_threadpool_size = 1
-  options.threading.max_intra_op_parallelism = 1
-  options.autotune.enabled = False
-  return ds.with_options(options)
-
-
 def write_records(jpegs: list[bytes], folder: str, num_shards: int = 4) -> str:
   """The JPEGs as a make_records record set (one class each); returns its data.path."""
   os.makedirs(os.path.join(folder, 'images'), exist_ok=True)
@@ -89,7 +88,7 @@ def write_records(jpegs: list[bytes], folder: str, num_shards: int = 4) -> str:
 def _config(records: str, batch_size: int):
   import ml_collections  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(dict(
-      seed=0, batch_size=batch_size, pp_train=_PP + '|value_range(-1, 1)',
+      seed=0, batch_size=batch_size, pp_train=_PP,
       data=dict(path=records, train_split='train', prefetch=2)))
 
 
@@ -117,19 +116,60 @@ def resume_costs(records: str, steps: list[int], batch_size: int) -> dict:
   return costs
 
 
-def images_per_sec(cases: dict, count: int, repeats: int) -> dict:
-  """{case: [images/sec per pass]} over `repeats` full passes (after one warm-up pass each),
-  the cases taking turns so that load from other processes hits them alike."""
-  iterables = {name: _one_thread(ds) for name, ds in cases.items()}
+def _cpu_seconds() -> float:
+  return time.process_time()  # every thread of the process
+
+
+def local_rates(records: str, repeats: int, batch: int = 25, passes: int = 3) -> dict:
+  """Runs in a fresh process pinned to the cores to measure: {case: [(images/s, CPU ms per
+  image)]} over `repeats` rounds, the cases taking turns so that load from other processes hits
+  them alike. A round times `passes` passes over the images on an iterator already through one
+  pass (its buffers full, as in training, at both ends of the timing), and then drops the
+  iterator, so that no case's readahead runs while another is timed."""
+  images = os.path.join(os.path.dirname(records), 'images')
+  jpegs = [open(os.path.join(images, f'{i}.jpg'), 'rb').read()  # pylint: disable=consider-using-with
+           for i in range(len(os.listdir(images)))]
+  count = len(jpegs) // batch * batch  # every case passes over the same number of images
+  seeds = tf.stack([tf.zeros(count, tf.int64), tf.range(count, dtype=tf.int64)], 1)
+  examples = tf.data.Dataset.from_tensor_slices(
+      {'image': jpegs[:count], ops.SEED_KEY: seeds}).repeat()
+  cases = {  # (dataset, images per element)
+      'bare decode': (examples.map(lambda ex: tf.io.decode_jpeg(ex['image'], channels=3),
+                                   num_parallel_calls=tf.data.AUTOTUNE), 1),
+      'ops alone': (examples.map(ops.get_preprocess_fn(_PP),
+                                 num_parallel_calls=tf.data.AUTOTUNE), 1),
+      'whole pipeline': (pipeline.train_dataset(_config(records, batch), 0, range(batch)), batch),
+  }
   rates = {name: [] for name in cases}
-  for i in range(repeats + 1):
-    for name, ds in iterables.items():
-      start = time.perf_counter()
-      for _ in ds:
-        pass
-      if i:
-        rates[name].append(count / (time.perf_counter() - start))
+  for _ in range(repeats):
+    for name, (ds, per_element) in cases.items():
+      iterator = iter(ds.with_options(pipeline._options()))  # pylint: disable=protected-access
+      for _ in range(count // per_element):  # warm-up pass: traced, buffers filled
+        next(iterator)
+      start, cpu = time.perf_counter(), _cpu_seconds()
+      for _ in range(passes * count // per_element):
+        next(iterator)
+      rates[name].append((passes * count / (time.perf_counter() - start),
+                          (_cpu_seconds() - cpu) / (passes * count) * 1e3))
+      del iterator  # stops its threads before the next case is timed
   return rates
+
+
+def on_cores(records: str, cores: int, repeats: int) -> dict:
+  """local_rates in a fresh process on `cores` cores: per case, median images/s and CPU ms per
+  image, and the medians of the within-round ratios to bare decode by both."""
+  code = (f'import json, os; os.sched_setaffinity(0, {set(range(cores))}); '
+          'from benchmarks import input_pipeline as b; '
+          f'print(json.dumps(b.local_rates({records!r}, {repeats})))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  rates = {name: np.array(v) for name, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+  bare = rates['bare decode']
+  return {name: {'images_per_sec': round(float(np.median(r[:, 0])), 1),
+                 'cpu_ms_per_image': round(float(np.median(r[:, 1])), 3),
+                 'ratio_to_bare_decode': round(float(np.median(r[:, 0] / bare[:, 0])), 3),
+                 'cpu_ratio_to_bare_decode': round(float(np.median(bare[:, 1] / r[:, 1])), 3)}
+          for name, r in rates.items()}
 
 
 _BUCKET = 'bench-bucket'
@@ -201,9 +241,14 @@ def gcs_worker(records: str, proxy_url: str, latency_ms: float, rounds: int) -> 
 
 def gcs_comparison(jpegs: list[bytes], num_images: int, latency_ms: float, rounds: int) -> dict:
   """The same records local and in the emulator's bucket at `latency_ms`: see the docstring."""
-  # Small shards: the emulator copies a whole object to answer each range read of it.
-  records = write_records([jpegs[i % len(jpegs)] for i in range(num_images)],
-                          tempfile.mkdtemp(prefix='input_pipeline_gcs_'), num_shards=32)
+  with tempfile.TemporaryDirectory(prefix='input_pipeline_gcs_') as folder:
+    # Small shards: the emulator copies a whole object to answer each range read of it.
+    records = write_records([jpegs[i % len(jpegs)] for i in range(num_images)], folder,
+                            num_shards=32)
+    return _gcs_comparison(records, latency_ms, rounds)
+
+
+def _gcs_comparison(records: str, latency_ms: float, rounds: int) -> dict:
   cores = sorted(os.sched_getaffinity(0))
   pipeline_core, harness_cores = cores[:1], cores[1:] or cores
   harness = subprocess.Popen([sys.executable, '-m', 'tests.gcs_proxy', f'--bucket={_BUCKET}'],
@@ -244,10 +289,15 @@ def gcs_comparison(jpegs: list[bytes], num_images: int, latency_ms: float, round
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--num_images', type=int, default=200)
-  parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--resume_at', default='10,100000', help='steps, comma-separated')
-  parser.add_argument('--resume_batch', type=int, default=512)
+  parser.add_argument('--num_images', type=int, default=200,
+                      help='JPEGs generated (a multiple of 25, the whole pipeline\'s batch)')
+  parser.add_argument('--repeats', type=int, default=5, help='timed passes per case and core count')
+  parser.add_argument('--cores', default='1,2',
+                      help='core counts to pin the measuring process to, comma-separated')
+  parser.add_argument('--resume_at', default='10,100000',
+                      help='steps to resume the input at in a fresh process, comma-separated')
+  parser.add_argument('--resume_batch', type=int, default=512,
+                      help='global batch of the resumed input')
   parser.add_argument('--gcs_latency_ms', type=float, default=None,
                       help='also read the records from the local GCS emulator at this latency '
                       'per request (see the docstring)')
@@ -255,44 +305,31 @@ def main():
                       help='records in the gcs comparison (the JPEGs repeated)')
   parser.add_argument('--gcs_rounds', type=int, default=3, help='local/gcs passes, alternating')
   args = parser.parse_args()
-  tf.config.threading.set_intra_op_parallelism_threads(1)
-  tf.config.threading.set_inter_op_parallelism_threads(1)
+  available = len(os.sched_getaffinity(0))
+  core_counts = [int(c) for c in args.cores.split(',') if int(c) <= available]
   jpegs = natural_jpegs(args.num_images)
-  print(f'{len(jpegs)} JPEGs 500x375, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB')
-
-  def examples():
-    seeds = tf.stack([tf.zeros(len(jpegs), tf.int64), tf.range(len(jpegs), dtype=tf.int64)], 1)
-    return tf.data.Dataset.from_tensor_slices({'image': jpegs, ops.SEED_KEY: seeds})
-
-  fused = ops.get_preprocess_fn(_PP)
-  records = write_records(jpegs, tempfile.mkdtemp(prefix='input_pipeline_'))
-  batch = 25  # divides --num_images: every case passes over the same number of images
-  whole = pipeline.train_dataset(_config(records, batch), 0, range(batch)).take(
-      len(jpegs) // batch)
-  decode, crop, flip = (ops.get_op(s) for s in ('decode', 'inception_crop(224)', 'flip_lr'))
-  cases = {
-      'bare decode': examples().map(lambda ex: tf.io.decode_jpeg(ex['image'], channels=3)),
-      'decode+crop+flip': examples().map(fused),
-      'unfused': examples().map(lambda ex: flip(crop(decode(dict(ex))))),
-      'training wrapper': examples().apply(pipeline._skip_failures(fused)),  # pylint: disable=protected-access
-      'whole pipeline': whole,
-  }
-  rates = images_per_sec(cases, len(jpegs), args.repeats)
-  bare = np.array(rates['bare decode'])
+  print(f'{len(jpegs)} JPEGs 500x375, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB; '
+        f'load average before {[round(x, 2) for x in os.getloadavg()]}')
   summary = {}
-  for name, per_pass in rates.items():
-    # Ratios within a round (passes run back to back) cancel most of the shared-CPU drift.
-    ratio = float(np.median(np.array(per_pass) / bare))
-    summary[name] = {'images_per_sec': round(float(np.median(per_pass)), 1),
-                     'ratio_to_bare_decode': round(ratio, 3)}
-    print(f'{name:18s} {np.median(per_pass):8.1f} images/sec/core (median of {len(per_pass)})'
-          f'   ratio to bare decode {ratio:.2f}')
-  summary['resume'] = resume_costs(records, [int(s) for s in args.resume_at.split(',')],
-                                   args.resume_batch)
+  with tempfile.TemporaryDirectory(prefix='input_pipeline_') as folder:
+    records = write_records(jpegs, folder)
+    for cores in core_counts:
+      summary[f'{cores}_cores'] = results = on_cores(records, cores, args.repeats)
+      print(f'-- on {cores} core{"s" * (cores > 1)} (median of {args.repeats} passes; load '
+            f'average {[round(x, 2) for x in os.getloadavg()]})')
+      for name, r in results.items():
+        print(f'{name:16s} {r["images_per_sec"]:8.1f} images/sec  {r["cpu_ms_per_image"]:6.3f} '
+              f'CPU ms/image ({1e3 / r["cpu_ms_per_image"]:6.1f} per core-second)   ratio to '
+              f'bare decode {r["ratio_to_bare_decode"]:.2f} '
+              f'(by CPU {r["cpu_ratio_to_bare_decode"]:.2f})')
+    summary['resume'] = resume_costs(records, [int(s) for s in args.resume_at.split(',')],
+                                     args.resume_batch)
   if args.gcs_latency_ms is not None:
     summary['gcs'] = gcs_comparison(jpegs, args.gcs_images, args.gcs_latency_ms,
                                     args.gcs_rounds)
+  summary['load_average'] = [round(x, 2) for x in os.getloadavg()]
   print(json.dumps(summary))
+
 
 if __name__ == '__main__':
   main()

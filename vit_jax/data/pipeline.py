@@ -111,16 +111,28 @@ def _preprocessed_batch(src: sources.Source, preprocess, seed_of):
   return apply
 
 
-def _batches(src: sources.Source, preprocess, batch_numbers: tf.data.Dataset, locate, seed_of):
+# Batches being preprocessed at once: the examples of a batch are preprocessed in parallel, so
+# 2 keep every core busy across batch boundaries.
+_BATCHES_AT_ONCE = 2
+# Records being read at once, at least: a read asks for all of a batch's records together (the
+# source reads them concurrently, many range reads in flight on gs://); small batches get
+# several reads in flight. Bounded, unlike AUTOTUNE, which scales with the host's cores (on a
+# 224-core TPU host, hundreds of whole batches of encoded images in memory).
+_RECORDS_IN_FLIGHT = 256
+
+
+def _batches(src: sources.Source, preprocess, batch_numbers: tf.data.Dataset, locate, seed_of,
+             batch_size: int):
   """For each batch number b: (b, the batch of rows `locate(b)` gives as (k, record indices)).
   Reads one batch per call, preprocesses the examples of several batches at once."""
+  reads = max(_BATCHES_AT_ONCE, -(-_RECORDS_IN_FLIGHT // batch_size))
   ds = batch_numbers.map(lambda b: (b, *locate(b)))
-  ds = ds.map(lambda b, k, r: (b, k, _read(src, r)), num_parallel_calls=tf.data.AUTOTUNE,
+  ds = ds.map(lambda b, k, r: (b, k, _read(src, r)), num_parallel_calls=reads,
               deterministic=True)
   build = _preprocessed_batch(src, preprocess, seed_of)
   return ds.interleave(
       lambda b, k, records: build(k, records).map(lambda batch: (b, batch)),
-      cycle_length=2, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      cycle_length=_BATCHES_AT_ONCE, num_parallel_calls=_BATCHES_AT_ONCE, deterministic=True)
 
 
 def _options() -> tf.data.Options:
@@ -186,7 +198,7 @@ def train_dataset(config, start_step: int = 0, rows=None,
       batch.pop(ops.SEED_KEY)
     return dict(batch, **{SKIPPED_KEY: skipped})
   steps = tf.data.Dataset.range(start_step, 2 ** 62)
-  ds = _batches(src, preprocess, steps, locate, seed_of)
+  ds = _batches(src, preprocess, steps, locate, seed_of, len(rows))
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(data.get('prefetch', 2)).with_options(_options())
 
@@ -269,7 +281,7 @@ def eval_batches(config, mesh, split: str) -> tuple[int, Iterator[dict]]:
     real = tf.cast(k < num_examples, tf.float32)
     return dict(batch, mask=tf.cast(batch.pop(VALID_KEY), tf.float32) * real)
   ds = _batches(src, preprocess, tf.data.Dataset.range(num_batches), locate,
-                lambda k: tf.constant([0, 0], tf.int64))
+                lambda k: tf.constant([0, 0], tf.int64), len(rows))
   ds = ds.map(with_mask).prefetch(2).with_options(_options())
 
   def iterate():
