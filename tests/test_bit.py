@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from vit_jax import inspect, models, predict, weights
+from vit_jax import inspect, model_from_weights, models, weights
 from vit_jax.models import bit, mae
 
 
@@ -96,7 +96,7 @@ def test_trains_and_transfers_into_a_new_head(tmp_path):
     if not key.startswith('head/'):
       np.testing.assert_array_equal(loaded[key], trained[key], err_msg=key)
 
-  built, built_params, _ = predict.build(path)
+  built, built_params, _ = model_from_weights.build(path)
   assert isinstance(built, bit.ResNet) and built.stage_sizes == (1, 1)
   np.testing.assert_allclose(jax.jit(built.apply)({'params': built_params}, images),
                              jax.jit(model.apply)({'params': params}, images), rtol=1e-5,

@@ -5,8 +5,10 @@ import re
 import flax
 import flax.linen as nn
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
+import scipy.ndimage
 from safetensors.numpy import save_file
 
 from vit_jax import checkpoint, models
@@ -25,6 +27,10 @@ def _params(model, seed=0):
 
 def _flat(params):
   return flax.traverse_util.flatten_dict(params, sep='/')
+
+
+def _unflat(flat):
+  return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 
 def _logits(model, params):
@@ -250,3 +256,26 @@ def test_bad_files_name_the_bad_keys(tmp_path):
   checkpoint.save_npz(_params(model), str(tmp_path / 'token.npz'))
   with pytest.raises(ValueError, match='(?s)class-token.*not in model: cls'):
     checkpoint.load_pretrained(str(tmp_path / 'token.npz'), init)
+
+
+@pytest.mark.parametrize('dtype', [ml_dtypes.bfloat16, np.float16], ids=['bfloat16', 'float16'])
+def test_half_precision_files_resize_to_a_new_resolution(tmp_path, dtype):
+  """scipy interpolates no bfloat16 or float16: resized in float32, cast back."""
+  for posemb in ('learn', 'relative'):
+    model = models.get_model('testing', num_classes=5, posemb=posemb)
+    def shapes(size):
+      return _flat(nn.unbox(jax.eval_shape(lambda: model.init(  # pylint: disable=cell-var-from-loop
+          jax.random.key(1), np.zeros((1, size, size, 3))))['params']))
+    rng = np.random.RandomState(0)
+    half = {k: rng.standard_normal(s.shape).astype(dtype) for k, s in shapes(16).items()}
+    np.savez(tmp_path / 'half.npz', **half)  # bfloat16 is stored as 2-byte records ('|V2')
+    big = _unflat(shapes(32))  # 32px: an 8x8 grid instead of 4x4
+    merged = _flat(checkpoint.load_pretrained(str(tmp_path / 'half.npz'), big))
+    if posemb == 'learn':
+      key = 'Transformer/posembed_input/pos_embedding'
+      expected = checkpoint.resize_posemb(half[key].astype(np.float32), 65)
+    else:
+      key = 'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/relative_bias'
+      expected = scipy.ndimage.zoom(half[key].astype(np.float32), (15 / 7, 15 / 7, 1), order=1)
+    assert merged[key].shape == expected.shape
+    np.testing.assert_array_equal(merged[key], expected.astype(dtype).astype(np.float32))

@@ -9,6 +9,7 @@ small overrides.
 import ast
 import glob
 import importlib.metadata
+import json
 import os
 import re
 import shlex
@@ -20,7 +21,9 @@ import jax
 import numpy as np
 from PIL import Image
 
-from vit_jax import checkpoint, models
+from tests import programs
+from vit_jax import checkpoint, export, models, weight_formats
+from vit_jax.models import vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_PARTY = {'vit_jax', 'configs', 'launch', 'benchmarks', 'tests'}
@@ -90,6 +93,7 @@ def _documented_programs() -> list[list[str]]:
 RUN_AS_PROGRAMS_ELSEWHERE = {
     'vit_jax.main': 'test_readme_quickstart_then_predict_run_with_small_overrides, test_resume',
     'vit_jax.predict': 'test_readme_quickstart_then_predict_run_with_small_overrides',
+    'vit_jax.export': 'test_readme_quickstart_then_predict_run_with_small_overrides',
     'vit_jax.data.make_records':
         'test_readme_make_records_commands_report_skipped_files_after_the_progress_bar',
     'vit_jax.benchmark': 'test_benchmark',
@@ -142,7 +146,8 @@ def _readme_command(starts_with: str) -> list[str]:
   return _readme_commands(starts_with)[0]
 
 
-def test_readme_quickstart_then_predict_run_with_small_overrides(tmp_path, tfds_data_dir):
+def test_readme_quickstart_then_predict_run_with_small_overrides(tmp_path, tfds_data_dir,
+                                                                capsys):
   # Overrides: a small, quick model whose depth (3) and fixed position embeddings no model name
   # tells predict.
   workdir = str(tmp_path / 'vit_quickstart')
@@ -163,7 +168,10 @@ def test_readme_quickstart_then_predict_run_with_small_overrides(tmp_path, tfds_
   predict = [a.replace('/tmp/vit_quickstart', workdir).replace('digit.png',
                                                                 str(tmp_path / 'digit.png'))
              for a in predict[1:]] + [str(tmp_path / 'broken.jpg')]
-  env = os.environ | {'TFDS_DATA_DIR': tfds_data_dir}  # where the quickstart put the digits
+  # Where the quickstart put the digits; TensorFlow's C++ warnings shown, as users see them
+  # (offline, --labels=sklearn_digits once printed a Google-auth warning from tfds' listing).
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  env['TFDS_DATA_DIR'] = tfds_data_dir
   done = subprocess.run([sys.executable, *predict], cwd=REPO, capture_output=True, text=True,
                         timeout=600, env=env)
   assert done.returncode == 1  # one file was skipped, the other classified
@@ -179,6 +187,28 @@ def test_readme_quickstart_then_predict_run_with_small_overrides(tmp_path, tfds_
                                                 -np.ones((1, 16, 16, 3), np.float32))))[0]
   top = int(np.argmax(probs))
   assert lines[1].split() == [f'{probs[top]:.2%}', str(top), str(top)]  # digit names are 0-9
+
+  # README's export commands on the same run (tests/test_export.py loads such folders in
+  # transformers and timm and compares logits): the first as a program, whose stderr stays
+  # empty, the second in this process (the same code without a second start-up).
+  hf_command, timm_command = [
+      [a.replace('/tmp/vit_quickstart', workdir).replace('/tmp/vit_hf', str(tmp_path / 'vit_hf'))
+       .replace('/tmp/vit_timm', str(tmp_path / 'vit_timm')) for a in command[1:]]
+      for command in _readme_commands('python -m vit_jax.export')]
+  done = subprocess.run([sys.executable, *hf_command], cwd=REPO, capture_output=True, text=True,
+                        timeout=600, env=env)
+  assert done.returncode == 0 and not done.stderr, done.stderr
+  status, _, err = programs.run_main(export.main, ['export'] + timm_command[2:], capsys)
+  assert status == 0, err
+  with open(tmp_path / 'vit_hf' / 'config.json') as f:
+    hf = json.load(f)
+  assert hf['id2label'] == {str(i): str(i) for i in range(10)} and hf['num_hidden_layers'] == 3
+  with open(tmp_path / 'vit_timm' / 'config.json') as f:
+    timm = json.load(f)
+  assert timm['model_args']['depth'] == 3 and timm['model_args']['img_size'] == 16
+  # The run's fixed sin-cos position embeddings, as a table of the same values.
+  table = weight_formats.read_flat(str(tmp_path / 'vit_timm' / 'model.safetensors'))['pos_embed']
+  np.testing.assert_allclose(table[0, 1:], vit.posemb_sincos_2d(4, 4, 16)[0], atol=1e-7)
 
 
 def test_readme_tpu_commands_print_their_plans():

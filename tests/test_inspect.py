@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import programs, workdirs
 from vit_jax import checkpoint, inspect, models
 from vit_jax.models import vit
 
@@ -90,3 +91,44 @@ def test_inspect_writes_the_figures_and_their_numbers(tmp_path):
     assert Image.open(tmp_path / 'out' / name).size[0] > 100
   numbers = json.loads(json.dumps(inspect.summary(result)))
   assert np.allclose(numbers['attention_distance'], result['attention_distance'])
+
+
+@pytest.mark.parametrize('classifier', ['map', 'gap'])
+def test_inspect_command_on_map_and_gap_models_names_what_it_skips(tmp_path, capsys, classifier):
+  """The MAP head's attention sows weights too: only the encoder's layers are analysed."""
+  model = models.get_model('testing', num_classes=3, classifier=classifier)
+  params = workdirs.random_params(model, 16)
+  checkpoint.save_npz(params, str(tmp_path / 'w.npz'))
+  image, notes = tmp_path / 'a.png', tmp_path / 'notes.txt'
+  pixels = np.random.RandomState(0).randint(0, 255, (16, 16, 3), np.uint8)
+  Image.fromarray(pixels).save(image)
+  notes.write_text('not an image')
+  status, out, err = programs.run_main(inspect.main, [
+      'inspect', f'--checkpoint={tmp_path / "w.npz"}', f'--images={image},{notes}',
+      f'--out={tmp_path / "out"}'], capsys)
+  assert status == 0
+  assert out == f'wrote filters.png, position_similarity.png, attention_distance.png, ' \
+                f'rollout.png, inspect.json to {tmp_path / "out"}\n'
+  assert err.startswith(f'{notes}: skipped, not a decodable image') and err.count('\n') == 1
+  numbers = json.loads((tmp_path / 'out' / 'inspect.json').read_text())
+  assert numbers['images'] == [str(image)] and list(numbers['skipped']) == [str(notes)]
+  assert np.array(numbers['attention_distance']).shape == (model.num_layers, model.num_heads)
+  assert np.array(numbers['rollout']).shape == (1, 4, 4)
+  probs = np.asarray(jax.nn.softmax(model.apply({'params': params}, pixels[None] / 127.5 - 1)))[0]
+  assert [c for c, _ in numbers['top_classes'][str(image)]] == list(np.argsort(-probs)[:3])
+
+
+def test_inspect_held_out_images_get_top_classes(tmp_path, tfds_data_dir):
+  """Without --images, the run's held-out digits through its pp_eval, each with top classes."""
+  config = workdirs.quickstart_config('model.name=testing', f'data.data_dir={tfds_data_dir}')
+  model = workdirs.model_of(config)
+  params = workdirs.random_params(model, 16)
+  workdirs.write(str(tmp_path / 'run'), config, params)
+  result = inspect.analyse(str(tmp_path / 'run'), [], num_images=3)
+  assert result['images'] == ['test[0]', 'test[1]', 'test[2]']
+  assert result['rollout'].shape == (3, 4, 4)
+  probs = np.asarray(jax.nn.softmax(model.apply({'params': params}, result['image_pixels'])))
+  for name, row in zip(result['images'], probs):
+    top = result['top_classes'][name]
+    assert [c for c, _ in top] == list(np.argsort(-row)[:3])
+    np.testing.assert_allclose([p for _, p in top], np.sort(row)[::-1][:3], rtol=1e-5)

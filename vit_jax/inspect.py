@@ -20,11 +20,13 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from vit_jax import paths, predict, startup
+from vit_jax import cli_flags, errors, paths, predict, startup
 
 # --checkpoint is predict's flag (a workdir, .npz, or timm / HF weights file): one definition.
 _IMAGES = flags.DEFINE_list('images', [], 'Image files (default: the run\'s held-out split).')
-_OUT = flags.DEFINE_string('out', None, 'Folder for the PNGs and inspect.json.')
+_OUT = cli_flags.OUT  # the PNGs and inspect.json
+flags.declare_key_flag('checkpoint')
+flags.declare_key_flag('out')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 32, 'Held-out images for attention distance.')
 
 
@@ -90,15 +92,17 @@ def rollout_maps(rollout: np.ndarray, grid: tuple, num_prefix: int) -> np.ndarra
 # --- the model's side -----------------------------------------------------------------------
 
 def attention_weights(model, params, images) -> list[np.ndarray]:
-  """Each layer's (B, heads, T, T) attention weights, sown by the model's own attention."""
+  """Each encoder layer's (B, heads, T, T) attention weights, sown by the model's own attention
+  (a MAP head's attention sows too: it is no encoder layer, and left out)."""
   import jax  # pylint: disable=g-import-not-at-top
   _, state = jax.jit(lambda p, x: model.apply({'params': p}, x, mutable='intermediates'))(
       params, images)
   found = []
 
   def collect(path, leaf):
-    if any(getattr(k, 'key', None) == 'attention_weights' for k in path):
-      found.append((jax.tree_util.keystr(path), np.asarray(leaf)))
+    names = [str(getattr(k, 'key', '')) for k in path]
+    if 'attention_weights' in names and any(n.startswith('encoderblock') for n in names):
+      found.append(('/'.join(names), np.asarray(leaf)))
   jax.tree_util.tree_map_with_path(collect, state['intermediates'])
   if len(found) == 1 and found[0][1].ndim == 5:  # scanned layers: (layers, B, heads, T, T)
     return list(found[0][1])
@@ -107,28 +111,17 @@ def attention_weights(model, params, images) -> list[np.ndarray]:
   return [w for _, w in found]
 
 
-def _posemb(model, params, grid: tuple) -> np.ndarray | None:
-  """The (N, D) position embeddings the model adds to its patches, or None (relative / none)."""
-  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
-  if model.posemb == 'learn':
-    table = np.asarray(params['Transformer']['posembed_input']['pos_embedding'])[0]
-    return table[model.num_prefix_tokens:]
-  if model.posemb == 'learn2d':
-    return np.asarray(params['posembed_input']['pos_embedding']).reshape(grid[0] * grid[1], -1)
-  if model.posemb == 'sincos2d':
-    return vit.posemb_sincos_2d(*grid, model.hidden_size)[0]
-  return None
-
-
-def held_out_images(checkpoint: str, size: int, count: int) -> np.ndarray:
-  """`count` images of the run's eval split through its pp_eval (a workdir's config.json)."""
+def held_out_images(checkpoint: str, size: int, count: int) -> tuple[np.ndarray, list[str]]:
+  """`count` images of the run's eval split through its pp_eval (a workdir's config.json), and
+  their names ('test[0]', ...)."""
   tf = startup.import_tensorflow()
   import ml_collections  # pylint: disable=g-import-not-at-top
   from vit_jax import train_state  # pylint: disable=g-import-not-at-top
   from vit_jax.data import ops, pipeline  # pylint: disable=g-import-not-at-top
   run = train_state.read_run_config(checkpoint)
   if not run.get('data', {}).get('eval_split'):
-    raise ValueError(f'{checkpoint} is not a training workdir with an eval split: give --images')
+    raise errors.UserError(f'--checkpoint={checkpoint} is not a training workdir with an eval '
+                           'split: give --images')
   data = ml_collections.ConfigDict(run['data'])
   source = pipeline.source(data, data.eval_split)
   preprocess = ops.get_preprocess_fn(run['pp_eval'])
@@ -137,35 +130,44 @@ def held_out_images(checkpoint: str, size: int, count: int) -> np.ndarray:
       [0, 0], tf.int64)}))['image'].numpy() for r in source.read(indices)]
   images = np.stack(images)
   if images.shape[1] != size:
-    raise ValueError(f'{checkpoint}: pp_eval gives {images.shape[1]}px images, the model {size}px')
-  return images
+    raise errors.UserError(f'{checkpoint}: pp_eval gives {images.shape[1]}px images, the model '
+                           f'{size}px')
+  return images, [f'{data.eval_split}[{i}]' for i in indices]
 
 
 def analyse(checkpoint: str, image_paths: list[str], num_images: int = 32) -> dict:
-  """All the numbers: {'filters', 'position_similarity', 'attention_distance', 'rollout', ...}."""
+  """All the numbers: {'filters', 'position_similarity', 'attention_distance', 'rollout', ...};
+  'skipped': {path: why} for --images that are missing or no images."""
   import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import model_from_weights, train_state  # pylint: disable=g-import-not-at-top
   from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
-  model, params, size = predict.build(checkpoint, require_head=False)
+  if num_images < 1:
+    raise errors.UserError(f'--num_images={num_images}: use at least one image')
+  model, params, size = model_from_weights.build(checkpoint, require_head=False)
   if not isinstance(model, vit.VisionTransformer):
-    raise ValueError(f'{checkpoint} holds a ResNet: it has no patch embedding, position '
-                     'embeddings or attention to show; inspect works on plain ViTs')
+    raise errors.UserError(f'{checkpoint} holds a ResNet: it has no patch embedding, position '
+                           'embeddings or attention to show; inspect works on plain ViTs')
   if model.resnet_layers:
-    raise ValueError(f'{checkpoint} is a hybrid (ResNet stem): its patch embedding is not a '
-                     'pixel filter bank; inspect works on plain ViTs')
+    raise errors.UserError(f'{checkpoint} is a hybrid (ResNet stem): its patch embedding is not '
+                           'a pixel filter bank; inspect works on plain ViTs')
+  run = train_state.read_run_config(checkpoint)
+  skipped = {}
   if image_paths:
-    images, kept, skipped = predict.load_images(image_paths, size)
+    images, names, skipped = predict.load_images(image_paths, size,
+                                                 predict.image_preprocessing(run, size))
     if images is None:
-      raise ValueError(f'no readable --images: {skipped}')
+      raise errors.UserError('no readable --images: ' + '; '.join(
+          f'{path}: {why}' for path, why in skipped.items()))
   else:
-    images, kept = held_out_images(checkpoint, size, num_images), []
+    images, names = held_out_images(checkpoint, size, num_images)
   grid = (size // model.patch_size,) * 2
   components, explained = filter_components(np.asarray(params['embedding']['kernel']))
-  posemb = _posemb(model, params, grid)
+  posemb = model_from_weights.position_embeddings(model, params, grid)
   weights = attention_weights(model, params, images)
   rollout = attention_rollout(weights)
   result = {
       'checkpoint': checkpoint, 'image_size': size, 'patch_size': model.patch_size,
-      'grid': grid, 'images': kept,
+      'grid': grid, 'images': names, 'skipped': skipped,
       'filter_components': components, 'filter_variance_explained': explained,
       'position_similarity': None if posemb is None else position_similarity(posemb, grid),
       'attention_distance': np.stack([mean_attention_distance(
@@ -173,10 +175,10 @@ def analyse(checkpoint: str, image_paths: list[str], num_images: int = 32) -> di
       'rollout': rollout_maps(rollout, grid, model.num_prefix_tokens),
       'image_pixels': images,
   }
-  if model.num_classes and kept:
-    probs = np.asarray(jax.nn.softmax(jax.jit(model.apply)({'params': params}, images)))
-    result['top_classes'] = {path: [(int(c), float(row[c])) for c in np.argsort(-row)[:3]]
-                             for path, row in zip(kept, probs)}
+  if model.num_classes:
+    probs = np.asarray(predict.scores(run, jax.jit(model.apply)({'params': params}, images)))
+    result['top_classes'] = {name: [(int(c), float(row[c])) for c in np.argsort(-row)[:3]]
+                             for name, row in zip(names, probs)}
   return result
 
 
@@ -268,15 +270,16 @@ def summary(result: dict) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  startup.quiet_logging()
-  startup.import_tensorflow()
-  startup.start_jax()
-  try:
+  startup.inference_program(argv)
+  _pyplot()  # before any work: the pictures need matplotlib
+  with errors.reported_as_one_line():  # each message names the flag or file at fault
+    try:
+      paths.resolve(_OUT.value).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise errors.UserError(f'--out={_OUT.value}: {e.strerror or e}') from e
     result = analyse(flags.FLAGS.checkpoint, _IMAGES.value, _NUM_IMAGES.value)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f'--checkpoint={flags.FLAGS.checkpoint}: {e}')
+  for path, why in result['skipped'].items():
+    print(f'{path}: skipped, {why}', file=sys.stderr)
   written = draw(result, _OUT.value)
   (paths.resolve(_OUT.value) / 'inspect.json').write_text(json.dumps(summary(result)))
   print(f'wrote {", ".join(written + ["inspect.json"])} to {_OUT.value}')

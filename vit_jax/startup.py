@@ -66,6 +66,17 @@ def cpu_only_without_accelerators(environ=os.environ) -> None:
     sys.modules['jax'].config.update('jax_platforms', 'cpu')
 
 
+def inference_program(argv: list[str], takes_arguments: bool = False) -> None:
+  """What predict, inspect and export do first in `main`: refuse stray arguments, then quiet
+  logging, TensorFlow and JAX started without their chatter."""
+  if len(argv) > 1 and not takes_arguments:
+    from absl import app  # pylint: disable=g-import-not-at-top
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  quiet_logging()
+  import_tensorflow()
+  start_jax()
+
+
 def quiet_logging() -> None:
   """WARNING and above unless --verbosity/-v was given: JAX, Orbax and TF log a lot at INFO
   (e.g. JAX's "Unable to initialize backend 'tpu'" on every machine without one)."""

@@ -1,4 +1,4 @@
-"""Released weight layouts -> our flat '/'-joined parameter names (the vit_jax .npz layout).
+"""Released weight layouts <-> our flat '/'-joined parameter names (the vit_jax .npz layout).
 
 Readers never unpickle: `.npz` through np.load(allow_pickle=False), `.safetensors` through
 safetensors. The layout is detected from the keys:
@@ -6,8 +6,10 @@ safetensors. The layout is detected from the keys:
 - big_vision: optional `params/` prefix, top-level `pos_embedding` added before the class token,
   block modules numbered `LayerNorm_0/MultiHeadDotProductAttention_0/LayerNorm_1/MlpBlock_0`,
   optionally scanned (one stacked leaf per name under `Transformer/encoderblock/`).
-- timm: PyTorch names, fused `attn.qkv`, (out, in) Linear and (D, C, P, P) conv layouts.
+- timm: PyTorch names, fused `attn.qkv`, (out, in) Linear and (D, C, P, P) conv layouts; the
+  attention-pooling head (`attn_pool`) too.
 - hf: Hugging Face ViTModel / ViTForImageClassification, separate query/key/value.
+The PyTorch layouts are tables read both ways: `to_torch` writes them (vit_jax.export).
 """
 import re
 
@@ -177,102 +179,86 @@ def _from_big_vision(flat: dict) -> dict:
   return out
 
 
-# --- PyTorch (timm, Hugging Face) --------------------------------------------------------------
+# --- PyTorch (timm, Hugging Face), both ways ------------------------------------------------
 
-def _name(template: str, match) -> str:
-  return template.format(**match.groupdict())
-
-
-def _linear(target):
-  def convert(m, v, heads):
-    return {_name(target, m) + ('/kernel' if m['p'] == 'weight' else '/bias'):
-            v.T if m['p'] == 'weight' else v}
-  return convert
+def _same(value, heads=None):
+  return value
 
 
-def _norm(target):
-  def convert(m, v, heads):
-    return {_name(target, m) + ('/scale' if m['p'] == 'weight' else '/bias'): v}
-  return convert
+# How a PyTorch module's parameters relate to ours: {its parameter: (ours, to ours(value, heads),
+# to PyTorch(value))}. '' is a bare tensor (cls_token, pos_embed).
+_TENSOR = {'': ('', _same, _same)}
+_NORM = {'weight': ('scale', _same, _same), 'bias': ('bias', _same, _same)}
+_LINEAR = {'weight': ('kernel', lambda v, h: v.T, lambda k: k.T), 'bias': ('bias', _same, _same)}
+_CONV = {'weight': ('kernel', lambda v, h: np.transpose(v, (2, 3, 1, 0)),  # (D,C,P,P) <-> HWIO
+                    lambda k: np.transpose(k, (3, 2, 0, 1))),
+         'bias': ('bias', _same, _same)}
+# A q/k/v Linear (D, D) <-> DenseGeneral kernel (D, heads, D/heads), bias (heads, D/heads).
+_HEADS_IN = {'weight': ('kernel', lambda v, h: v.T.reshape(v.shape[1], h, -1),
+                        lambda k: k.reshape(k.shape[0], -1).T),
+             'bias': ('bias', lambda v, h: v.reshape(h, -1), lambda b: b.reshape(-1))}
+# The attention's output Linear (D, D) <-> kernel (heads, D/heads, D).
+_HEADS_OUT = {'weight': ('kernel', lambda v, h: v.T.reshape(h, -1, v.shape[0]),
+                         lambda k: k.reshape(-1, k.shape[-1]).T),
+              'bias': ('bias', _same, _same)}
+
+_MAP = 'MAPHead_0/'
+_MAP_ATTN = _MAP + 'MultiHeadDotProductAttention_0/'
+# (PyTorch module, our module, parameter relation). A tuple of our modules is one PyTorch tensor
+# holding theirs stacked along its first axis (timm's fused qkv). '{i}' is the block number.
+TIMM_LAYOUT = (
+    ('patch_embed.proj', 'embedding', _CONV),
+    ('cls_token', 'cls', _TENSOR),
+    ('pos_embed', POSEMB, _TENSOR),
+    ('blocks.{i}.norm1', BLOCK + 'LayerNorm_0', _NORM),
+    ('blocks.{i}.attn.qkv', tuple(f'{BLOCK}{ATTN}/{m}' for m in ('query', 'key', 'value')),
+     _HEADS_IN),
+    ('blocks.{i}.attn.proj', f'{BLOCK}{ATTN}/out', _HEADS_OUT),
+    ('blocks.{i}.norm2', BLOCK + 'LayerNorm_2', _NORM),
+    ('blocks.{i}.mlp.fc1', BLOCK + 'MlpBlock_3/Dense_0', _LINEAR),
+    ('blocks.{i}.mlp.fc2', BLOCK + 'MlpBlock_3/Dense_1', _LINEAR),
+    ('norm', 'Transformer/encoder_norm', _NORM),
+    ('attn_pool.latent', _MAP + 'probe', _TENSOR),  # global_pool='map'
+    ('attn_pool.q', _MAP_ATTN + 'query', _HEADS_IN),
+    ('attn_pool.kv', (_MAP_ATTN + 'key', _MAP_ATTN + 'value'), _HEADS_IN),
+    ('attn_pool.proj', _MAP_ATTN + 'out', _HEADS_OUT),
+    ('attn_pool.norm', _MAP + 'LayerNorm_0', _NORM),
+    ('attn_pool.mlp.fc1', _MAP + 'MlpBlock_0/Dense_0', _LINEAR),
+    ('attn_pool.mlp.fc2', _MAP + 'MlpBlock_0/Dense_1', _LINEAR),
+    ('pre_logits.fc', 'pre_logits', _LINEAR),  # timm before 0.6
+    ('head', 'head', _LINEAR),
+)
+# Hugging Face ViTModel names (ViTForImageClassification puts 'vit.' before all but the
+# classifier). transformers 5 renames them on loading and back on saving.
+HF_PREFIX = 'vit.'
+HF_LAYOUT = (
+    ('embeddings.patch_embeddings.projection', 'embedding', _CONV),
+    ('embeddings.cls_token', 'cls', _TENSOR),
+    ('embeddings.position_embeddings', POSEMB, _TENSOR),
+    ('encoder.layer.{i}.layernorm_before', BLOCK + 'LayerNorm_0', _NORM),
+    ('encoder.layer.{i}.attention.attention.query', f'{BLOCK}{ATTN}/query', _HEADS_IN),
+    ('encoder.layer.{i}.attention.attention.key', f'{BLOCK}{ATTN}/key', _HEADS_IN),
+    ('encoder.layer.{i}.attention.attention.value', f'{BLOCK}{ATTN}/value', _HEADS_IN),
+    ('encoder.layer.{i}.attention.output.dense', f'{BLOCK}{ATTN}/out', _HEADS_OUT),
+    ('encoder.layer.{i}.layernorm_after', BLOCK + 'LayerNorm_2', _NORM),
+    ('encoder.layer.{i}.intermediate.dense', BLOCK + 'MlpBlock_3/Dense_0', _LINEAR),
+    ('encoder.layer.{i}.output.dense', BLOCK + 'MlpBlock_3/Dense_1', _LINEAR),
+    ('layernorm', 'Transformer/encoder_norm', _NORM),
+    ('pooler.dense', 'pre_logits', _LINEAR),  # HF's tanh pooler = pre_logits
+    ('classifier', 'head', _LINEAR),
+)
 
 
-def _copy(target):
-  return lambda m, v, heads: {_name(target, m): v}
+def _pattern(template: str) -> str:
+  """A regex for a name template: '{i}' becomes a block number."""
+  return re.escape(template).replace(re.escape('{i}'), r'(?P<i>\d+)')
 
 
-def _conv(target):
-  def convert(m, v, heads):
-    if m['p'] == 'weight':
-      return {_name(target, m) + '/kernel': np.transpose(v, (2, 3, 1, 0))}  # (D,C,P,P) -> HWIO
-    return {_name(target, m) + '/bias': v}
-  return convert
+def _join(module: str, param: str, sep: str) -> str:
+  return f'{module}{sep}{param}' if param else module
 
 
-def _heads_in(target):
-  """A q/k/v Linear (D, D) -> DenseGeneral kernel (D, heads, D/heads), bias (heads, D/heads)."""
-  def convert(m, v, heads):
-    name = _name(target, m)
-    if m['p'] == 'weight':
-      return {name + '/kernel': v.T.reshape(v.shape[1], heads, -1)}
-    return {name + '/bias': v.reshape(heads, -1)}
-  return convert
-
-
-def _heads_out(target):
-  """The output Linear (D, D) -> kernel (heads, D/heads, D)."""
-  def convert(m, v, heads):
-    name = _name(target, m)
-    if m['p'] == 'weight':
-      return {name + '/kernel': v.T.reshape(heads, -1, v.shape[0])}
-    return {name + '/bias': v}
-  return convert
-
-
-def _fused_qkv(target):
-  """timm's fused attn.qkv (3D, D): q, k, v stacked along the output axis."""
-  def convert(m, v, heads):
-    out = {}
-    for part, chunk in zip(('query', 'key', 'value'), np.split(v, 3, axis=0)):
-      out.update(_heads_in(target + '/' + part)(m, chunk, heads))
-    return out
-  return convert
-
-
-_P = r'\.(?P<p>weight|bias)'
-_TIMM_BLOCK = r'blocks\.(?P<i>\d+)\.'
-_TIMM_RULES = [
-    (r'patch_embed\.proj' + _P, _conv('embedding')),
-    (r'cls_token', _copy('cls')),
-    (r'pos_embed', _copy(POSEMB)),
-    (_TIMM_BLOCK + r'norm1' + _P, _norm(BLOCK + 'LayerNorm_0')),
-    (_TIMM_BLOCK + r'attn\.qkv' + _P, _fused_qkv(BLOCK + ATTN)),
-    (_TIMM_BLOCK + r'attn\.proj' + _P, _heads_out(BLOCK + ATTN + '/out')),
-    (_TIMM_BLOCK + r'norm2' + _P, _norm(BLOCK + 'LayerNorm_2')),
-    (_TIMM_BLOCK + r'mlp\.fc1' + _P, _linear(BLOCK + 'MlpBlock_3/Dense_0')),
-    (_TIMM_BLOCK + r'mlp\.fc2' + _P, _linear(BLOCK + 'MlpBlock_3/Dense_1')),
-    (r'norm' + _P, _norm('Transformer/encoder_norm')),
-    (r'pre_logits\.fc' + _P, _linear('pre_logits')),
-    (r'head' + _P, _linear('head')),
-]
-_HF_BLOCK = r'encoder\.layer\.(?P<i>\d+)\.'
-_HF_RULES = [
-    (r'embeddings\.patch_embeddings\.projection' + _P, _conv('embedding')),
-    (r'embeddings\.cls_token', _copy('cls')),
-    (r'embeddings\.position_embeddings', _copy(POSEMB)),
-    (_HF_BLOCK + r'layernorm_before' + _P, _norm(BLOCK + 'LayerNorm_0')),
-    (_HF_BLOCK + r'attention\.attention\.(?P<qkv>query|key|value)' + _P,
-     _heads_in(BLOCK + ATTN + '/{qkv}')),
-    (_HF_BLOCK + r'attention\.output\.dense' + _P, _heads_out(BLOCK + ATTN + '/out')),
-    (_HF_BLOCK + r'layernorm_after' + _P, _norm(BLOCK + 'LayerNorm_2')),
-    (_HF_BLOCK + r'intermediate\.dense' + _P, _linear(BLOCK + 'MlpBlock_3/Dense_0')),
-    (_HF_BLOCK + r'output\.dense' + _P, _linear(BLOCK + 'MlpBlock_3/Dense_1')),
-    (r'layernorm' + _P, _norm('Transformer/encoder_norm')),
-    (r'pooler\.dense' + _P, _linear('pre_logits')),  # HF's tanh pooler = pre_logits
-    (r'classifier' + _P, _linear('head')),
-]
-
-
-def _from_torch(flat: dict, rules, num_heads, path: str) -> dict:
+def _from_torch(flat: dict, layout, num_heads, path: str) -> dict:
   if num_heads is None:
     width = next((v.shape[0] for k, v in flat.items()
                   if k.endswith(('patch_embed.proj.bias', 'projection.bias'))), None)
@@ -282,16 +268,41 @@ def _from_torch(flat: dict, rules, num_heads, path: str) -> dict:
     num_heads = _HEADS_BY_WIDTH[width]
   out, unknown = {}, []
   for key, value in flat.items():
-    key = key[len('vit.'):] if key.startswith('vit.') else key
-    for pattern, convert in rules:
-      match = re.fullmatch(pattern, key)
-      if match:
-        out.update(convert(match, np.asarray(value), num_heads))
+    key = key[len(HF_PREFIX):] if key.startswith(HF_PREFIX) else key
+    for module, ours, relation in layout:
+      match = re.fullmatch(_pattern(module) + r'(\.(?P<p>weight|bias))?', key)
+      if match and (match['p'] or '') in relation:
+        param, to_ours, _ = relation[match['p'] or '']
+        names = (ours,) if isinstance(ours, str) else ours
+        for name, part in zip(names, np.split(np.asarray(value), len(names))):
+          out[_join(name.format(**match.groupdict()), param, '/')] = to_ours(part, num_heads)
         break
     else:
       unknown.append(key)
   if unknown:
     raise ValueError(f'{path}: keys with no ViT equivalent: {sorted(unknown)}')
+  return out
+
+
+def to_torch(flat: dict, layout, prefix: str = '', unprefixed=('classifier',)) -> dict:
+  """Our flat (unscanned) params -> {PyTorch name: array} in `layout` (TIMM_LAYOUT, HF_LAYOUT),
+  `prefix` before every name whose module is not in `unprefixed`. Leaves the layout has no
+  place for raise, naming them."""
+  out, used = {}, set()
+  for module, ours, relation in layout:
+    names = (ours,) if isinstance(ours, str) else ours
+    for torch_param, (param, _, to_torch_layout) in relation.items():
+      for key in flat:
+        match = re.fullmatch(_pattern(_join(names[0], param, '/')), key)
+        if not match:
+          continue
+        parts = [_join(name, param, '/').format(**match.groupdict()) for name in names]
+        name = _join(module.format(**match.groupdict()), torch_param, '.')
+        out[name if module in unprefixed else prefix + name] = np.concatenate(
+            [to_torch_layout(np.asarray(flat[p])) for p in parts])
+        used.update(parts)
+  if set(flat) - used:
+    raise ValueError(f'no place in this layout for: {sorted(set(flat) - used)}')
   return out
 
 
@@ -318,9 +329,9 @@ def to_vit_jax(flat: dict, path: str, num_heads=None) -> tuple[dict, str]:
   """(flat params in our layout, detected format name)."""
   fmt = detect(flat)
   if fmt == 'timm':
-    flat = _from_torch(flat, _TIMM_RULES, num_heads, path)
+    flat = _from_torch(flat, TIMM_LAYOUT, num_heads, path)
   elif fmt == 'hf':
-    flat = _from_torch(flat, _HF_RULES, num_heads, path)
+    flat = _from_torch(flat, HF_LAYOUT, num_heads, path)
   elif fmt == 'big_vision':
     flat = _from_big_vision(flat)
   flat = {k: (v.reshape(v.shape[-1]) if re.search(r'/gn(\d|_root|_proj)?/', '/' + k) and v.ndim == 4

@@ -84,9 +84,15 @@ def resize_posemb(posemb: np.ndarray, target_tokens: int) -> np.ndarray:
     raise ValueError(f'checkpoint position embeddings {"have" if extra else "lack"} a class-token '
                      f'entry but the model {"needs" if new_extra else "has"} none ({n} vs {target})')
   head, grid = posemb[:, :extra], posemb[0, extra:].reshape(old_side, old_side, -1)
-  zoom = (new_side / old_side, new_side / old_side, 1)
-  grid = scipy.ndimage.zoom(grid, zoom, order=1).reshape(1, new_side * new_side, -1)
-  return np.concatenate([head, grid.astype(posemb.dtype)], axis=1)
+  grid = _zoom(grid, (new_side / old_side, new_side / old_side, 1))
+  return np.concatenate([head, grid.reshape(1, new_side * new_side, -1)], axis=1)
+
+
+def _zoom(value: np.ndarray, factors) -> np.ndarray:
+  """Linear interpolation by `factors` per axis, in at least float32 (scipy takes no bfloat16
+  or float16), cast back to `value`'s dtype."""
+  wide = value.astype(np.promote_types(value.dtype, np.float32))
+  return scipy.ndimage.zoom(wide, factors, order=1).astype(value.dtype)
 
 
 def _resize_to(key: str, value: np.ndarray, shape: tuple) -> np.ndarray:
@@ -95,7 +101,7 @@ def _resize_to(key: str, value: np.ndarray, shape: tuple) -> np.ndarray:
     return resize_posemb(value, shape[1])
   if key.endswith(('/pos_embedding_x', '/pos_embedding_y', '/relative_bias')) and (
       value.ndim == len(shape)):
-    return scipy.ndimage.zoom(value, np.divide(shape, value.shape), order=1).astype(value.dtype)
+    return _zoom(value, np.divide(shape, value.shape))
   return value
 
 
