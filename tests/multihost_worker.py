@@ -2,8 +2,8 @@
 
     python tests/multihost_worker.py COORDINATOR_ADDRESS NUM_PROCESSES PROCESS_ID WORKDIR DATA_DIR
 
-Runs the real trainer on the digits (already prepared in the tfds DATA_DIR) over a mesh spanning
-every process's devices, from scratch in WORKDIR/trainer and resuming the 1-process run the test
+Runs the real trainer on the digits (not yet prepared in the tfds DATA_DIR: process 0 prepares
+them, the other waits) over a mesh spanning every process's devices, from scratch in WORKDIR/trainer and resuming the 1-process run the test
 left at step 2 in WORKDIR/resumed; fine-tunes with FSDP spanning both processes from the first
 run's workdir, exports the result to WORKDIR/from_workdir.npz, and prints one JSON line with what
 the test compares.
@@ -37,9 +37,22 @@ def interleaved_device_mesh(mesh_shape, devices=None, **unused_kwargs):
   return np.array([by_process[p][n] for p, n in MESH_ORDER]).reshape(mesh_shape)
 
 
+def count_preparations() -> list:
+  """Records each tfds preparation this process starts (and lets it run)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  started, prepare = [], tfds.core.DatasetBuilder.download_and_prepare
+
+  def recorded(builder, *args, **kwargs):
+    started.append(builder.name)
+    return prepare(builder, *args, **kwargs)
+  tfds.core.DatasetBuilder.download_and_prepare = recorded
+  return started
+
+
 def main(coordinator, num_processes, process_id, workdir, data_dir):
   jax.distributed.initialize(coordinator, int(num_processes), int(process_id))
   mesh_utils.create_device_mesh = interleaved_device_mesh
+  prepared_here = count_preparations()
   from tests import test_multihost  # pylint: disable=g-import-not-at-top
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
@@ -52,6 +65,7 @@ def main(coordinator, num_processes, process_id, workdir, data_dir):
       os.path.join(workdir, 'from_workdir'), os.path.join(workdir, 'from_workdir.npz'))
   print(json.dumps({'process_count': jax.process_count(),
                     'rows': rows.tolist(),
+                    'prepared_here': prepared_here,
                     'trainer_loss': last['train_loss'],
                     'trainer_val_accuracy': last['val_accuracy'],
                     'fine_tuned_params_span_processes': spans}), flush=True)

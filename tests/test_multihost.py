@@ -80,7 +80,7 @@ def test_two_processes_match_one_and_checkpoint_together(tmp_path, tfds_data_dir
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   workers = [subprocess.Popen(
       [sys.executable, os.path.join(REPO, 'tests', 'multihost_worker.py'), address, '2', str(i),
-       str(tmp_path), tfds_data_dir], cwd=REPO, env=env, stdout=subprocess.PIPE,
+       str(tmp_path), str(tmp_path / 'tfds')], cwd=REPO, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outputs = []
   try:
@@ -108,6 +108,8 @@ def test_two_processes_match_one_and_checkpoint_together(tmp_path, tfds_data_dir
   # What the interleaved mesh gives each process to read (batch 16 in 4 blocks of 4 rows).
   assert results[0]['rows'] == [*range(8), *range(12, 16)]
   assert results[1]['rows'] == list(range(4, 16))
+  # The digits were not prepared in the workers' data_dir: process 0 prepared them, alone.
+  assert [r['prepared_here'] for r in results] == [['sklearn_digits'], []]
   # Both processes report the same (global) training loss and evaluation accuracy.
   assert results[0]['trainer_loss'] == results[1]['trainer_loss']
   assert results[0]['trainer_val_accuracy'] == results[1]['trainer_val_accuracy']
