@@ -104,7 +104,8 @@ def presets_table() -> list:
       target, devices = found
       config = _preset(config_name, arg)
       report = aot.check(config, target, devices)
-      largest = aot.find_batch(config, target, devices)[0] if _FIND_BATCH.value else ''
+      largest = (aot.find_batch(config, target, devices, known={report['batch_size']: report})[0]
+                 if _FIND_BATCH.value else '')
       logging.info('%s:%s on %s: %s', config_name, arg, target_name, report)
       mesh = 'x'.join(str(report['mesh'][a]) for a in ('data', 'fsdp', 'model'))
       lines.append(

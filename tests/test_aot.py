@@ -1,6 +1,7 @@
 """FSDP keeps the batch sharded, and `python -m vit_jax.aot` reports what compiling for a TPU
 slice shows: memory, fit, collectives, FLOPs. TPU compiles need libtpu (the [tpu] extra, which
 CI installs). The command itself runs in tests/test_launch.py, as the launcher's fit check."""
+import dataclasses
 import importlib.util
 import re
 
@@ -87,19 +88,93 @@ def test_collectives_count_loop_bodies_by_trip_count():
       'collective-permute': {'count': 1, 'bytes': 1024}}
 
 
-def test_find_batch_doubles_then_bisects(monkeypatch):
+def test_async_collectives_of_several_operands_count_all_results():
+  hlo = '\n'.join([
+      'ENTRY %main (a: f32[4]) -> f32[4] {',
+      '  %ars = (f32[1000]{0}, f32[3000]{0}) all-reduce-start(%a, %b), to_apply=%add',
+      '  %ags = ((f32[8]{0}, f32[4]{0}), (f32[64]{0}, f32[32]{0})) all-gather-start(%c, %d)',
+      '  %ag1 = (bf16[8]{0}, bf16[64]{0}) all-gather-start(%e), dimensions={0}',
+      '}'])
+  assert aot.collectives(hlo) == {
+      'all-reduce': {'count': 1, 'bytes': 16_000},  # both results, not the larger one
+      'all-gather': {'count': 2, 'bytes': 64 * 4 + 32 * 4 + 64 * 2}}  # results, not operands
+
+
+def test_unreadable_trip_counts_are_reported_not_taken_as_one():
+  hlo = '\n'.join([
+      '%cond (p: (s32[], f32[4])) -> pred[] {',
+      '  ROOT %lt = pred[] compare(%gte, %bound), direction=LT',  # the bound is not a literal
+      '}',
+      '%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {',
+      '  %ar = f32[256]{0} all-reduce(%x), to_apply=%add',
+      '}',
+      'ENTRY %main (a: f32[4]) -> f32[4] {',
+      '  %w = (s32[], f32[4]) while(%t), condition=%cond, body=%body',
+      '}'])
+  figures = aot.collectives(hlo)
+  assert figures == {'all-reduce': {'count': 1, 'bytes': 1024,
+                                    'in_loops_of_unknown_trip_count': 1}}
+  report = {'model': 'm', 'topology': 't', 'devices': 1, 'mesh': {}, 'batch_size': 1,
+            'per_device_batch': 1, 'state_gib': 0, 'temp_gib': 0, 'required_gib': 0,
+            'device_memory_gib': 1, 'fits': True, 'headroom_gib': 1, 'compile_s': 0,
+            'flops_per_step': 0, 'ideal_step_s': 0, 'collectives': figures}
+  assert ('all-reduce: at least 1 per step, 0.0 MiB (1 of them in loops whose trip count the '
+          'HLO does not show, counted once)') in aot.format_report(report)
+
+
+def test_exact_state_and_gradient_bytes_of_a_data_parallel_step():
+  """Parameters + Adam moments per device, against the shards a real init places; gradient
+  all-reduce bytes: every float32 gradient once, plus the loss."""
+  for fsdp in (1, 8):
+    config = _small_config(64, fsdp=fsdp)
+    training = trainer.build(config)
+    state = training.init_fn(jax.random.key(0))
+    placed = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
+    assert aot._state_bytes_per_device(training.abstract_state) == placed  # pylint: disable=protected-access
+  config = _small_config(64)
+  num_params = sum(x.size for x in jax.tree.leaves(trainer.build(config).abstract_state.params))
+  assert aot.collectives(_compiled_hlo(config)) == {
+      'all-reduce': {'count': 1, 'bytes': 4 * num_params + 4}}
+
+
+def test_find_batch_compiles_each_batch_once_and_looks_above_its_answer(monkeypatch, capsys):
+  """Memory that is not monotonic in the batch (as XLA's choices make it): 208 does not fit,
+  216 does; bisection alone would answer 200."""
   compiled = []
 
   def check(config, target, devices, batch_size):
     compiled.append(batch_size)
-    return {'fits': batch_size <= 200, 'required_gib': batch_size / 100}
+    required = 1.9 if batch_size == 216 else batch_size / 100
+    return {'fits': required <= 2.0, 'required_gib': required}
   monkeypatch.setattr(aot, 'check', check)
   config = _small_config(16)
-  largest, report = aot.find_batch(config, accelerators.get_target('v5litepod-8'),
-                                   devices=jax.devices())
-  assert largest == 200 and report['fits']
-  assert compiled[:5] == [16, 32, 64, 128, 256]  # doubling, then bisection in steps of 8
-  assert all(b % 8 == 0 for b in compiled)
+  known = {16: {'fits': True, 'required_gib': 0.16}}  # the report vit_jax.aot made first
+  largest, report, notes = aot.find_batch(
+      config, accelerators.get_target('v5litepod-8'), devices=jax.devices(), known=known)
+  assert (largest, report['required_gib']) == (216, 1.9)
+  assert compiled[:4] == [32, 64, 128, 256]  # doubling from the known 16, then bisection
+  assert sorted(compiled) == sorted(set(compiled)) and 16 not in compiled  # each once
+  assert all(b % 8 == 0 for b in compiled) and {208, 216, 224, 232} <= set(compiled)
+  assert notes == ['batch 216 needs 1.90 GiB, less than batch 208 (2.08)']
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == len(compiled)
+  assert lines[0].startswith('  batch 32: 0.32 of 15.75 GiB, fits (compile 1, ')
+  assert all('ETA' in line for line in lines[4:])  # once bisection bounds what is left
+
+
+def test_find_batch_on_real_compiles(capsys):
+  """Compiled for this machine's 8 CPU devices against a device memory set between batch 64's
+  need and batch 128's: 64 fits, 128 and 192 do not (accum_steps=8: one unit is 64 images)."""
+  config = _small_config(64)
+  config.accum_steps = 8
+  target = accelerators.get_target('v5litepod-8')
+  first = aot.check(config, target, jax.devices())
+  target = dataclasses.replace(target, device_memory_gib=first['required_gib'] * 1.2)
+  largest, report, notes = aot.find_batch(config, target, jax.devices(), known={64: first})
+  assert (largest, report) == (64, first) and notes == []
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split(':')[0] for line in lines] == ['  batch 128', '  batch 192']
+  assert all('no fit' in line for line in lines)
 
 
 def test_suggest_fix_tries_each_fix_alone_then_together(monkeypatch):

@@ -213,6 +213,35 @@ def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def gathered_over_fsdp(params, logical_axes):
+  """Each parameter of `params` whole over the fsdp mesh axis (its other axes kept), by its
+  logical names in `logical_axes` (a tree of PartitionSpecs), under `jit_with_rules`;
+  elsewhere unchanged.
+
+  The models gather each block's parameters this way before the block computes: one layer at
+  a time, as plain all-gathers (reduce-scatters for the gradients). Left to itself, XLA's TPU
+  compiler turned every FSDP matmul into a windowed loop over weight shards (collective
+  matmul) that kept more activations live at once than the whole state FSDP saved (ViT-B/16,
+  256 images per v5e chip: 1 GiB more at fsdp=16 than at fsdp=1; benchmarks/README.md).
+  """
+  layout = _ACTIVATION_LAYOUT.get()
+  if layout is None:
+    return params
+  mesh, rules = layout
+
+  def gather(x, names):
+    spec = _fit_spec(nn.logical_to_mesh_axes(tuple(names), rules), mesh.shape, x.shape)
+    spec = P(*(_without_fsdp(axes) for axes in spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.tree.map(gather, params, logical_axes)
+
+
+def _without_fsdp(axes):
+  if axes is None or isinstance(axes, str):
+    return None if axes == 'fsdp' else axes
+  return tuple(a for a in axes if a != 'fsdp') or None
+
+
 def jit_with_rules(fn, mesh: Mesh, rules, **jit_kwargs):
   """jax.jit(fn, **jit_kwargs), fn traced with `mesh` and the logical-axis `rules` in effect for
   the models' activation constraints (`constrain`)."""
