@@ -73,8 +73,8 @@ RUNTIME_VERSIONS = {
 }
 QUEUED_POLL_S = 30
 QUEUED_FAILED_STATES = ('FAILED', 'SUSPENDING', 'SUSPENDED')
-STOP_GRACE_S = 300
-GCS_MOUNT_ROOT = '/gcs'  # --data_bucket=gs://B is mounted at /gcs/B, as MaxText does  # time the trainer gets to write its SIGTERM checkpoint before SIGKILL
+STOP_GRACE_S = 300  # time the trainer gets to write its SIGTERM checkpoint before SIGKILL
+GCS_MOUNT_ROOT = '/gcs'  # --data_bucket=gs://B is mounted at /gcs/B, as MaxText does
 _IS_TRAINING = f'test -f {REMOTE_PID} && kill -0 "$(cat {REMOTE_PID})" 2>/dev/null'
 
 
