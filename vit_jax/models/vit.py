@@ -233,6 +233,8 @@ def _reading_gathered(block: type, kwargs: dict, dtype, x) -> type:
       jax.eval_shape(init, jax.ShapeDtypeStruct(x.shape, x.dtype)))
 
   def computed_with(variables):  # boxed (as model.init gives them) or not
+    if not sharding.gathers_over_fsdp():  # without FSDP the program stays as it was
+      return variables
     variables = jax.tree_util.tree_map_with_path(
         lambda path, v: v.astype(dtype) if path[-1] == jax.tree_util.DictKey('kernel') else v,
         nn.unbox(variables))
