@@ -219,7 +219,7 @@ def gathered_over_fsdp(params, logical_axes):
   elsewhere unchanged.
 
   The models gather each block's parameters this way before the block computes: one layer at
-  a time, as plain all-gathers (reduce-scatters for the gradients). Left to itself, XLA's TPU
+  a time, as plain all-gathers (their gradients summed back per layer). Left to itself, XLA's TPU
   compiler turned every FSDP matmul into a windowed loop over weight shards (collective
   matmul) that kept more activations live at once than the whole state FSDP saved (ViT-B/16,
   256 images per v5e chip: 1 GiB more at fsdp=16 than at fsdp=1; benchmarks/README.md).
