@@ -1,8 +1,8 @@
 """Cloud TPU VM launcher: from a config to the trainer running on every host of a slice.
 
   python -m launch.tpu_vm [COMMAND] --name=N --zone=Z [--accelerator_type=v4-32] [--project=P]
-      [--spot] [--queued] [--version=RUNTIME] [--data_bucket=gs://B] [--dry_run]
-      [-- TRAINER FLAGS]
+      [--spot] [--queued] [--num_slices=S] [--version=RUNTIME] [--data_bucket=gs://B]
+      [--dry_run] [-- TRAINER FLAGS]
 
 COMMAND (default: launch)
   launch  create, then setup, then run
@@ -22,17 +22,27 @@ VMs' disks go with the slice.
 if missing) before `run` starts the trainer: tfds datasets are read as local files there
 (--config.data.data_dir=/gcs/B/tensorflow_datasets); record files (data.path) read gs://
 directly. A gs:// data_dir, or one under /gcs/B without --data_bucket, is refused.
+
+--num_slices=S (S > 1): S slices of --accelerator_type as one queued resource (--node-count=S;
+nodes NAME-0 .. NAME-<S-1>), every command reaching every host of every slice, data parallel
+across slices: the trainer gets --config.mesh.dcn_data=S (unless its flags set mesh.dcn_data),
+and the fit check compiles for S slices. Give --num_slices to status, logs, stop and delete too.
+
 With --dry_run each command is printed (one per line, shell-quoted; lines starting with # are
 notes) and nothing runs.
 
 Before launch, create or run (dry runs included) with trainer flags and an --accelerator_type,
 the trainer's config is compiled for that slice on this machine (`python -m vit_jax.aot`, needs
 `pip install -e '.[tpu]'`): its per-device memory is printed, and a config that does not fit is
-refused with the shortfall and a change that fits. --skip_fit_check skips it.
+refused with the shortfall and a change that fits. --skip_fit_check skips it. Its result is kept
+(~/.cache/vit_jax/fit_checks) per config flags, slice and version of the code and libraries,
+so the same dry run again answers at once.
 """
 import json
 import argparse
 import dataclasses
+import hashlib
+import importlib.metadata
 import os
 import re
 import shlex
@@ -63,8 +73,8 @@ RUNTIME_VERSIONS = {
 }
 QUEUED_POLL_S = 30
 QUEUED_FAILED_STATES = ('FAILED', 'SUSPENDING', 'SUSPENDED')
-STOP_GRACE_S = 300
-GCS_MOUNT_ROOT = '/gcs'  # --data_bucket=gs://B is mounted at /gcs/B, as MaxText does  # time the trainer gets to write its SIGTERM checkpoint before SIGKILL
+STOP_GRACE_S = 300  # time the trainer gets to write its SIGTERM checkpoint before SIGKILL
+GCS_MOUNT_ROOT = '/gcs'  # --data_bucket=gs://B is mounted at /gcs/B, as MaxText does
 _IS_TRAINING = f'test -f {REMOTE_PID} && kill -0 "$(cat {REMOTE_PID})" 2>/dev/null'
 
 
@@ -88,9 +98,20 @@ def _spot(args):
   return ['--spot'] if args.spot else []
 
 
+def _multislice(args) -> bool:
+  return args.num_slices > 1
+
+
+def _hosts(args, worker: str) -> list:
+  """--worker (and, across slices, --node: the same workers of every slice, or slice 0's)."""
+  return ([f'--node={"all" if worker == "all" else 0}'] if _multislice(args) else []) + [
+      f'--worker={worker}']
+
+
 def _ssh(args, remote_command, worker='all'):
-  return Command(_gcloud_tpus(args, 'tpu-vm', 'ssh') +
-                 [f'--worker={worker}', f'--command={remote_command}'])
+  kind = 'queued-resources' if _multislice(args) else 'tpu-vm'
+  return Command(_gcloud_tpus(args, kind, 'ssh') + _hosts(args, worker) +
+                 [f'--command={remote_command}'])
 
 
 def runtime_version(args):
@@ -107,8 +128,10 @@ def runtime_version(args):
 
 def create_commands(args):
   if args.queued:
-    create = _gcloud_tpus(args, 'queued-resources', 'create') + [
-        f'--node-id={args.name}', f'--accelerator-type={args.accelerator_type}',
+    nodes = ([f'--node-count={args.num_slices}', f'--node-prefix={args.name}']
+             if _multislice(args) else [f'--node-id={args.name}'])
+    create = _gcloud_tpus(args, 'queued-resources', 'create') + nodes + [
+        f'--accelerator-type={args.accelerator_type}',
         f'--runtime-version={runtime_version(args)}']
     describe = _gcloud_tpus(args, 'queued-resources', 'describe') + [
         '--format=value(state.state)']
@@ -134,8 +157,9 @@ def setup_commands(args, tarball):
   return [
       Command(['git', '-C', PROJECT_ROOT, 'archive', '--format=tar.gz', f'--output={tarball}',
                'HEAD']),
-      Command(['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', tarball,
-               f'{args.name}:{REMOTE_TARBALL}', '--worker=all', *_location(args)]),
+      Command(['gcloud', 'compute', 'tpus', 'queued-resources' if _multislice(args) else 'tpu-vm',
+               'scp', tarball, f'{args.name}:{REMOTE_TARBALL}', *_hosts(args, 'all'),
+               *_location(args)]),
       _ssh(args, remote),
   ]
 
@@ -247,21 +271,67 @@ def _config_flags(trainer_flags):
   return chosen
 
 
-def fit_check(accelerator_type, trainer_flags):
-  """Compiles the trainer's config for the slice (vit_jax.aot, in its own process: it loads
-  libtpu); prints its figures to stderr, stops on a config that does not fit."""
-  command = [sys.executable, '-m', 'vit_jax.aot', f'--topology={accelerator_type}',
-             *_config_flags(trainer_flags)]
-  print(f'checking that the config fits on {accelerator_type}: {shlex.join(command)}',
-        file=sys.stderr, flush=True)
+# Where fit checks are kept, by what decides their result.
+FIT_CHECK_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'vit_jax', 'fit_checks')
+# The code a fit check compiles: a change in any of these files is a new version.
+_CODE_FOLDERS = ('vit_jax', 'configs')
+
+
+def _fit_check_key(command: list) -> str:
+  """A hash of the aot command (config flags, topology, slices), the config file and every
+  source file it may import, and the versions of the libraries that compile."""
+  digest = hashlib.sha256(json.dumps(command[2:]).encode())
+  config = _flag_value(command, 'config') or ''
+  files = [os.path.join(PROJECT_ROOT, config.split(':')[0])] if config else []
+  for folder in _CODE_FOLDERS:
+    for root, _, names in os.walk(os.path.join(PROJECT_ROOT, folder)):
+      files += [os.path.join(root, n) for n in names if n.endswith('.py')]
+  for path in sorted(files):
+    if os.path.exists(path):
+      with open(path, 'rb') as f:
+        digest.update(path.encode() + f.read())
+  for package in ('jax', 'jaxlib', 'libtpu', 'flax', 'optax'):
+    try:
+      digest.update(f'{package} {importlib.metadata.version(package)}'.encode())
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return digest.hexdigest()
+
+
+def _compiled_report(command: list) -> tuple[list, dict]:
+  """(the printed lines, the JSON report) of `python -m vit_jax.aot`, kept on disk by
+  _fit_check_key: a repeated dry run does not compile again."""
+  cached = os.path.join(FIT_CHECK_CACHE, _fit_check_key(command) + '.json')
+  if os.path.exists(cached):
+    with open(cached) as f:
+      kept = json.load(f)
+    return kept['lines'] + [f'(kept from an earlier identical check: {cached})'], kept['report']
   result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
   *lines, last = result.stdout.strip().splitlines() or ['']
   if result.returncode:
     error = result.stderr.strip().splitlines()[-1:] or ['(no output)']
     raise SystemExit(f'fit check failed ({shlex.join(command)}): {error[0]}\n'
                      '(--skip_fit_check launches without it)')
-  print('\n'.join(lines), file=sys.stderr, flush=True)
   report = json.loads(last)
+  os.makedirs(FIT_CHECK_CACHE, exist_ok=True)
+  with open(cached + '.tmp', 'w') as f:
+    json.dump({'command': command[2:], 'lines': lines, 'report': report}, f)
+  os.replace(cached + '.tmp', cached)
+  return lines, report
+
+
+def fit_check(accelerator_type, trainer_flags, num_slices=1):
+  """Compiles the trainer's config for the slice(s) (vit_jax.aot, in its own process: it loads
+  libtpu), or reads the result of the same check made before; prints its figures to stderr,
+  stops on a config that does not fit."""
+  command = [sys.executable, '-m', 'vit_jax.aot', f'--topology={accelerator_type}',
+             *([f'--num_slices={num_slices}'] if num_slices > 1 else []),
+             *_config_flags(trainer_flags)]
+  print(f'checking that the config fits on {accelerator_type}'
+        f'{f" x {num_slices} slices" if num_slices > 1 else ""}: {shlex.join(command)}',
+        file=sys.stderr, flush=True)
+  lines, report = _compiled_report(command)
+  print('\n'.join(lines), file=sys.stderr, flush=True)
   if not report['fits']:
     fix = report.get('fix')
     raise SystemExit(
@@ -271,6 +341,19 @@ def fit_check(accelerator_type, trainer_flags):
          'Neither full remat, fsdp over all devices nor accum_steps up to 8 make it fit: use a '
          'larger slice or a smaller model'))
   return report
+
+
+def slice_flags(args, trainer_flags) -> list:
+  """The trainer flags with data parallelism across --num_slices slices (mesh.dcn_data)."""
+  if not _multislice(args):
+    return trainer_flags
+  given = _flag_value(trainer_flags, 'config.mesh.dcn_data')
+  if given is None:
+    return [*trainer_flags, f'--config.mesh.dcn_data={args.num_slices}']
+  if given not in ('-1', str(args.num_slices)):
+    raise SystemExit(f'--config.mesh.dcn_data={given} but --num_slices={args.num_slices}: data '
+                     f'parallelism across slices must span them all (-1 or {args.num_slices})')
+  return trainer_flags
 
 
 def plan(args, trainer_flags):
@@ -338,6 +421,9 @@ def parse_args(argv):
   parser.add_argument('--spot', action='store_true', help='Spot (preemptible) capacity')
   parser.add_argument('--queued', action='store_true',
                       help='request a queued resource; waits until it is ACTIVE')
+  parser.add_argument('--num_slices', type=int, default=1,
+                      help='S slices of --accelerator_type, data parallel across them (a queued '
+                      'resource of S nodes; implies --queued)')
   parser.add_argument('--version', help='TPU software version (default: by accelerator type)')
   parser.add_argument('--lines', type=int, default=100, help='logs: lines to show')
   parser.add_argument('--follow', action='store_true', help='logs: keep following')
@@ -349,6 +435,9 @@ def parse_args(argv):
   parser.add_argument('--skip_fit_check', action='store_true',
                       help='do not compile the config for the slice before starting')
   args = parser.parse_args(launcher_argv)
+  if args.num_slices < 1:
+    parser.error(f'--num_slices={args.num_slices}: give 1 or more slices')
+  args.queued = args.queued or _multislice(args)  # several slices are one queued resource
   if args.command in ('launch', 'create') and not args.accelerator_type:
     parser.error(f'{args.command} needs --accelerator_type (e.g. v4-32)')
   if args.data_bucket and not re.fullmatch(r'gs://[a-z0-9][a-z0-9._-]*', args.data_bucket):
@@ -358,7 +447,7 @@ def parse_args(argv):
   elif trainer_flags and args.command != 'create':  # create: for the fit check only
     parser.error(f'trainer flags after -- go with launch, create or run, not {args.command}: '
                  f'{shlex.join(trainer_flags)}')
-  return args, trainer_flags
+  return args, slice_flags(args, trainer_flags)
 
 
 def main(argv=None):
@@ -378,7 +467,7 @@ def main(argv=None):
       print(f'warning: uncommitted changes in {PROJECT_ROOT}: the real run will refuse to ship '
             f'them (setup ships git HEAD); commit or stash {", ".join(dirty)}', file=sys.stderr)
     if checks_fit:
-      fit_check(args.accelerator_type, trainer_flags)
+      fit_check(args.accelerator_type, trainer_flags, args.num_slices)
     for command in commands:
       print(shlex.join(command.argv))
       if command.wait_until_active:
@@ -392,7 +481,7 @@ def main(argv=None):
     raise SystemExit(f'uncommitted changes in {PROJECT_ROOT} would not reach the workers '
                      f'(setup ships git HEAD): commit or stash {", ".join(dirty)}')
   if checks_fit:  # after the quick refusals above: it compiles for a minute or more
-    fit_check(args.accelerator_type, trainer_flags)
+    fit_check(args.accelerator_type, trainer_flags, args.num_slices)
   execute(commands)
 
 

@@ -389,7 +389,60 @@ def test_launch_create_and_run_check_the_fit_first(capsys, fit_checks):
   _dry_run(capsys, *LOCATION, '--accelerator_type=v4-32', '--skip_fit_check',
            trainer_flags=TRAINER_FLAGS)
   _dry_run(capsys, 'run', *LOCATION, trainer_flags=TRAINER_FLAGS)  # no slice named: no check
-  assert fit_checks == [('v4-32', TRAINER_FLAGS)] * 3
+  assert fit_checks == [('v4-32', TRAINER_FLAGS, 1)] * 3
+
+
+GCLOUD_QUEUED_NODES = ['--node=all', '--worker=all']
+
+
+def test_several_slices_are_one_queued_resource_reaching_every_host(capsys, fit_checks):
+  commands, notes = _dry_run(capsys, *LOCATION, '--accelerator_type=v5litepod-16',
+                             '--num_slices=2', '--spot', trainer_flags=TRAINER_FLAGS)
+  create, describe, archive, scp, setup, run = commands
+  assert create == GCLOUD_QUEUED + [
+      'create', 'vit-a', '--zone=us-central2-b', '--node-count=2', '--node-prefix=vit-a',
+      '--accelerator-type=v5litepod-16', '--runtime-version=v2-alpha-tpuv5-lite', '--spot']
+  assert describe[:5] == GCLOUD_QUEUED + ['describe'] and notes
+  assert scp == GCLOUD_QUEUED + ['scp', archive[-2][len('--output='):], 'vit-a:vit_jax.tar.gz',
+                                 *GCLOUD_QUEUED_NODES, '--zone=us-central2-b']
+  for ssh in (setup, run):
+    assert ssh[:-1] == GCLOUD_QUEUED + ['ssh', 'vit-a', '--zone=us-central2-b',
+                                        *GCLOUD_QUEUED_NODES]
+  sliced = [*TRAINER_FLAGS, '--config.mesh.dcn_data=2']  # data parallel across the slices
+  assert shlex.join(['-m', 'vit_jax.main', *sliced, '--distributed']) in run[-1]
+  assert fit_checks == [('v5litepod-16', sliced, 2)]
+  logs, = _dry_run(capsys, 'logs', *LOCATION, '--num_slices=2')[0]
+  assert logs[:-1] == GCLOUD_QUEUED + ['ssh', 'vit-a', '--zone=us-central2-b', '--node=0',
+                                       '--worker=0']
+  delete, = _dry_run(capsys, 'delete', *LOCATION, '--num_slices=2')[0]
+  assert delete == GCLOUD_QUEUED + ['delete', 'vit-a', '--zone=us-central2-b', '--force']
+  with pytest.raises(SystemExit, match='dcn_data=1 but --num_slices=2'):
+    _dry_run(capsys, *LOCATION, '--accelerator_type=v5litepod-16', '--num_slices=2',
+             trainer_flags=[*TRAINER_FLAGS, '--config.mesh.dcn_data=1'])
+
+
+def test_fit_check_result_is_kept_per_flags_slice_and_code(tmp_path, monkeypatch, capsys):
+  runs = []
+  report = {'fits': True, 'required_gib': 1.5, 'device_memory_gib': 30.75}
+
+  def aot(command, **kwargs):
+    runs.append(command)
+    return types.SimpleNamespace(returncode=0, stdout='figures\n' + json.dumps(report),
+                                 stderr='')
+  monkeypatch.setattr(subprocess, 'run', aot)
+  monkeypatch.setattr(tpu_vm, 'FIT_CHECK_CACHE', str(tmp_path / 'cache'))
+  (tmp_path / 'vit_jax').mkdir()
+  (tmp_path / 'vit_jax' / 'model.py').write_text('width = 1\n')
+  monkeypatch.setattr(tpu_vm, 'PROJECT_ROOT', str(tmp_path))
+  flags_ = ['--config=configs/quickstart.py', '--config.batch_size=32']
+  assert REAL_FIT_CHECK('v4-8', flags_) == report
+  assert REAL_FIT_CHECK('v4-8', flags_) == report  # the same check: not compiled again
+  assert len(runs) == 1 and 'kept from an earlier identical check' in capsys.readouterr().err
+  REAL_FIT_CHECK('v4-8', flags_ + ['--config.model.name=ViT-S_16'])  # other overrides
+  REAL_FIT_CHECK('v4-8', flags_, 2)  # two slices
+  (tmp_path / 'vit_jax' / 'model.py').write_text('width = 2\n')  # other code
+  REAL_FIT_CHECK('v4-8', flags_)
+  assert len(runs) == 4 and '--num_slices=2' in runs[2]
 
 
 def test_only_config_flags_reach_the_fit_check():
@@ -401,8 +454,9 @@ def test_only_config_flags_reach_the_fit_check():
 
 
 @needs_libtpu
-def test_fit_check_compiles_the_trainer_config_for_the_slice(capsys):
+def test_fit_check_compiles_the_trainer_config_for_the_slice(capsys, tmp_path, monkeypatch):
   """`python -m vit_jax.aot`, as the launcher runs it: a report, and bad names refused."""
+  monkeypatch.setattr(tpu_vm, 'FIT_CHECK_CACHE', str(tmp_path))  # compiles, whatever ran before
   report = REAL_FIT_CHECK('v4-8', ['--config=configs/quickstart.py', '--workdir=gs://b/r',
                                    '--config.batch_size=32'])
   assert {'topology', 'devices', 'device_memory_gib', 'required_gib', 'fits', 'compile_s',

@@ -1,5 +1,7 @@
 """2 processes x 4 CPU devices (jax.distributed over loopback, gloo collectives) = 1 x 8, through
-the real input pipeline and trainer: the same losses, and a 1-process checkpoint resumed on 2."""
+the real input pipeline and trainer: the same losses, and a 1-process checkpoint resumed on 2.
+The processes' devices are interleaved in the mesh as on a TPU slice (tests/multihost_worker.py),
+so each reads scattered rows of every batch, some of them read by both."""
 import json
 import os
 import shutil
@@ -28,8 +30,8 @@ def _free_port() -> int:
 
 
 def trainer_config(data_dir: str):
-  """4 logged steps of the quickstart's pipeline on a mesh whose model axis spans the processes
-  (2 x 4 devices), checkpointed at step 2 and evaluated at the end."""
+  """4 logged steps of the quickstart's pipeline on a (data=2, fsdp=2, model=2) mesh over both
+  processes' devices, checkpointed at step 2 and evaluated at the end."""
   config = test_sharding._config()  # pylint: disable=protected-access
   config.data.data_dir = data_dir
   config.update(dict(total_steps=4, batch_size=16, log_every=1, eval_every=0, checkpoint_every=2))
@@ -78,7 +80,7 @@ def test_two_processes_match_one_and_checkpoint_together(tmp_path, tfds_data_dir
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   workers = [subprocess.Popen(
       [sys.executable, os.path.join(REPO, 'tests', 'multihost_worker.py'), address, '2', str(i),
-       str(tmp_path), tfds_data_dir], cwd=REPO, env=env, stdout=subprocess.PIPE,
+       str(tmp_path), str(tmp_path / 'tfds')], cwd=REPO, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outputs = []
   try:
@@ -103,6 +105,11 @@ def test_two_processes_match_one_and_checkpoint_together(tmp_path, tfds_data_dir
                                _logged(tmp_path / 'one_process', key)[4], rtol=1e-5, err_msg=key)
   for result in results:
     assert result['process_count'] == 2
+  # What the interleaved mesh gives each process to read (batch 16 in 4 blocks of 4 rows).
+  assert results[0]['rows'] == [*range(8), *range(12, 16)]
+  assert results[1]['rows'] == list(range(4, 16))
+  # The digits were not prepared in the workers' data_dir: process 0 prepared them, alone.
+  assert [r['prepared_here'] for r in results] == [['sklearn_digits'], []]
   # Both processes report the same (global) training loss and evaluation accuracy.
   assert results[0]['trainer_loss'] == results[1]['trainer_loss']
   assert results[0]['trainer_val_accuracy'] == results[1]['trainer_val_accuracy']

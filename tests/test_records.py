@@ -115,16 +115,24 @@ def read_examples(source) -> list[dict]:
           for record in source.read(np.arange(source.num_examples))]
 
 
-@pytest.mark.parametrize('process_count', [1, 2, 4])
-def test_each_process_reads_its_rows_of_the_same_global_batches(records, process_count):
+# Rows each process reads: even contiguous shares, and scattered blocks as on a TPU slice,
+# where a host's devices sit at scattered mesh positions (sharding.process_batch_rows).
+ROW_SHARES = {'1 process': [range(8)], '2 processes': [range(4), range(4, 8)],
+              '4 processes': [range(2 * p, 2 * p + 2) for p in range(4)],
+              'scattered blocks': [[0, 1, 6, 7], [2, 3, 4, 5]]}
+
+
+@pytest.mark.parametrize('shares', ROW_SHARES.values(), ids=ROW_SHARES.keys())
+def test_each_process_reads_its_rows_of_the_same_global_batches(records, shares):
   """Steps 0-2 are epoch 0 (24 records, batch 8): every record once; step 4 is in epoch 1."""
   config = _config(records[0], pp_train='decode|resize(16)|value_range(-1, 1)|onehot(6)')
-  local = config.batch_size // process_count
   steps = {}
   for step in (0, 1, 2, 4):
-    shares = [next(pipeline.train_dataset(config, step, range(p * local, (p + 1) * local))
-                   .as_numpy_iterator()) for p in range(process_count)]
-    steps[step] = np.concatenate([s['image'] for s in shares])
+    images = np.zeros((8, 16, 16, 3), np.float32)
+    for rows in shares:
+      images[list(rows)] = next(pipeline.train_dataset(config, step, rows).as_numpy_iterator()
+                                )['image']
+    steps[step] = images
   expected = _global_batches(records[0])
   for step, images in steps.items():
     np.testing.assert_array_equal(images, expected[step], err_msg=f'step {step}')
@@ -201,6 +209,20 @@ def test_corrupt_images_at_training_time_are_skipped_and_counted(tmp_path):
   assert sorted(np.argmax(batch['labels'], 1)) == sorted([0, 1, 0, 1, 0, 1, 0, 1])
   next(batches)
   assert batches.skipped_images() == 4
+
+
+def test_skipped_images_are_counted_by_one_process_per_row():
+  """A process counts the failed rows among those it counts (sharding.process_counted_rows),
+  so rows that several processes read (the model axis spanning them) are counted once."""
+  failed = np.array([1, 0, 1, 0, 0, 0, 0, 1], bool)
+  batch = {'image': np.zeros((8, 2, 2, 3), np.float32), 'labels': np.zeros((8, 3), np.float32),
+           pipeline.SKIPPED_KEY: failed}
+  dataset = tf.data.Dataset.from_tensors(batch).repeat()
+  mesh = sharding.make_mesh(dict(data=-1))
+  counting_half = pipeline.TrainIterator(dataset, mesh, 8, rows=range(8), counted=range(4))
+  next(counting_half)
+  assert counting_half.skipped_images() == 2  # rows 0 and 2; row 7 is another process's
+  assert pipeline.TrainIterator(dataset, mesh, 8).skipped == 0  # nothing handed out yet
 
 
 @pytest.mark.slow

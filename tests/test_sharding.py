@@ -1,10 +1,13 @@
-"""Meshes (data / FSDP / tensor parallel) agree; FSDP and TP really shard; accumulation; bf16."""
+"""Meshes (data / FSDP / tensor parallel) agree; FSDP and TP really shard; accumulation; bf16;
+which rows of a batch each host of a TPU slice (or of several slices) reads."""
+import importlib.util
 import os
 
 import jax
 import numpy as np
 import pytest
 
+from tests import mock_tpu
 from vit_jax import checkpoint, sharding
 from vit_jax.train import steps, trainer
 
@@ -154,3 +157,77 @@ def test_config_sharding_rules_come_before_the_defaults():
   config.sharding_rules = [('embed', 'fsdp_typo')]
   with pytest.raises(ValueError, match="fsdp_typo.*not mesh axes"):
     trainer.build(config)
+
+
+# Rows per host on TPU slices, listed as jax.devices() lists them there (tests/mock_tpu.py).
+SLICES = ('v4-32', 'v4-64', 'v4-128', 'v4-256', 'v5p-128', 'v5litepod-16', 'v6e-64')
+SLICE_MESHES = {'data': dict(data=-1), 'fsdp': dict(data=1, fsdp=-1),
+                'data+model': dict(data=-1, model=4)}
+
+
+def _rows_by_jax(mesh, global_batch: int, process: int) -> list:
+  """The rows JAX's own index map gives the devices of `process` (batch_sharding)."""
+  rows = set()
+  for device, index in sharding.batch_sharding(mesh).devices_indices_map((global_batch,)).items():
+    if device.process_index == process:
+      rows.update(range(global_batch)[index[0]])
+  return sorted(rows)
+
+
+@pytest.mark.parametrize('slice_name', SLICES)
+def test_every_tpu_host_reads_the_rows_its_devices_hold(slice_name):
+  devices = mock_tpu.slice_devices(slice_name)
+  processes = sorted({d.process_index for d in devices})
+  global_batch = 2 * len(devices)
+  for mesh_name, mesh_config in SLICE_MESHES.items():
+    mesh = sharding.make_mesh(mesh_config, devices)
+    read, counted = [], []
+    for process in processes:
+      rows = sharding.process_batch_rows(mesh, global_batch, process)
+      assert rows.tolist() == _rows_by_jax(mesh, global_batch, process), (mesh_name, process)
+      read.extend(rows)
+      counted.extend(sharding.process_counted_rows(mesh, global_batch, process))
+    assert set(read) == set(range(global_batch)), mesh_name  # the hosts cover the batch
+    assert sorted(counted) == list(range(global_batch)), mesh_name  # each row counted once
+
+
+def test_tpu_hosts_hold_scattered_blocks_and_share_rows_across_the_model_axis():
+  devices = mock_tpu.slice_devices('v4-64')  # 2x4x4 chips, 8 hosts of 4
+  mesh = sharding.make_mesh(dict(data=-1), devices)
+  # The mesh follows the torus: host 0's chips are mesh positions 0, 4, 16 and 20 of 32.
+  assert sharding.process_batch_rows(mesh, 64, 0).tolist() == [0, 1, 8, 9, 32, 33, 40, 41]
+  mesh = sharding.make_mesh(dict(data=-1, model=4), mock_tpu.slice_devices('v5litepod-16'))
+  # Each batch block sits on 4 chips of 2 hosts: both read it; the lower one counts it.
+  rows = [sharding.process_batch_rows(mesh, 16, p).tolist() for p in range(4)]
+  assert rows == [[0, 1, 2, 3, 4, 5, 6, 7]] * 2 + [[8, 9, 10, 11, 12, 13, 14, 15]] * 2
+  counted = [sharding.process_counted_rows(mesh, 16, p).tolist() for p in range(4)]
+  assert counted == [list(range(8)), [], list(range(8, 16)), []]
+
+
+def test_several_slices_split_the_batch_into_one_block_per_slice():
+  devices = mock_tpu.slice_devices('v5litepod-16', num_slices=2)  # 2 x 4 hosts of 4 chips
+  mesh = sharding.make_mesh(dict(data=-1, dcn_data=-1), devices)
+  assert dict(mesh.shape) == {'data': 32, 'fsdp': 1, 'model': 1}
+  for process in range(8):
+    rows = sharding.process_batch_rows(mesh, 64, process)
+    in_slice = range(32) if process < 4 else range(32, 64)  # hosts 0-3 are slice 0's
+    assert set(rows) <= set(in_slice) and len(rows) == 8
+  fsdp = sharding.make_mesh(dict(data=1, fsdp=-1, dcn_data=2), devices)
+  assert dict(fsdp.shape) == {'data': 2, 'fsdp': 16, 'model': 1}
+  # Parameters are sharded inside a slice (fsdp), replicated across slices (data).
+  assert {d.slice_index for d in fsdp.devices[0].reshape(-1)} == {0}
+  assert {d.slice_index for d in fsdp.devices[1].reshape(-1)} == {1}
+  with pytest.raises(ValueError, match='mesh.dcn_data=1, but the devices span 2 slice'):
+    sharding.make_mesh(dict(data=-1), devices)
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu')
+def test_mock_slices_match_libtpus_topologies():
+  """Which host drives which chip, as libtpu describes each slice (no TPU needed)."""
+  from vit_jax import accelerators  # pylint: disable=g-import-not-at-top
+  for slice_name in SLICES:
+    libtpu_devices = accelerators.get_target(slice_name).devices()
+    mock_devices = mock_tpu.slice_devices(slice_name)
+    assert ({tuple(d.coords): d.process_index for d in libtpu_devices} ==
+            {d.coords: d.process_index for d in mock_devices}), slice_name
+    assert {d.device_kind for d in libtpu_devices} == {mock_devices[0].device_kind}

@@ -81,14 +81,15 @@ EXAMPLES = ('v2-8', 'v3-32', 'v4-64', 'v5litepod-16', 'v5p-128', 'v6e-16', 'h100
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """A slice or GPU set to compile for."""
+  """A slice (or several, data parallel over the data-center network) or GPU set."""
   name: str                 # as given, e.g. 'v4-64'
   platform: str             # 'tpu' or 'cuda'
   topology: str             # libtpu topology ('v4:2x4x4') or GPU layout ('1x2x8')
-  num_devices: int
+  num_devices: int          # over all slices
   device_memory_gib: float  # what a program may use per device
   peak_bf16_flops: float    # per device
   topology_options: tuple = ()  # further (name, value) arguments of get_topology_desc
+  num_slices: int = 1
 
   def devices(self) -> list:
     """Compile-only devices of the target (no hardware needed)."""
@@ -101,8 +102,9 @@ class Target:
       # Loading libtpu off a TPU VM warns that it cannot tell which VM it is on: say it.
       os.environ.setdefault('TPU_ACCELERATOR_TYPE', self.name)
       os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+      slices = {'num_slices': self.num_slices} if self.num_slices > 1 else {}
       return topologies.get_topology_desc(platform='tpu', topology_name=self.topology,
-                                          **dict(self.topology_options)).devices
+                                          **dict(self.topology_options), **slices).devices
     if importlib.util.find_spec('jax_cuda12_plugin') is None:
       raise RuntimeError(
           f'compiling for {self.name} needs jaxlib\'s CUDA plugin (about 5 GB; no GPU needed): '
@@ -121,8 +123,11 @@ def _torus(chips: int, dims: int) -> tuple:
   return tuple(shape)
 
 
-def get_target(name: str) -> Target:
-  """'v4-64', 'v5litepod-16', 'h100-8', ... -> Target; ValueError naming what is accepted."""
+def get_target(name: str, num_slices: int = 1) -> Target:
+  """'v4-64', 'v5litepod-16', 'h100-8', ... (num_slices of them for TPUs) -> Target;
+  ValueError naming what is accepted."""
+  if num_slices < 1:
+    raise ValueError(f'--num_slices={num_slices}: give 1 or more slices')
   match = re.fullmatch(r'([a-z0-9]+?)-(\d+)', name.strip().lower())
   generation_name, count = (match[1], int(match[2])) if match else (None, 0)
   if generation_name == 'h100':
@@ -131,6 +136,9 @@ def get_target(name: str) -> Target:
                        f'of {GPUS_PER_HOST} ({GPUS_PER_HOST} GPUs per host)')
     hosts, per_host = max(count // GPUS_PER_HOST, 1), min(count, GPUS_PER_HOST)
     fraction = float(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', JAX_GPU_MEMORY_FRACTION))
+    if num_slices > 1:
+      raise ValueError(f'--num_slices={num_slices} is for TPU slices; for more H100s name them '
+                       f'all: h100-{count * num_slices}')
     return Target(name, 'cuda', f'1x{hosts}x{per_host}', count, H100_MEMORY_GIB * fraction,
                   H100_PEAK_BF16_FLOPS)
   generation = TPU_GENERATIONS.get(generation_name)
@@ -154,5 +162,5 @@ def get_target(name: str) -> Target:
     options['chips_per_host_bounds'] = (1, 1, 1) if chips == 1 else (2, 4, 1)
   shape = _torus(chips, generation.torus_dims)
   return Target(name, 'tpu', f'{generation.libtpu_name}:{"x".join(map(str, shape))}',
-                chips * generation.devices_per_chip, generation.memory_gib,
-                generation.peak_bf16_flops, tuple(options.items()))
+                chips * generation.devices_per_chip * num_slices, generation.memory_gib,
+                generation.peak_bf16_flops, tuple(options.items()), num_slices)

@@ -2,7 +2,7 @@ r"""Will this config fit on that slice? Compiles the real train step for a TPU s
 this machine, before anyone creates (and pays for) the hardware.
 
     python -m vit_jax.aot --config=configs/pretrain_i21k.py:H/14 --topology=v4-64 \
-        [--config.KEY=VALUE ...] [--find_batch]
+        [--num_slices=N] [--config.KEY=VALUE ...] [--find_batch]
 
 The step is built from the config exactly as `python -m vit_jax.main` builds it (model, optimizer,
 shardings, task, accum_steps, remat, dtype) over the target's devices, lowered on abstract
@@ -70,9 +70,10 @@ def _computations(hlo: str) -> dict:
   return computations
 
 
-def _trip_count(while_line: str, computations: dict) -> int:
+def _trip_count(while_line: str, computations: dict) -> int | None:
   """A while loop's trip count: XLA's known_trip_count (GPU), else the bound its condition
-  compares the counter with (TPU's HLO shows a scanned body once, without the count)."""
+  compares the counter with (TPU's HLO shows a scanned body once, without the count); None
+  when neither can be read."""
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line)
   if known:
     return int(known[1])
@@ -80,31 +81,50 @@ def _trip_count(while_line: str, computations: dict) -> int:
   body = computations.get(condition[1], []) if condition else []
   bounds = [int(c) for line in body  # e.g. 's32[]{:T(128)} constant(12)' (TPU layouts)
             for c in re.findall(r'[su]\d+\[\](?:\{[^}]*\})? constant\((\d+)\)', line)]
-  return bounds[0] if len(bounds) == 1 else 1
+  return bounds[0] if len(bounds) == 1 else None
+
+
+def _result_bytes(kind: str, type_text: str, is_start: bool) -> int:
+  """Per-device bytes a collective produces, from its HLO result type. An async `-start` of
+  all-gather or collective-permute returns (operands, results[, context scalars]): the
+  results are the second half; all-reduce-start returns its results only. Several operands
+  make a tuple: their bytes add up."""
+  sizes = _array_bytes(type_text)
+  if is_start and kind != 'all-reduce':
+    contexts = len(re.findall(r'\b[su]32\[\]', type_text))  # collective-permute's
+    sizes = sizes[:len(sizes) - contexts]
+    sizes = sizes[len(sizes) // 2:]
+  return sum(sizes)
 
 
 def collectives(hlo: str) -> dict:
   """{kind: {'count', 'bytes'}} of the collectives one execution of the compiled module runs,
-  loop bodies counted as many times as their loops run; bytes are the per-device results."""
+  loop bodies counted as many times as their loops run; bytes are the per-device results.
+
+  A collective inside a loop whose trip count the HLO text does not show is counted once and
+  listed under 'in_loops_of_unknown_trip_count': count and bytes are then lower bounds."""
   computations = _computations(hlo)
   totals = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
   pattern = re.compile(r'= (.*?) (' + '|'.join(COLLECTIVES) + r')(-start)?\(')
 
-  def visit(name: str, times: int):
+  def visit(name: str, times: int, unknown_trips: bool):
     for line in computations.get(name, ()):
       match = pattern.search(line)
       if match:
-        sizes = _array_bytes(match[1])
         totals[match[2]]['count'] += times
-        totals[match[2]]['bytes'] += times * (max(sizes) if match[3] else sum(sizes))
+        totals[match[2]]['bytes'] += times * _result_bytes(match[2], match[1], bool(match[3]))
+        if unknown_trips:
+          figures = totals[match[2]]
+          figures['in_loops_of_unknown_trip_count'] = (
+              figures.get('in_loops_of_unknown_trip_count', 0) + 1)
       repeat = _trip_count(line, computations) if ' while(' in line else 1
       for callee in re.findall(r'(?:body|calls|to_apply)=%?([\w.\-]+)', line):
         if callee in computations and not callee.startswith(('fused_', 'wrapped_')):
-          visit(callee, times * repeat)
+          visit(callee, times * (repeat or 1), unknown_trips or repeat is None)
       branches = re.search(r'branch_computations=\{([^}]*)\}', line)
       for callee in (branches[1].replace('%', '').split(', ') if branches else ()):
-        visit(callee.strip(), times)
-  visit('__entry__', 1)
+        visit(callee.strip(), times, unknown_trips)
+  visit('__entry__', 1, False)
   return dict(totals)
 
 
@@ -136,7 +156,7 @@ def check(config, target: accelerators.Target, devices=None,
     compiled = e
   compile_s = time.perf_counter() - start
   state_gib = _state_bytes_per_device(training.abstract_state) / GIB
-  report = {'topology': target.name, 'platform': target.platform,
+  report = {'topology': target.name, 'slices': target.num_slices, 'platform': target.platform,
             'devices': target.num_devices, 'mesh': dict(training.mesh.shape),
             'model': config.model.name, 'batch_size': batch_size,
             'per_device_batch': batch_size / math.prod(
@@ -169,37 +189,81 @@ def check(config, target: accelerators.Target, devices=None,
   return report
 
 
-def find_batch(config, target: accelerators.Target, devices=None) -> tuple[int, dict]:
+# Batches above bisection's answer compiled as well: memory need not grow with the batch
+# (XLA's choices change with the shapes), so a larger batch may fit where one between did not.
+NEIGHBOURS_ABOVE = 2
+# The rule every verdict follows, printed with find_batch's answer.
+BOUNDARY_RULE = ('a batch fits when its total per device is at most the device memory (equal '
+                 'fits); TPU: XLA compiled it (its compiler refuses what does not fit, and '
+                 'reports the need rounded to 0.01 GiB, so a refused batch can read "15.75 of '
+                 '15.75 GiB")')
+
+
+def find_batch(config, target: accelerators.Target, devices=None, known: dict | None = None,
+               out=None) -> tuple[int, dict, list]:
   """The largest global batch that fits (a multiple of the batch-sharding devices times
-  accum_steps), by doubling from config.batch_size then bisecting; (batch, its report)."""
+  accum_steps): doubling from config.batch_size, bisection, then the NEIGHBOURS_ABOVE batches
+  above the answer. Each batch is compiled at most once (`known`: {batch: report} already
+  compiled, e.g. the config's own); a line per compile with an ETA goes to `out` (stdout).
+  Returns (batch, its report, notes): the notes say where memory was not monotonic in the
+  batch (then the answer is the largest fitting batch among those compiled)."""
   devices = target.devices() if devices is None else devices
   mesh = trainer.build(config, devices).mesh
   unit = mesh.shape['data'] * mesh.shape['fsdp'] * config.get('accum_steps', 1)
-  reports = {}
+  reports = {b // unit: r for b, r in (known or {}).items() if b % unit == 0}
+  durations, remaining = [], [None]  # compiles still to come, when known
 
   def fits(units: int) -> bool:
-    reports[units] = check(config, target, devices, units * unit)
-    logging.info('batch %d: %.2f GiB of %.2f', units * unit, reports[units]['required_gib'],
-                 target.device_memory_gib)
+    if units not in reports:
+      start = time.perf_counter()
+      reports[units] = check(config, target, devices, units * unit)
+      durations.append(time.perf_counter() - start)
+      left = remaining[0]
+      eta = ('' if left is None else
+             f'; at most {left} more, ETA {left * sum(durations) / len(durations):.0f} s')
+      report = reports[units]
+      print(f'  batch {units * unit}: {report["required_gib"]:.2f} of '
+            f'{target.device_memory_gib:.2f} GiB, {"fits" if report["fits"] else "no fit"} '
+            f'(compile {len(durations)}, {durations[-1]:.0f} s{eta})', file=out or sys.stdout,
+            flush=True)
     return reports[units]['fits']
+
+  def bisect(low: int, high: int) -> int:  # low fits, high does not
+    while high - low > 1:
+      remaining[0] = math.ceil(math.log2(high - low)) - 1 + NEIGHBOURS_ABOVE
+      middle = (low + high) // 2
+      low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
   units = max(config.batch_size // unit, 1)
   if fits(units):
     low = units
     while fits(low * 2):
       low *= 2
-    high = low * 2
+    low = bisect(low, low * 2)
   else:
     high = units
     while high > 1 and not fits(high // 2):
       high //= 2
     if high == 1:
-      return 0, reports[1]
-    low = high // 2
-  while high - low > 1:
-    middle = (low + high) // 2
-    low, high = (middle, high) if fits(middle) else (low, middle)
-  return low * unit, reports[low]
+      return 0, reports[1], []
+    low = bisect(high // 2, high)
+  above = low + 1
+  while above <= low + NEIGHBOURS_ABOVE:
+    remaining[0] = low + NEIGHBOURS_ABOVE - above
+    if fits(above):
+      low = above  # a larger batch fits: look past it too
+    above += 1
+  return low * unit, reports[low], _not_monotonic(reports, unit)
+
+
+def _not_monotonic(reports: dict, unit: int) -> list:
+  """Pairs of compiled batches where the larger one needs less memory, as notes."""
+  ordered = sorted((u, r) for u, r in reports.items() if r['required_gib'] == r['required_gib'])
+  return [f'batch {b * unit} needs {rb["required_gib"]:.2f} GiB, less than batch {a * unit} '
+          f'({ra["required_gib"]:.2f})'
+          for (a, ra), (b, rb) in zip(ordered, ordered[1:])
+          if rb['required_gib'] < ra['required_gib']]
 
 
 def _with(config, overrides: dict):
@@ -253,7 +317,9 @@ def format_report(report: dict) -> str:
   verdict = ('fits' if report['fits'] else
              f'does NOT fit: {-report["headroom_gib"]:.2f} GiB short')
   lines = [
-      f'{report["model"]} on {report["topology"]} ({report["devices"]} devices, mesh '
+      f'{report["model"]} on {report["topology"]}'
+      f'{" x %d slices" % report["slices"] if report.get("slices", 1) > 1 else ""} '
+      f'({report["devices"]} devices, mesh '
       f'{report["mesh"]}), global batch {report["batch_size"]} '
       f'({report["per_device_batch"]:g} per device)',
       f'  per device: params + optimizer state {report["state_gib"]:.2f} GiB, temporaries '
@@ -264,7 +330,11 @@ def format_report(report: dict) -> str:
       f'  matmul FLOPs per step {report["flops_per_step"]:.3e}; at 100% of peak bf16 the step '
       f'takes at least {report["ideal_step_s"] * 1e3:.3g} ms (a lower bound)']
   for kind, figures in sorted(report['collectives'].items()):
-    lines.append(f'  {kind}: {figures["count"]} per step, {figures["bytes"] / 2**20:.1f} MiB')
+    unknown = figures.get('in_loops_of_unknown_trip_count')
+    lines.append(f'  {kind}: {"at least " if unknown else ""}{figures["count"]} per step, '
+                 f'{figures["bytes"] / 2**20:.1f} MiB' +
+                 (f' ({unknown} of them in loops whose trip count the HLO does not show, '
+                  'counted once)' if unknown else ''))
   if 'cudnn_fused_attention' in report:
     lines.append(f'  cuDNN fused attention: {report["cudnn_fused_attention"]}')
   if 'xla_message' in report:
@@ -277,6 +347,8 @@ def define_flags() -> None:
                                   lock_config=True)
   flags.DEFINE_string('topology', None, 'Target: a TPU accelerator type as for the launcher '
                       f'(e.g. {", ".join(accelerators.EXAMPLES[:-2])}) or h100-N.')
+  flags.DEFINE_integer('num_slices', 1, 'Several slices of --topology, data parallel across '
+                       'them (the config sets mesh.dcn_data).')
   flags.DEFINE_bool('find_batch', False, 'Also search the largest global batch that fits.')
   flags.DEFINE_bool('suggest', True, 'When it does not fit, compile again with full remat, then '
                     'fsdp over every device, then accum_steps, until it fits, and say with what.')
@@ -288,7 +360,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   try:
-    target = accelerators.get_target(f.topology)
+    target = accelerators.get_target(f.topology, f.num_slices)
     devices = target.devices()
   except (ValueError, RuntimeError) as e:
     sys.exit(f'error: {e}')
@@ -303,10 +375,16 @@ def main(argv):
     print(f'  fits with {as_flags(fix[0])} ({fix[1]["required_gib"]:.2f} GiB per device)' if fix
           else '  no fix found among full remat, fsdp over all devices and accum_steps up to 8')
   if f.find_batch:
-    largest, largest_report = find_batch(f.config, target, devices)
+    print('  searching the largest global batch that fits (one compile per batch):')
+    largest, largest_report, notes = find_batch(f.config, target, devices,
+                                                known={report['batch_size']: report})
     report['largest_batch'] = largest
     print(f'  largest global batch that fits: {largest} '
-          f'({largest_report["required_gib"]:.2f} GiB per device)')
+          f'({largest_report["required_gib"]:.2f} GiB per device; {BOUNDARY_RULE})')
+    if notes:
+      report['largest_batch_note'] = 'memory is not monotonic in the batch'
+      print('  memory is not monotonic in the batch, so the search cannot rule out a larger '
+            'fitting batch between those compiled: ' + '; '.join(notes))
   print(json.dumps(report))
 
 

@@ -60,11 +60,42 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple:
   return tuple(sizes)
 
 
+def num_slices(devices: Sequence) -> int:
+  """TPU slices the devices span (multi-slice jobs: `slice_index`; else 1)."""
+  return len({getattr(d, 'slice_index', 0) for d in devices})
+
+
+def dcn_data_size(mesh_config, devices: Sequence) -> int:
+  """mesh.dcn_data: data parallelism across slices (-1 = all slices); it must span them all,
+  since the ICI axes (data, fsdp, model) stay inside one slice."""
+  slices = num_slices(devices)
+  dcn = int(mesh_config.get('dcn_data', 1))
+  if dcn == -1:
+    return slices
+  if dcn != slices:
+    raise ValueError(f'mesh.dcn_data={dcn}, but the devices span {slices} slice(s): set '
+                     f'--config.mesh.dcn_data=-1 (or {slices}); data parallelism across slices '
+                     'is the only axis that may cross them')
+  return dcn
+
+
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The (data, fsdp, model) mesh in the order of the physical torus (rings for collectives).
+
+  On several slices (mesh.dcn_data) the data axis is dcn_data blocks, one per slice, each
+  laid out inside its slice as mesh.data/fsdp/model say: slice i holds the i-th contiguous
+  1/dcn_data of every batch, and only gradients cross the slower network between slices.
+  A process's devices need not be adjacent in the mesh: see `process_batch_rows`.
+  """
   devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(mesh_config, len(devices))
-  device_grid = mesh_utils.create_device_mesh(
-      shape, devices=devices, allow_split_physical_axes=True)
+  dcn = dcn_data_size(mesh_config, devices)
+  shape = mesh_shape(mesh_config, len(devices) // dcn)
+  if dcn == 1:
+    device_grid = mesh_utils.create_device_mesh(
+        shape, devices=devices, allow_split_physical_axes=True)
+  else:
+    device_grid = mesh_utils.create_hybrid_device_mesh(
+        shape, (dcn, 1, 1), devices=devices, allow_split_physical_axes=True)
   return Mesh(device_grid, MESH_AXES)
 
 
@@ -84,21 +115,59 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def process_batch_rows(mesh: Mesh, global_batch: int) -> range:
-  """The rows of a global batch this process's devices hold: what its input pipeline reads.
+def _batch_blocks(mesh: Mesh, global_batch: int) -> tuple[np.ndarray, int]:
+  """(the block of the global batch each device holds, in an array shaped like mesh.devices;
+  rows per block): `batch_sharding` cuts the batch into equal blocks over BATCH_AXES, in the
+  order of those axes, and every device on the other axes (model) holds a copy of its block."""
+  grid = np.indices(mesh.devices.shape)
+  axes = [mesh.axis_names.index(a) for a in BATCH_AXES]
+  sizes = [mesh.devices.shape[a] for a in axes]
+  num_blocks = math.prod(sizes)
+  if global_batch % num_blocks:
+    raise ValueError(f'a global batch of {global_batch} does not split into the {num_blocks} '
+                     f'batch-sharding devices of mesh {dict(mesh.shape)}; use a multiple of '
+                     f'{num_blocks}')
+  return np.ravel_multi_index([grid[a] for a in axes], sizes), global_batch // num_blocks
 
-  Usually process i of P holds rows [i*B/P, (i+1)*B/P); when a mesh axis the batch is not split
-  over (model) spans processes, several processes hold, and so read, the same rows.
+
+def _process_indices(mesh: Mesh) -> np.ndarray:
+  return np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+
+
+def _rows(blocks: np.ndarray, rows_per_block: int) -> np.ndarray:
+  return (np.unique(blocks)[:, None] * rows_per_block + np.arange(rows_per_block)).reshape(-1)
+
+
+def process_batch_rows(mesh: Mesh, global_batch: int,
+                       process_index: int | None = None) -> np.ndarray:
+  """The rows of a global batch that a process's devices hold (ascending): what its input
+  pipeline reads. process_index: default this process.
+
+  Reads only the mesh's device grid and each device's `process_index`, so it works for the
+  devices of any slice. On a TPU slice the mesh follows the torus, and a host's devices sit
+  at scattered mesh positions: its rows are then several blocks (host 0 of a v4-64 with
+  mesh.data=-1 holds blocks 0, 4, 16 and 20 of 32); when the model axis spans hosts, several
+  hosts hold, and read, the same rows.
   """
-  rows = set()
-  for index in batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values():
-    rows.update(range(global_batch)[index[0]])
-  start, stop = min(rows), max(rows) + 1
-  if len(rows) != stop - start:
-    raise ValueError(f'the devices of process {jax.process_index()} hold rows {sorted(rows)} of '
-                     f'the global batch, not one contiguous block; order the mesh devices so '
-                     f'that each process\'s devices are adjacent along the data/fsdp axes')
-  return range(start, stop)
+  process_index = jax.process_index() if process_index is None else process_index
+  blocks, rows_per_block = _batch_blocks(mesh, global_batch)
+  held = blocks[_process_indices(mesh) == process_index]
+  if not held.size:
+    raise ValueError(f'process {process_index} has no device in the mesh')
+  return _rows(held, rows_per_block)
+
+
+def process_counted_rows(mesh: Mesh, global_batch: int,
+                         process_index: int | None = None) -> np.ndarray:
+  """Those of `process_batch_rows` that this process counts in per-row statistics (e.g.
+  images that failed to decode): each row is counted by the lowest-numbered process holding
+  it, so a sum over processes counts every row once, also when hosts hold the same rows."""
+  process_index = jax.process_index() if process_index is None else process_index
+  blocks, rows_per_block = _batch_blocks(mesh, global_batch)
+  processes = _process_indices(mesh)
+  first_holder = np.full(blocks.max() + 1, np.iinfo(int).max)
+  np.minimum.at(first_holder, blocks.reshape(-1), processes.reshape(-1))
+  return _rows(np.flatnonzero(first_holder == process_index), rows_per_block)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -142,6 +211,41 @@ def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
   mesh, rules = layout
   spec = _fit_spec(nn.logical_to_mesh_axes(logical_axes, rules), mesh.shape, x.shape)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def gathered_over_fsdp(params, logical_axes):
+  """Each parameter of `params` whole over the fsdp mesh axis (its other axes kept), by its
+  logical names in `logical_axes` (a tree of PartitionSpecs), under `jit_with_rules`;
+  elsewhere unchanged.
+
+  The models gather each block's parameters this way before the block computes: one layer at
+  a time, as plain all-gathers (their gradients summed back per layer). Left to itself, XLA's TPU
+  compiler turned every FSDP matmul into a windowed loop over weight shards (collective
+  matmul) that kept more activations live at once than the whole state FSDP saved (ViT-B/16,
+  256 images per v5e chip: 1 GiB more at fsdp=16 than at fsdp=1; benchmarks/README.md).
+  """
+  if not gathers_over_fsdp():
+    return params
+  mesh, rules = _ACTIVATION_LAYOUT.get()
+
+  def gather(x, names):
+    spec = _fit_spec(nn.logical_to_mesh_axes(tuple(names), rules), mesh.shape, x.shape)
+    spec = P(*(_without_fsdp(axes) for axes in spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.tree.map(gather, params, logical_axes)
+
+
+def gathers_over_fsdp() -> bool:
+  """Whether `gathered_over_fsdp` gathers anything: under `jit_with_rules`, on a mesh whose
+  fsdp axis shards parameters (fsdp > 1)."""
+  layout = _ACTIVATION_LAYOUT.get()
+  return layout is not None and layout[0].shape['fsdp'] > 1
+
+
+def _without_fsdp(axes):
+  if axes is None or isinstance(axes, str):
+    return None if axes == 'fsdp' else axes
+  return tuple(a for a in axes if a != 'fsdp') or None
 
 
 def jit_with_rules(fn, mesh: Mesh, rules, **jit_kwargs):

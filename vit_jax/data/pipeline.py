@@ -4,8 +4,10 @@ Training input is a pure function of (seed, step). Row r of the global batch at 
 example k = s * batch_size + r of the stream; in epoch e = k // N it is record
 index_shuffle(k % N, seed=(seed, e)) of the split (a permutation per epoch, never materialised),
 preprocessed with random ops seeded by (seed, k). Each process reads only the rows its devices
-hold. So a resumed run starts reading at its step (no replay), and the global batches are the
-same on 1 process or 64, which lets a run preempted on one slice shape resume on another.
+hold (`sharding.process_batch_rows`: on a TPU slice, several blocks scattered over the batch)
+and places them on those devices. So a resumed run starts reading at its step (no replay), and
+the global batches are the same on 1 process or 64, which lets a run preempted on one slice
+shape resume on another.
 """
 import collections
 import math
@@ -26,13 +28,6 @@ tf.config.set_visible_devices([], 'GPU')
 _READ_CHUNK = 64
 # Global batches whose host-to-device copy is under way while the step before them runs.
 _DEVICE_PREFETCH = 2
-
-
-def local_batch_size(global_batch: int) -> int:
-  if global_batch % jax.process_count():
-    raise ValueError(f'batch_size={global_batch} is not divisible by the number of processes '
-                     f'({jax.process_count()})')
-  return global_batch // jax.process_count()
 
 
 def source(data_config, split: str) -> sources.Source:
@@ -100,7 +95,8 @@ _REAL_KEY = '_real'  # evaluation: False for the padding rows past the split's e
 
 
 def _fill_skipped(batch: dict) -> dict:
-  """Rows whose example failed take copies of the batch's good rows; counts them."""
+  """Rows whose example failed take copies of the batch's good rows; marks them (SKIPPED_KEY,
+  per row: the rows another process also holds are counted by one of them)."""
   valid = batch.pop(VALID_KEY) > 0
   size = tf.shape(valid)[0]
 
@@ -111,7 +107,7 @@ def _fill_skipped(batch: dict) -> dict:
                     tf.gather(good, tf.range(size, dtype=tf.int64) % tf.size(good, tf.int64)))
     return {k: tf.gather(v, rows) for k, v in batch.items()}
   batch = tf.cond(tf.reduce_all(valid), lambda: dict(batch), fill)
-  batch[SKIPPED_KEY] = size - tf.reduce_sum(tf.cast(valid, tf.int32))
+  batch[SKIPPED_KEY] = tf.logical_not(valid)
   return batch
 
 
@@ -124,6 +120,12 @@ def _options() -> tf.data.Options:
 
 
 def _to_global(local: dict, mesh, global_batch: int) -> dict:
+  """Global arrays from this process's rows (`sharding.process_batch_rows`, ascending).
+
+  make_array_from_process_local_data (jax 0.10.2) hands each local device the block of
+  `local` at the rank of its shard's first row among this process's shards: with the rows in
+  ascending order that is the device's own block, also when the blocks are not adjacent.
+  """
   batch_sharding = sharding.batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(batch_sharding, v, (global_batch,) + v.shape[1:])
           for k, v in local.items()}
@@ -142,24 +144,23 @@ def _parsed_with_seed(src: sources.Source, seed: int):
   return fn
 
 
-def train_dataset(config, start_step: int = 0, rows: range | None = None,
+def train_dataset(config, start_step: int = 0, rows=None,
                   src: sources.Source | None = None) -> tf.data.Dataset:
-  """The batches {'image', 'labels', 'skipped'} of rows `rows` (default: this process's even
-  share) of every global batch from `start_step` on. Batch ops (mixup) mix within these rows,
+  """The batches {'image', 'labels', 'skipped'} of rows `rows` (ascending ints; default every
+  row) of every global batch from `start_step` on. Batch ops (mixup) mix within these rows,
   seeded by (seed, first row, step)."""
   data = config.data
   src = src or source(data, data.train_split)
-  if rows is None:
-    local = local_batch_size(config.batch_size)
-    rows = range(jax.process_index() * local, (jax.process_index() + 1) * local)
+  rows = np.arange(config.batch_size) if rows is None else np.asarray(rows, np.int64)
   if src.num_examples == 0:
     raise ValueError(f'{src.name} has no examples')
   preprocess, batch_ops = ops.parse_preprocess(config.pp_train)
-  global_batch, local, first = config.batch_size, len(rows), rows.start
+  global_batch, local, first = config.batch_size, len(rows), int(rows[0])
+  row_of = tf.constant(rows, tf.int64)
 
   def position(m):  # m-th example this process reads -> its stream position k
     step = start_step + m // local
-    return step * global_batch + first + m % local
+    return step * global_batch + tf.gather(row_of, m % local)
   positions = tf.data.Dataset.range(2 ** 62).map(position)
   ds = _examples(src, positions, record_index(config.seed, src.num_examples))
   ds = ds.map(_parsed_with_seed(src, config.seed), num_parallel_calls=tf.data.AUTOTUNE)
@@ -181,20 +182,26 @@ def train_dataset(config, start_step: int = 0, rows: range | None = None,
 
 class TrainIterator:
   """Global batches {'image', 'labels'}, copied to the devices `_DEVICE_PREFETCH` steps ahead;
-  counts the examples skipped because they failed."""
+  counts the examples skipped because they failed.
 
-  def __init__(self, dataset: tf.data.Dataset, mesh, global_batch: int):
+  dataset: the batches of this process's rows `rows`; it counts the skipped ones among
+  `counted` (default all of them; see `sharding.process_counted_rows`)."""
+
+  def __init__(self, dataset: tf.data.Dataset, mesh, global_batch: int, rows=None,
+               counted=None):
     self._batches = dataset.as_numpy_iterator()
     self._mesh, self._global_batch = mesh, global_batch
+    self._counts = (slice(None) if counted is None else
+                    np.isin(np.asarray(rows), np.asarray(counted)))
     self._queue = collections.deque()
-    self.skipped = 0  # by this process, in the batches handed out since this iterator started
+    self.skipped = 0  # counted by this process since this iterator started
 
   def __iter__(self):
     return self
 
   def _fetch(self) -> None:
     local = next(self._batches)
-    skipped = int(local.pop(SKIPPED_KEY))
+    skipped = int(np.sum(local.pop(SKIPPED_KEY)[self._counts]))
     # make_array_from_process_local_data starts the copies and returns: they overlap the step.
     self._queue.append((_to_global(local, self._mesh, self._global_batch), skipped))
 
@@ -215,7 +222,9 @@ class TrainIterator:
 def train_iterator(config, mesh, start_step: int = 0) -> TrainIterator:
   """Yields global batches {'image', 'labels'} from step `start_step` on."""
   rows = sharding.process_batch_rows(mesh, config.batch_size)
-  return TrainIterator(train_dataset(config, start_step, rows), mesh, config.batch_size)
+  counted = sharding.process_counted_rows(mesh, config.batch_size)
+  return TrainIterator(train_dataset(config, start_step, rows), mesh, config.batch_size, rows,
+                       counted)
 
 
 def eval_batches(config, mesh, split: str) -> tuple[int, Iterator[dict]]:
@@ -227,14 +236,14 @@ def eval_batches(config, mesh, split: str) -> tuple[int, Iterator[dict]]:
   """
   src = source(config.data, split)
   global_batch = config.get('eval_batch_size', config.batch_size)
-  local_batch_size(global_batch)  # divisible by the process count
   rows = sharding.process_batch_rows(mesh, global_batch)
+  row_of = tf.constant(rows, tf.int64)
   preprocess = ops.get_preprocess_fn(config.pp_eval)
   num_examples = src.num_examples
   num_batches = math.ceil(num_examples / global_batch)
 
   def position(m):
-    return m // len(rows) * global_batch + rows.start + m % len(rows)
+    return m // len(rows) * global_batch + tf.gather(row_of, m % len(rows))
   positions = tf.data.Dataset.range(num_batches * len(rows)).map(position)
   ds = _examples(src, positions, lambda k: tf.minimum(k, num_examples - 1))
 

@@ -12,6 +12,8 @@ import io
 import json
 import threading
 
+from absl import logging
+import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -40,9 +42,59 @@ class Source:
 # ---------------------------------------------------------------------------------------------
 # tensorflow-datasets, prepared as ArrayRecord (random access through tfds.data_source).
 
-def prepare_tfds(builder) -> None:
-  """Prepares a dataset that is not prepared yet, as ArrayRecord (random access)."""
+# How long the other processes wait for process 0 to prepare a dataset (a download can take
+# hours); if process 0 dies, jax.distributed ends the wait sooner.
+PREPARE_WAIT_S = 48 * 3600
+
+
+def prepare_tfds(builder, before_preparing=None):
+  """Prepares a dataset that is not prepared yet, as ArrayRecord (random access); returns the
+  builder to read it with. before_preparing(builder): a check run first (e.g. offline).
+
+  On several processes only process 0 prepares: N hosts writing one folder would race. It
+  tells the others through jax.distributed's key-value store when it is done (or why it
+  failed); a process that does not see the dataset prepared waits for that, then checks that
+  it sees it now: data_dir must be storage every host reads (gs://, or a shared mount).
+  """
+  if jax.process_count() == 1:
+    _prepare_here(builder, before_preparing)
+    return builder
+  client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
+  key = f'vit_jax/tfds_prepared/{builder.data_dir}'
+  if jax.process_index() == 0:
+    try:
+      _prepare_here(builder, before_preparing)
+    except Exception as e:
+      client.key_value_set(key, f'{type(e).__name__}: {e}', allow_overwrite=True)
+      raise
+    client.key_value_set(key, _PREPARED, allow_overwrite=True)
+    return builder
+  if builder.is_prepared():
+    return builder
+  logging.info('process %d: waiting for process 0 to prepare %s in %s', jax.process_index(),
+               builder.name, builder.data_dir_root)
+  verdict = client.blocking_key_value_get(key, PREPARE_WAIT_S * 1000)
+  if verdict != _PREPARED:
+    raise errors.UserError(f'process 0 could not prepare tfds dataset {builder.name} in '
+                       f'{builder.data_dir_root}: {verdict}')
+  builder = type(builder)(data_dir=builder.data_dir_root, config=builder.builder_config,
+                          version=builder.version)  # with the info process 0 wrote
   if not builder.is_prepared():
+    raise errors.UserError(
+        f'process 0 prepared tfds dataset {builder.name} in data_dir {builder.data_dir_root}, '
+        f'but process {jax.process_index()} does not find it there: on several hosts data_dir '
+        'must be a folder every host reads (a bucket mounted with gcsfuse, e.g. by launch.tpu_vm '
+        '--data_bucket, or another shared filesystem)')
+  return builder
+
+
+_PREPARED = 'prepared'
+
+
+def _prepare_here(builder, before_preparing) -> None:
+  if not builder.is_prepared():
+    if before_preparing:
+      before_preparing(builder)
     builder.download_and_prepare(file_format='array_record')
 
 
@@ -92,8 +144,8 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> Source:
   The dataset must be prepared (start-up does it, once, before step 1: see preflight) and in
   ArrayRecord form; a TFRecord-prepared one is refused with the command that converts it.
   """
-  builder = tfds_builder(name, data_dir)
-  prepare_tfds(builder)  # a no-op once prepared; here for callers outside training
+  # A no-op once prepared (start-up prepares); here for callers outside training.
+  builder = prepare_tfds(tfds_builder(name, data_dir))
   check_random_access(builder)
   source = paths.within_deadline(
       lambda: tfds.data_source(name, split=split, data_dir=data_dir, download=False,

@@ -7,7 +7,8 @@ Every parameter carries logical axis names; `vit_jax.sharding` maps them to mesh
 `scan_layers=True` the blocks are one `nn.scan` whose params are stacked under
 `Transformer/encoderblock/...` with a leading 'layers' axis (big_vision's scanned layout).
 Activations are constrained by logical names too (`ACT_*`), so that under FSDP they stay split
-over the batch and only weights move between devices.
+over the batch and only weights move between devices: each encoder block gathers its own layer's
+weights before it computes (`_reading_gathered`).
 """
 from typing import Any, Callable, Optional
 
@@ -220,6 +221,27 @@ class Encoder1DBlock(nn.Module):
     return sharding.constrain(x + self._drop_path(y, drop_rate, deterministic), TOKENS), None
 
 
+def _reading_gathered(block: type, kwargs: dict, dtype, x) -> type:
+  """`block` (an Encoder1DBlock class) reading its parameters as it computes with them:
+  kernels already in the compute dtype (Dense would cast them anyway: the same numbers, half
+  the bytes to gather) and every parameter whole over the fsdp axis
+  (`sharding.gathered_over_fsdp`), by the logical names a block's own init gives them (the
+  parameters a step gets are plain arrays)."""
+  def init(x):
+    return block(parent=None, **kwargs).init(jax.random.key(0), x, None, True)
+  logical_axes = nn.get_partition_spec(
+      jax.eval_shape(init, jax.ShapeDtypeStruct(x.shape, x.dtype)))
+
+  def computed_with(variables):  # boxed (as model.init gives them) or not
+    if not sharding.gathers_over_fsdp():  # without FSDP the program stays as it was
+      return variables
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, v: v.astype(dtype) if path[-1] == jax.tree_util.DictKey('kernel') else v,
+        nn.unbox(variables))
+    return sharding.gathered_over_fsdp(variables, logical_axes)
+  return nn.map_variables(block, 'params', trans_in_fn=computed_with)
+
+
 class Encoder(nn.Module):
   """Position embeddings, `num_layers` blocks (looped or scanned, optionally remat), LayerNorm.
 
@@ -254,16 +276,18 @@ class Encoder(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     # Linearly increasing drop rate over depth (Huang et al. 2016).
     rates = self.stochastic_depth * np.arange(self.num_layers) / max(self.num_layers - 1, 1)
-    block = Encoder1DBlock
-    if self.remat_policy != 'none':
-      # Recompute block activations in the backward pass; scan already stops CSE across layers.
-      block = nn.remat(block, policy=remat_policy(self.remat_policy),
-                       prevent_cse=not self.scan_layers, static_argnums=(3,))
     kwargs = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                   dropout_rate=self.dropout_rate,
                   attention_dropout_rate=self.attention_dropout_rate,
                   relative_grid=self.relative_grid, dtype=self.dtype,
                   param_dtype=self.param_dtype)
+    block = Encoder1DBlock
+    if not self.is_initializing():  # each block gathers its own layer's parameters
+      block = _reading_gathered(block, kwargs, self.dtype, x)
+    if self.remat_policy != 'none':
+      # Recompute block activations in the backward pass; scan already stops CSE across layers.
+      block = nn.remat(block, policy=remat_policy(self.remat_policy),
+                       prevent_cse=not self.scan_layers, static_argnums=(3,))
     if self.scan_layers:
       scanned = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
                         split_rngs={'params': True, 'dropout': True},

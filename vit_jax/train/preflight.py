@@ -112,9 +112,7 @@ def _check_split(config, data, split: str, key: str) -> None:
     builder = sources.tfds_builder(data['name'], data.get('data_dir') or None)
   except errors.UserError as e:
     raise PreflightError(str(e)) from None
-  if not builder.is_prepared():
-    _check_can_prepare(builder)
-    sources.prepare_tfds(builder)
+  builder = sources.prepare_tfds(builder, before_preparing=_check_can_prepare)  # on process 0
   try:
     sources.check_random_access(builder)
   except ValueError as e:
