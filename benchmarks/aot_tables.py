@@ -1,6 +1,8 @@
 r"""Compiled per-device memory on real targets, as Markdown tables for benchmarks/README.md.
 
     python benchmarks/aot_tables.py fsdp      # per-device GiB as mesh.fsdp grows, fixed batch
+    python benchmarks/aot_tables.py recipes   # the i21k recipes without and with FSDP: where
+                                              # the state's saving goes (state, temporaries)
     python benchmarks/aot_tables.py presets   # each preset on the slices it may run on
 
 Everything is compiled with `vit_jax.aot.check`, the check `python -m vit_jax.aot` and the
@@ -36,6 +38,12 @@ FSDP_CASES = (
     ('ViT-S_16', 'h100-8', 256, 'none', (1, 8)),
     ('ViT-B_16', 'h100-8', 1024, 'full', (1, 8)),
     ('ViT-H_14', 'h100-8', 256, 'full', (1, 8)),
+)
+# (pretrain_i21k preset, its slice, fsdp sizes): the recipe as shipped but for mesh.fsdp.
+RECIPE_FSDP = (
+    ('B/16', 'v5litepod-16', (1, 16)),
+    ('L/16', 'v4-64', (1, 8)),
+    ('H/14', 'v4-64', (1, 8)),
 )
 # (config file, argument, targets): each preset's own slice first.
 PRESETS = (
@@ -94,6 +102,33 @@ def fsdp_table() -> list:
   return lines
 
 
+def recipes_table() -> list:
+  """Per device: parameters + optimizer state, temporaries and total, at fsdp=1 and with FSDP,
+  and how much of the state's saving reaches the total."""
+  from configs import pretrain_i21k  # pylint: disable=g-import-not-at-top
+  lines = ['| recipe, target | fsdp | state GiB | temporaries GiB | total GiB | total saved / '
+           'state saved |', '|---|---|---|---|---|---|']
+  for preset, target_name, sizes in RECIPE_FSDP:
+    if not (found := _target(target_name)):
+      continue
+    target, devices = found
+    first = None
+    for fsdp in sizes:
+      config = pretrain_i21k.get_config(preset)
+      with config.unlocked():
+        config.mesh = dict(data=-1, fsdp=fsdp, model=1)
+      report = aot.check(config, target, devices)
+      logging.info('%s %s fsdp=%d: %s', preset, target_name, fsdp, report)
+      first = first or report
+      state_saved = first['state_gib'] - report['state_gib']
+      saved = (f'{(first["required_gib"] - report["required_gib"]) / state_saved:.0%}'
+               if state_saved else '')
+      temp = '' if report['temp_gib'] is None else f'{report["temp_gib"]:.2f}'
+      lines.append(f'| pretrain_i21k:{preset}, {target_name} | {fsdp} | '
+                   f'{report["state_gib"]:.2f} | {temp} | {_gib(report)} | {saved} |')
+  return lines
+
+
 def presets_table() -> list:
   lines = ['| preset | target | mesh | batch (per device) | GiB per device | headroom GiB | '
            'largest batch | ideal step | compile s |', '|---|---|---|---|---|---|---|---|---|']
@@ -116,7 +151,7 @@ def presets_table() -> list:
 
 
 def main(argv):
-  tables = {'fsdp': fsdp_table, 'presets': presets_table}
+  tables = {'fsdp': fsdp_table, 'recipes': recipes_table, 'presets': presets_table}
   if len(argv) != 2 or argv[1] not in tables:
     raise app.UsageError(f'name one table: {sorted(tables)}')
   versions = ', '.join(f'{p} {importlib.metadata.version(p)}' for p in ('jax', 'libtpu')

@@ -18,16 +18,16 @@ COMMAND (default: launch)
 Multi-host needs no coordinator flags: the trainer gets --distributed, and JAX finds the slice's
 hosts itself. The workdir must be gs://: every host writes its checkpoint shards there, and the
 VMs' disks go with the slice.
+--data_bucket=gs://B mounts the bucket read-only at /gcs/B on every worker (gcsfuse, installed
+if missing) before `run` starts the trainer: tfds datasets are read as local files there
+(--config.data.data_dir=/gcs/B/tensorflow_datasets); record files (data.path) read gs://
+directly. A gs:// data_dir, or one under /gcs/B without --data_bucket, is refused.
 
 --num_slices=S (S > 1): S slices of --accelerator_type as one queued resource (--node-count=S;
 nodes NAME-0 .. NAME-<S-1>), every command reaching every host of every slice, data parallel
 across slices: the trainer gets --config.mesh.dcn_data=S (unless its flags set mesh.dcn_data),
 and the fit check compiles for S slices. Give --num_slices to status, logs, stop and delete too.
 
---data_bucket=gs://B mounts the bucket read-only at /gcs/B on every worker (gcsfuse, installed
-if missing) before `run` starts the trainer: tfds datasets are read as local files there
-(--config.data.data_dir=/gcs/B/tensorflow_datasets); record files (data.path) read gs://
-directly. A gs:// data_dir, or one under /gcs/B without --data_bucket, is refused.
 With --dry_run each command is printed (one per line, shell-quoted; lines starting with # are
 notes) and nothing runs.
 
@@ -73,8 +73,8 @@ RUNTIME_VERSIONS = {
 }
 QUEUED_POLL_S = 30
 QUEUED_FAILED_STATES = ('FAILED', 'SUSPENDING', 'SUSPENDED')
-STOP_GRACE_S = 300
-GCS_MOUNT_ROOT = '/gcs'  # --data_bucket=gs://B is mounted at /gcs/B, as MaxText does  # time the trainer gets to write its SIGTERM checkpoint before SIGKILL
+STOP_GRACE_S = 300  # time the trainer gets to write its SIGTERM checkpoint before SIGKILL
+GCS_MOUNT_ROOT = '/gcs'  # --data_bucket=gs://B is mounted at /gcs/B, as MaxText does
 _IS_TRAINING = f'test -f {REMOTE_PID} && kill -0 "$(cat {REMOTE_PID})" 2>/dev/null'
 
 

@@ -21,7 +21,7 @@ def test_every_documented_key_is_present():
   for key in ('total_steps', 'batch_size', 'seed', 'log_every', 'eval_every',
               'checkpoint_every', 'init_from'):
     assert key in config, key
-  assert set(config.mesh) == {'data', 'fsdp', 'model'}
+  assert set(config.mesh) == {'data', 'fsdp', 'model', 'dcn_data'}
 
 
 def test_overrides_are_applied_with_types():

@@ -34,7 +34,7 @@ def test_config_loads_and_builds_with_a_tiny_model(module, arg):
   config = module.get_config(arg) if arg else module.get_config()
   for key in DOCUMENTED_KEYS:
     assert key in config, f'{module.__name__} lacks {key}'
-  assert set(config.mesh) == {'data', 'fsdp', 'model'}
+  assert set(config.mesh) == {'data', 'fsdp', 'model', 'dcn_data'}
   assert config.schedule.get('warmup_steps', 0) < config.total_steps
   assert 0 < config.schedule.base_lr < 1
   _check_preprocessing_at_real_size(config)
@@ -91,6 +91,7 @@ DOCUMENTED_OPTIONS = {
     'total_steps': ('7', 7), 'batch_size': ('32', 32), 'seed': ('3', 3), 'log_every': ('5', 5),
     'eval_every': ('0', 0), 'checkpoint_every': ('0', 0), 'init_from': ('/w/run', '/w/run'),
     'mesh.data': ('2', 2), 'mesh.fsdp': ('2', 2), 'mesh.model': ('-1', -1),
+    'mesh.dcn_data': ('-1', -1),
     'accum_steps': ('2', 2), 'task': ('mae', 'mae'), 'image_size': ('32', 32),
     'data.name': ('cifar10', 'cifar10'), 'data.data_dir': ('/d', '/d'),
     'data.train_split': ('train[:10]', 'train[:10]'), 'data.eval_split': ('test', 'test'),

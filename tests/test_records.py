@@ -228,6 +228,20 @@ def test_corrupt_images_at_training_time_are_skipped_and_counted(tmp_path):
   assert batches.skipped_images() == 4
 
 
+def test_skipped_images_are_counted_by_one_process_per_row():
+  """A process counts the failed rows among those it counts (sharding.process_counted_rows),
+  so rows that several processes read (the model axis spanning them) are counted once."""
+  failed = np.array([1, 0, 1, 0, 0, 0, 0, 1], bool)
+  batch = {'image': np.zeros((8, 2, 2, 3), np.float32), 'labels': np.zeros((8, 3), np.float32),
+           pipeline.SKIPPED_KEY: failed}
+  dataset = tf.data.Dataset.from_tensors(batch).repeat()
+  mesh = sharding.make_mesh(dict(data=-1))
+  counting_half = pipeline.TrainIterator(dataset, mesh, 8, rows=range(8), counted=range(4))
+  next(counting_half)
+  assert counting_half.skipped_images() == 2  # rows 0 and 2; row 7 is another process's
+  assert pipeline.TrainIterator(dataset, mesh, 8).skipped == 0  # nothing handed out yet
+
+
 @pytest.mark.slow
 def test_pretrain_jft_small_cpu_run_logs_val_prec1(tmp_path):
   from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top

@@ -2,7 +2,7 @@ r"""Will this config fit on that slice? Compiles the real train step for a TPU s
 this machine, before anyone creates (and pays for) the hardware.
 
     python -m vit_jax.aot --config=configs/pretrain_i21k.py:H/14 --topology=v4-64 \
-        [--config.KEY=VALUE ...] [--find_batch]
+        [--num_slices=N] [--config.KEY=VALUE ...] [--find_batch]
 
 The step is built from the config exactly as `python -m vit_jax.main` builds it (model, optimizer,
 shardings, task, accum_steps, remat, dtype) over the target's devices, lowered on abstract

@@ -223,21 +223,27 @@ def gathered_over_fsdp(params, logical_axes):
   elsewhere unchanged.
 
   The models gather each block's parameters this way before the block computes: one layer at
-  a time, as plain all-gathers (reduce-scatters for the gradients). Left to itself, XLA's TPU
+  a time, as plain all-gathers (their gradients summed back per layer). Left to itself, XLA's TPU
   compiler turned every FSDP matmul into a windowed loop over weight shards (collective
   matmul) that kept more activations live at once than the whole state FSDP saved (ViT-B/16,
   256 images per v5e chip: 1 GiB more at fsdp=16 than at fsdp=1; benchmarks/README.md).
   """
-  layout = _ACTIVATION_LAYOUT.get()
-  if layout is None:
+  if not gathers_over_fsdp():
     return params
-  mesh, rules = layout
+  mesh, rules = _ACTIVATION_LAYOUT.get()
 
   def gather(x, names):
     spec = _fit_spec(nn.logical_to_mesh_axes(tuple(names), rules), mesh.shape, x.shape)
     spec = P(*(_without_fsdp(axes) for axes in spec))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
   return jax.tree.map(gather, params, logical_axes)
+
+
+def gathers_over_fsdp() -> bool:
+  """Whether `gathered_over_fsdp` gathers anything: under `jit_with_rules`, on a mesh whose
+  fsdp axis shards parameters (fsdp > 1)."""
+  layout = _ACTIVATION_LAYOUT.get()
+  return layout is not None and layout[0].shape['fsdp'] > 1
 
 
 def _without_fsdp(axes):

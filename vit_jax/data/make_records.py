@@ -249,8 +249,9 @@ def define_flags() -> None:
   flags.DEFINE_string('image_dir', None, 'Folder the CSV image paths are relative to.')
   flags.DEFINE_string('labels', None, 'CSV file with header "image,labels".')
   flags.DEFINE_string('output', None, 'Output folder (the trainer\'s data.path).')
-  flags.DEFINE_integer('num_shards', 1, 'Record files to write; a multiple of the number of '
-                       'training processes.')
+  flags.DEFINE_integer('num_shards', 1, 'Record files to write; any number works (training '
+                       'reads each example by index, whatever file holds it): e.g. files of '
+                       '100 MB to 1 GB.')
   flags.DEFINE_string('split', 'train', 'Split name (train_split / eval_split).')
   flags.DEFINE_integer('num_classes', 0, 'Number of classes; 0 = largest id + 1.')
   flags.DEFINE_bool('index_only', False, 'Only write SPLIT.offsets.npy for the record set in '

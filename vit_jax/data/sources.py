@@ -83,7 +83,8 @@ def prepare_tfds(builder, before_preparing=None):
     raise errors.UserError(
         f'process 0 prepared tfds dataset {builder.name} in data_dir {builder.data_dir_root}, '
         f'but process {jax.process_index()} does not find it there: on several hosts data_dir '
-        'must be storage every host reads (gs://BUCKET/..., or a shared mount)')
+        'must be a folder every host reads (a bucket mounted with gcsfuse, e.g. by launch.tpu_vm '
+        '--data_bucket, or another shared filesystem)')
   return builder
 
 

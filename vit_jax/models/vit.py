@@ -7,7 +7,8 @@ Every parameter carries logical axis names; `vit_jax.sharding` maps them to mesh
 `scan_layers=True` the blocks are one `nn.scan` whose params are stacked under
 `Transformer/encoderblock/...` with a leading 'layers' axis (big_vision's scanned layout).
 Activations are constrained by logical names too (`ACT_*`), so that under FSDP they stay split
-over the batch and only weights move between devices.
+over the batch and only weights move between devices: each encoder block gathers its own layer's
+weights before it computes (`_reading_gathered`).
 """
 from typing import Any, Callable, Optional
 
@@ -228,12 +229,15 @@ def _reading_gathered(block: type, kwargs: dict, dtype, x) -> type:
   parameters a step gets are plain arrays)."""
   def init(x):
     return block(parent=None, **kwargs).init(jax.random.key(0), x, None, True)
-  logical_axes = nn.get_partition_spec(jax.eval_shape(init, jax.ShapeDtypeStruct(x.shape, x.dtype)))
+  logical_axes = nn.get_partition_spec(
+      jax.eval_shape(init, jax.ShapeDtypeStruct(x.shape, x.dtype)))
 
-  def computed_with(variables):
+  def computed_with(variables):  # boxed (as model.init gives them) or not
+    if not sharding.gathers_over_fsdp():  # without FSDP the program stays as it was
+      return variables
     variables = jax.tree_util.tree_map_with_path(
         lambda path, v: v.astype(dtype) if path[-1] == jax.tree_util.DictKey('kernel') else v,
-        variables)
+        nn.unbox(variables))
     return sharding.gathered_over_fsdp(variables, logical_axes)
   return nn.map_variables(block, 'params', trans_in_fn=computed_with)
 

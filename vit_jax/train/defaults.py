@@ -58,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
                     timescale=10_000)
   c.fewshot = dict(dataset='', name='', train_split='train', test_split='test',
                    shots=[1, 5, 10, 25], seeds=3, l2_reg=2.**10, pp='')  # dataset '' = off
-  c.mesh = dict(data=-1, fsdp=1, model=1)
+  # Inside a slice (one may be -1 = all remaining devices); dcn_data: data parallel across TPU
+  # slices (-1 = all of them; README "Several slices").
+  c.mesh = dict(data=-1, fsdp=1, model=1, dcn_data=1)
   c.sharding_rules = placeholder(tuple)  # None: sharding.DEFAULT_RULES
   return c
 
