@@ -122,6 +122,20 @@ def test_a_resize_hands_value_range_the_same_numbers_as_floats(spec):
       ops.get_op('decode')(dict(data)))['image'].dtype == tf.float32
 
 
+@pytest.mark.parametrize('spec, vmin, vmax, in_min, in_max', [
+    ('value_range(-1, 1)', -1., 1., 0., 255.), ('value_range(0, 1)', 0., 1., 0., 255.),
+    ('value_range(-0.5, 0.5, 10, 250)', -0.5, 0.5, 10., 250.),
+    ('value_range(0, 255)', 0., 255., 0., 255.)])
+def test_value_range_is_the_linear_map(spec, vmin, vmax, in_min, in_max):
+  """Bit for bit the map vmin + (x - in_min) * (vmax - vmin) / (in_max - in_min) in float32,
+  also where steps of it change nothing and are left out."""
+  pixels = np.arange(256, dtype=np.float32).reshape(16, 16, 1)
+  out = ops.get_op(spec)({'image': tf.constant(pixels.astype(np.uint8))})['image'].numpy()
+  expected = (np.float32(vmin) + (pixels - np.float32(in_min)) * np.float32(vmax - vmin)
+              / np.float32(in_max - in_min))
+  np.testing.assert_array_equal(out, expected)
+
+
 def test_onehot_multihot_and_label_smoothing():
   out = ops.get_op('onehot(5, label_smoothing=0.1)')({'label': tf.constant(2)})['labels']
   np.testing.assert_allclose(out, [0.02, 0.02, 0.92, 0.02, 0.02], atol=1e-6)
