@@ -45,25 +45,26 @@ _INDEX_SHUFFLE_SEED_PREFIX = 498247692
 
 
 def record_index(seed: int, num_examples: int):
-  """Stream positions k (a vector) -> the records they read: in epoch e = k // N, position
+  """Stream positions k (any shape) -> the records they read: in epoch e = k // N, position
   k % N of index_shuffle's permutation of the split for seed (seed, e). Each epoch a fresh
   permutation, never materialised."""
   def fn(k):
     k = tf.convert_to_tensor(k, tf.int64)
-    n = tf.shape(k)
+    flat = tf.reshape(k, [-1])
 
     def filled(value):
-      return tf.fill(n, tf.constant(value, tf.int64))
-    seeds = tf.stack([filled(_INDEX_SHUFFLE_SEED_PREFIX), filled(seed), k // num_examples], -1)
-    return tf.raw_ops.RandomIndexShuffle(index=k % num_examples, seed=seeds,
-                                         max_index=filled(num_examples - 1), rounds=4)
+      return tf.fill(tf.shape(flat), tf.constant(value, tf.int64))
+    seeds = tf.stack([filled(_INDEX_SHUFFLE_SEED_PREFIX), filled(seed), flat // num_examples], 1)
+    records = tf.raw_ops.RandomIndexShuffle(index=flat % num_examples, seed=seeds,
+                                            max_index=filled(num_examples - 1), rounds=4)
+    return tf.reshape(records, tf.shape(k))
   return fn
 
 
 def _read(src: sources.Source, indices: tf.Tensor) -> tf.Tensor:
-  """The serialized records at `indices`: one call into the source for the whole vector."""
-  records = tf.numpy_function(src.read, [indices], tf.string, stateful=False)
-  return tf.ensure_shape(records, indices.shape)
+  """The serialized records at `indices` (any shape): one call into the source for them all."""
+  records = tf.numpy_function(src.read, [tf.reshape(indices, [-1])], tf.string, stateful=False)
+  return tf.reshape(records, tf.shape(indices))
 
 
 VALID_KEY = '_valid'
@@ -114,21 +115,23 @@ def _preprocessed_batch(src: sources.Source, preprocess, seed_of):
 # Batches being preprocessed at once: the examples of a batch are preprocessed in parallel, so
 # 2 keep every core busy across batch boundaries.
 _BATCHES_AT_ONCE = 2
-# Records being read at once, at least: a read asks for all of a batch's records together (the
-# source reads them concurrently, many range reads in flight on gs://); small batches get
-# several reads in flight. Bounded, unlike AUTOTUNE, which scales with the host's cores (on a
-# 224-core TPU host, hundreds of whole batches of encoded images in memory).
-_RECORDS_IN_FLIGHT = 256
+# Records one read asks for, at least: the source reads a call's records concurrently (range
+# reads in flight together on gs://), and calls into Python code run one per tf.data thread, so
+# on a host with few cores each call must carry enough reads on its own; small batches are read
+# several to a call. Whole batches, and a bounded number of them (AUTOTUNE would scale the reads
+# with the host's cores: on a 224-core TPU host, hundreds of batches of encoded images).
+_RECORDS_PER_READ = 256
 
 
 def _batches(src: sources.Source, preprocess, batch_numbers: tf.data.Dataset, locate, seed_of,
              batch_size: int):
-  """For each batch number b: (b, the batch of rows `locate(b)` gives as (k, record indices)).
-  Reads one batch per call, preprocesses the examples of several batches at once."""
-  reads = max(_BATCHES_AT_ONCE, -(-_RECORDS_IN_FLIGHT // batch_size))
-  ds = batch_numbers.map(lambda b: (b, *locate(b)))
-  ds = ds.map(lambda b, k, r: (b, k, _read(src, r)), num_parallel_calls=reads,
-              deterministic=True)
+  """For each batch number b: (b, the batch of rows `locate(b)` gives as (k, record indices),
+  `locate` working on a vector of batch numbers). Reads whole batches, at least
+  _RECORDS_PER_READ records a call; preprocesses the examples of two batches at once."""
+  per_read = -(-_RECORDS_PER_READ // batch_size)
+  ds = batch_numbers.batch(per_read).map(lambda b: (b, *locate(b)))
+  ds = ds.map(lambda b, k, r: (b, k, _read(src, r)), num_parallel_calls=_BATCHES_AT_ONCE,
+              deterministic=True).unbatch()
   build = _preprocessed_batch(src, preprocess, seed_of)
   return ds.interleave(
       lambda b, k, records: build(k, records).map(lambda batch: (b, batch)),
@@ -182,8 +185,8 @@ def train_dataset(config, start_step: int = 0, rows=None,
   global_batch, first = config.batch_size, int(rows[0])
   row_of, record_of = tf.constant(rows, tf.int64), record_index(config.seed, src.num_examples)
 
-  def locate(step):  # this process's rows of global batch `step`: stream positions, records
-    k = step * global_batch + row_of
+  def locate(steps):  # this process's rows of global batches `steps`: positions, records
+    k = steps[:, None] * global_batch + row_of
     return k, record_of(k)
 
   def seed_of(k):
@@ -273,7 +276,7 @@ def eval_batches(config, mesh, split: str) -> tuple[int, Iterator[dict]]:
   num_batches = math.ceil(num_examples / global_batch)
 
   def locate(b):
-    k = b * global_batch + row_of
+    k = b[:, None] * global_batch + row_of
     return k, tf.minimum(k, num_examples - 1)
 
   def with_mask(b, batch):
