@@ -111,7 +111,8 @@ def test_ctrl_c_then_sigkill_then_restart_reads_as_an_uninterrupted_run(quicksta
                                                                         tmp_path):
   config = quickstart_config
   config.total_steps, config.batch_size = 8, 8
-  config.log_every, config.checkpoint_every, config.eval_every = 1, 1, 0
+  # Checkpoints at every step, lines every 3: the runs stop inside a line's steps.
+  config.log_every, config.checkpoint_every, config.eval_every = 3, 1, 0
   config.data.eval_split = ''  # no evaluation: this is about training state
   config.model = dict(name='testing', dropout_rate=0.1)  # the dropout rng must resume too
   # Uninterrupted, saving only at the end (how often a run saves does not change its numbers).
@@ -149,13 +150,33 @@ def test_ctrl_c_then_sigkill_then_restart_reads_as_an_uninterrupted_run(quicksta
   reference_state = _final(reference_dir, reference)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # Its logs read as if it had never stopped: every step once, each line the reference's (the
-  # first step after each start included), in metrics.jsonl and in TensorBoard.
+  # Its logs read as if it had never stopped: each line the reference's, bit for bit (a line
+  # a stop cut in two continues from the checkpoint's sums), in metrics.jsonl and TensorBoard.
   reference_metrics = _metrics(reference_dir)
-  assert [m['step'] for m in reference_metrics] == list(range(1, config.total_steps + 1))
+  assert [m['step'] for m in reference_metrics] == [3, 6, 8]
   assert _metrics(workdir) == reference_metrics
   assert (_tensorboard_scalars(workdir, 'train_loss') ==
           _tensorboard_scalars(reference_dir, 'train_loss'))
+
+
+def test_a_stop_inside_a_line_resumes_into_the_same_line(quickstart_config, tmp_path,
+                                                         monkeypatch):
+  """Stopped (a SIGTERM or Ctrl-C, as the watch reports it) at step 4 of lines every 3 steps,
+  the resumed run's line at step 6 averages steps 4-6 as the uninterrupted run's does."""
+  config = quickstart_config
+  config.total_steps, config.batch_size = 8, 8
+  config.log_every, config.checkpoint_every, config.eval_every = 3, 0, 0
+  config.data.eval_split = ''
+  trainer.train_and_evaluate(config, str(tmp_path / 'reference'))
+  workdir = str(tmp_path / 'stopped')
+  monkeypatch.setattr(preemption.PreemptionWatch, 'reached', lambda self, step: step == 4)
+  trainer.train_and_evaluate(config, workdir)
+  assert _complete_steps(workdir) == [4] and [m['step'] for m in _metrics(workdir)] == [3]
+  monkeypatch.undo()
+  trainer.train_and_evaluate(config, workdir)
+  resumed, reference = _metrics(workdir), _metrics(str(tmp_path / 'reference'))
+  assert [m['step'] for m in reference] == [3, 6, 8]
+  assert resumed == reference  # train_loss, grad_norm: the same float64 sums, in step order
 
 
 def test_sigterm_asks_to_stop_and_a_second_ctrl_c_exits_at_once():

@@ -27,21 +27,59 @@ def drop_lines_after(path, step: int) -> None:
     log_file.replace(path, kept.encode('utf-8'))
 
 
+# The metrics a training line averages over its steps.
+AVERAGED = ('train_loss', 'grad_norm')
+
+
+def window_sums(step_metrics: list, skipped_images: int, carried: dict | None = None) -> dict:
+  """{'steps', 'skipped_images', and a float64 sum per AVERAGED metric} over the steps of a
+  training line, added in step order after `carried` (the part of the line's steps that a
+  checkpoint taken mid-line holds): the same sums, bit for bit, whether or not the run stopped
+  in between."""
+  sums = dict(carried or {'steps': 0, 'skipped_images': 0, **{name: 0. for name in AVERAGED}})
+  sums['skipped_images'] += skipped_images
+  for metrics in step_metrics:
+    sums['steps'] += 1
+    for name in AVERAGED:
+      sums[name] += float(metrics[name])
+  return sums
+
+
+# Beside metrics.jsonl: the sums of the line in progress at each recent checkpoint.
+WINDOWS = 'metrics_windows.json'
+_WINDOWS_KEPT = 16
+
+
 class MetricsLog:
   """Writes one JSON object per line to WORKDIR/metrics.jsonl, and the same scalars to TB,
   in the background (`vit_jax.log_file`: the step loop never waits on storage).
 
   A run starting at `start_step` (a resume from that checkpoint) first drops what an earlier
-  run logged after it, so that both logs read as if the run had never stopped: no step twice.
+  run logged after it, and its first line continues the one the checkpoint was taken in
+  (`carried`), so that both logs read as if the run had never stopped: the same lines, each
+  step once.
   """
 
   def __init__(self, workdir: str, start_step: int = 0):
     self.is_writer = jax.process_index() == 0
     self.path = paths.resolve(workdir) / 'metrics.jsonl'
+    self._windows_path = paths.resolve(workdir) / WINDOWS
+    self._windows = (json.loads(self._windows_path.read_text())
+                     if start_step and self._windows_path.exists() else {})
+    self.carried = self._windows.get(str(start_step))  # read by every process alike
     if self.is_writer:
       drop_lines_after(self.path, start_step)
       self._file = log_file.LogFile(self.path)
       self._tb = tb_events.EventWriter(paths.resolve(workdir) / 'tensorboard', start_step)
+
+  def keep_window(self, step: int, sums: dict) -> None:
+    """Records the sums of the line in progress at `step`, which is being checkpointed."""
+    if not self.is_writer or not sums['steps']:
+      return
+    self._windows[str(step)] = sums
+    for old in sorted(self._windows, key=int)[:-_WINDOWS_KEPT]:
+      del self._windows[old]
+    self._windows_path.write_text(json.dumps(self._windows))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.is_writer:

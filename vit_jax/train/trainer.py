@@ -37,16 +37,21 @@ def _check_finite(metrics: list, step: int, workdir: str, manager) -> None:
           'or enable clipping and start again.')
 
 
-def _save_if_finite(manager, step: int, state, pending: list, workdir: str) -> None:
-  """Saves `state` unless it (or the steps since the last log) holds NaN/Inf values.
+def _save_if_finite(manager, step: int, state, pending: list, workdir: str, log,
+                    window: dict | None, skipped: int) -> None:
+  """Saves `state` unless it (or the steps since the last log) holds NaN/Inf values, and the
+  sums of the line in progress (`window`, then `pending`'s steps and their `skipped` images)
+  for a run resumed from it.
 
   Checked here, not only at log time, so that a bad state never replaces a good checkpoint.
   """
-  _check_finite(jax.device_get(pending), step, workdir, manager)
+  fetched = jax.device_get(pending)
+  _check_finite(fetched, step, workdir, manager)
   if not bool(jax.device_get(_all_finite(state.params))):
     manager.wait_until_finished()
     raise FloatingPointError(f'parameters hold NaN/Inf after step {step}; not saving them. The '
                              f'newest complete checkpoint in {workdir}/checkpoints is untouched.')
+  log.keep_window(step, metrics_log.window_sums(fetched, skipped, window))
   train_state.save_state(manager, step, state)
 
 
@@ -168,18 +173,20 @@ def initial_state(config, workdir: str, training: Training, manager, init_rng,
                  out_shardings=state_sharding)(params)
 
 
-def _log_training(step: int, pending: list, throughput, schedule, skipped: int, manager,
-                  workdir: str) -> dict:
-  """The training line of `step`: means over the steps since the last one; stops on NaN/Inf.
-  Every value but images_per_sec is a function of the steps alone, so a resumed run logs the
-  lines an uninterrupted one does."""
+def _log_training(step: int, pending: list, window: dict, throughput, schedule, skipped: int,
+                  manager, workdir: str) -> dict:
+  """The training line of `step`: means over its steps (those a checkpoint carried into this
+  run, `window`, then `pending`); stops on NaN/Inf. Every value but the measured ones
+  (images_per_sec, input_wait_s, mfu) is a function of the steps alone, so a resumed run logs
+  the lines an uninterrupted one does."""
   fetched = jax.device_get(pending)
   _check_finite(fetched, step, workdir, manager)
-  line = {'train_loss': float(np.mean([m['train_loss'] for m in fetched])),
+  sums = metrics_log.window_sums(fetched, skipped, window)
+  line = {'train_loss': sums['train_loss'] / sums['steps'],
           'learning_rate': float(schedule(step - 1)),
           **throughput.figures(step),  # images_per_sec, input_wait_s, mfu
-          'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
-          'skipped_images': skipped}  # failed to decode in these steps, all processes
+          'grad_norm': sums['grad_norm'] / sums['steps'],
+          'skipped_images': sums['skipped_images']}  # failed to decode in these steps
   return {k: v for k, v in line.items() if v is not None}
 
 
@@ -239,7 +246,8 @@ def _mfu_terms(config, training: Training) -> dict:
 def _train_loop(config, workdir, state, start_step, training, train_step, evals, log, progress,
                 batches, watch, manager) -> dict:
   """Steps from start_step + 1 to total_steps (or a stop request); returns the last metrics."""
-  last, skipped_before, pending = {}, 0, []
+  # The line in progress: the steps of it a checkpoint carried over, then those run here.
+  last, skipped_before, window, pending = {}, 0, log.carried, []
   throughput = metrics_log.Throughput(config.batch_size, start_step,
                                       **_mfu_terms(config, training))
   for step in range(start_step + 1, config.total_steps + 1):
@@ -257,12 +265,12 @@ def _train_loop(config, workdir, state, start_step, training, train_step, evals,
       progress.restart_clock(step)
     if pending and _interval_hit(step, config.log_every, config.total_steps):
       skipped = batches.skipped_images()  # since this run started (a collective)
-      last = _log_training(step, pending, throughput, training.schedule,
+      last = _log_training(step, pending, window, throughput, training.schedule,
                            skipped - skipped_before, manager, workdir)
       skipped_before = skipped
       log.write(step, last)
       progress.log(step, last)
-      pending = []
+      window, pending = None, []
     if evals and _interval_hit(step, config.eval_every, config.total_steps):
       jax.block_until_ready(state)  # the steps dispatched so far count as training time
       eval_start = time.time()
@@ -275,7 +283,8 @@ def _train_loop(config, workdir, state, start_step, training, train_step, evals,
     stopping = watch.reached(step)
     if stopping or _interval_hit(step, config.checkpoint_every, config.total_steps):
       log.flush()  # a run resumed from this checkpoint finds every line up to its step
-      _save_if_finite(manager, step, state, pending, workdir)
+      _save_if_finite(manager, step, state, pending, workdir, log, window,
+                      batches.skipped_images() - skipped_before)  # a collective
     if stopping:
       reason = 'Ctrl-C' if watch.interrupted else 'preemption notice'
       logging.warning('%s: saved step %d to %s/checkpoints; stopping (run the same command '
