@@ -32,10 +32,15 @@ def test_one_step_run_warms_up_logs_and_says_when_done(tfds_data_dir, tmp_path, 
   assert 'step 1/1 | train_loss' in capsys.readouterr().out
 
   caplog.clear()
+  with open(os.path.join(workdir, 'config.json')) as f:
+    used = f.read()
+  config.log_every = 7  # a flag of a rerun that trains nothing is not the run's config
   with caplog.at_level(logging.WARNING):
     trainer.train_and_evaluate(config, workdir)  # the same command again
   assert f'{workdir} is already at step 1 of 1' in caplog.text
   assert len(_train_lines(workdir)) == 1
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert f.read() == used
   # Resuming to a larger total_steps: test_train.test_quickstart_trains_evaluates_and_resumes.
 
 

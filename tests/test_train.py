@@ -93,8 +93,9 @@ def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, ca
   config.total_steps = 6
   with caplog.at_level(logging.WARNING):
     trainer.train_and_evaluate(config, workdir)  # resumes from step 3
-  # At WARNING, the level the command line shows.
+  # At WARNING, the level the command line shows; nothing alarming about a sound checkpoint.
   assert f'resuming from {workdir}/checkpoints/3 (step 3 of 6)' in caplog.text
+  assert 'Metadata file does not exist' not in caplog.text
   lines = _metrics(workdir)
   train_steps = [m['step'] for m in lines if 'train_loss' in m]
   assert train_steps == [2, 3, 4, 6]  # log_every=2, and each run's last step
