@@ -295,7 +295,8 @@ def main():
   parser.add_argument('--cores', default='1,2',
                       help='core counts to pin the measuring process to, comma-separated')
   parser.add_argument('--resume_at', default='10,100000',
-                      help='steps to resume the input at in a fresh process, comma-separated')
+                      help='steps to resume the input at in a fresh process, comma-separated '
+                      '(empty: none)')
   parser.add_argument('--resume_batch', type=int, default=512,
                       help='global batch of the resumed input')
   parser.add_argument('--gcs_latency_ms', type=float, default=None,
@@ -322,8 +323,9 @@ def main():
               f'CPU ms/image ({1e3 / r["cpu_ms_per_image"]:6.1f} per core-second)   ratio to '
               f'bare decode {r["ratio_to_bare_decode"]:.2f} '
               f'(by CPU {r["cpu_ratio_to_bare_decode"]:.2f})')
-    summary['resume'] = resume_costs(records, [int(s) for s in args.resume_at.split(',')],
-                                     args.resume_batch)
+    if args.resume_at:
+      summary['resume'] = resume_costs(records, [int(s) for s in args.resume_at.split(',')],
+                                       args.resume_batch)
   if args.gcs_latency_ms is not None:
     summary['gcs'] = gcs_comparison(jpegs, args.gcs_images, args.gcs_latency_ms,
                                     args.gcs_rounds)

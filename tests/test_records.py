@@ -205,6 +205,16 @@ def test_resume_yields_exactly_the_batches_of_a_fresh_run(records):
   assert labels.shape == (8, 6) and (labels.sum(1) > 0.99).all()
 
 
+def test_input_pipelines_run_without_tf_data_autotuning(records):
+  """An autotuned tf.data iterator is deleted only once its model thread wakes (it sleeps in
+  periods that grow to 60 s), with the GIL held: the quickstart froze 44 s at its end. Training
+  and evaluation pipelines turn autotuning off and set their parallelism themselves."""
+  config = _config(records[0])
+  assert pipeline.train_dataset(config, 0).options().autotune.enabled is False
+  assert pipeline._options().autotune.enabled is False  # eval_batches' too  pylint: disable=protected-access
+  assert pipeline._usable_cores() == len(os.sched_getaffinity(0))  # pylint: disable=protected-access
+
+
 def test_corrupt_images_at_training_time_are_skipped_and_counted(tmp_path):
   """Records written by other tools may hold bad images; they are replaced and counted."""
   good = tf.io.encode_png(np.full((8, 8, 3), 200, np.uint8)).numpy()

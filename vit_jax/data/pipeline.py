@@ -11,6 +11,7 @@ shape resume on another.
 """
 import collections
 import math
+import os
 from typing import Iterator
 
 import jax
@@ -101,7 +102,7 @@ def _preprocessed_batch(src: sources.Source, preprocess, seed_of):
 
   def apply(k, records):
     good = (tf.data.Dataset.from_tensor_slices((k, records))
-            .map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .map(one, num_parallel_calls=_usable_cores(), deterministic=True)
             .ignore_errors(log_warning=True)
             .batch(2 ** 31 - 1))  # every survivor, in one element
     nothing = tf.nest.map_structure(  # when every example failed (fill then says so)
@@ -138,9 +139,20 @@ def _batches(src: sources.Source, preprocess, batch_numbers: tf.data.Dataset, lo
       cycle_length=_BATCHES_AT_ONCE, num_parallel_calls=_BATCHES_AT_ONCE, deterministic=True)
 
 
+def _usable_cores() -> int:
+  """The cores this process may run on (its affinity mask: a pinned process or a container's
+  share, not the machine's count): examples preprocessed in parallel per batch."""
+  return max(1, len(os.sched_getaffinity(0)))
+
+
 def _options() -> tf.data.Options:
+  """Every pipeline's options. Autotuning is off: its model thread sleeps in periods that grow
+  to 60 s, and TensorFlow 2.21 deletes an iterator (end of a run, Ctrl-C, every eval pass) only
+  after that thread wakes, while holding the GIL: the process froze for up to a minute (seen at
+  the end of the quickstart, 44 s). Parallelism is set explicitly instead (`_usable_cores`)."""
   options = tf.data.Options()
   options.deterministic = True
+  options.autotune.enabled = False
   options.threading.private_threadpool_size = 0
   options.experimental_optimization.map_parallelization = True
   return options
@@ -202,7 +214,7 @@ def train_dataset(config, start_step: int = 0, rows=None,
     return dict(batch, **{SKIPPED_KEY: skipped})
   steps = tf.data.Dataset.range(start_step, 2 ** 62)
   ds = _batches(src, preprocess, steps, locate, seed_of, len(rows))
-  ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(finish, num_parallel_calls=_BATCHES_AT_ONCE)
   return ds.prefetch(data.get('prefetch', 2)).with_options(_options())
 
 
