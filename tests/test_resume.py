@@ -7,6 +7,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -157,6 +158,46 @@ def test_ctrl_c_then_sigkill_then_restart_reads_as_an_uninterrupted_run(quicksta
   assert _metrics(workdir) == reference_metrics
   assert (_tensorboard_scalars(workdir, 'train_loss') ==
           _tensorboard_scalars(reference_dir, 'train_loss'))
+
+
+def test_a_stop_request_saves_a_step_the_device_has_nearly_reached(quickstart_config, tmp_path,
+                                                                   monkeypatch):
+  """The loop dispatches at most trainer._STEPS_AHEAD steps ahead of the device, so a stop
+  (SIGTERM, Ctrl-C) saves soon even when the device is slower than the loop; here each step
+  keeps the device busy longer (a chain of matmuls, ~0.2 s here), and no line (log_every) makes
+  the loop wait."""
+  config = quickstart_config
+  config.total_steps, config.batch_size = 8, 8
+  config.log_every, config.checkpoint_every, config.eval_every = 100, 0, 0
+  config.data.eval_split = ''
+  dispatched, behind = [], {}
+  jit_train_step = trainer.jit_train_step
+
+  def on_a_slow_device(step_fn, training):
+    step = jit_train_step(step_fn, training)
+
+    @jax.jit
+    def after_more_work(metrics):
+      a = jnp.full((128, 128), 1e-3) + jax.tree.leaves(metrics)[0].astype(jnp.float32)
+      a = jax.lax.fori_loop(0, 600, lambda i, a: jnp.tanh(a @ a), a)
+      return jax.tree.map(lambda m: m + (a[0, 0] * 0).astype(m.dtype), metrics)
+
+    def slow_step(state, batch):
+      state, metrics = step(state, batch)
+      dispatched.append(after_more_work(metrics))
+      return state, dispatched[-1]
+    return slow_step
+
+  def reached(self, step):  # dispatched[i] holds step i + 1
+    behind[step] = [i + 1 for i, m in enumerate(dispatched[:step - trainer._STEPS_AHEAD])  # pylint: disable=protected-access
+                    if not all(leaf.is_ready() for leaf in jax.tree.leaves(m))]
+    return step == 6
+  monkeypatch.setattr(trainer, 'jit_train_step', on_a_slow_device)
+  monkeypatch.setattr(preemption.PreemptionWatch, 'reached', reached)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  assert sorted(behind) == [1, 2, 3, 4, 5, 6]
+  assert all(not unfinished for unfinished in behind.values()), behind
+  assert _complete_steps(str(tmp_path)) == [6]
 
 
 def test_a_stop_inside_a_line_resumes_into_the_same_line(quickstart_config, tmp_path,

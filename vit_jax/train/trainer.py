@@ -57,6 +57,12 @@ def _save_if_finite(manager, step: int, state, pending: list, workdir: str, log,
 
 _all_finite = jax.jit(steps.all_finite)
 
+# Steps this loop may dispatch ahead of the device. Unbounded, it ran up to a whole logging
+# interval ahead (nothing waits on the device between lines), so a stop request (SIGTERM, Ctrl-C)
+# saved only after that many more steps had run (a preemption's grace period is ~30 s), and as
+# many input batches sat on the devices. Two keep the device busy.
+_STEPS_AHEAD = 2
+
 
 def create_state(config, model, tx, mesh, rules):
   """(init_fn, abstract_state, state_sharding); init_fn(rng) builds a sharded TrainState."""
@@ -256,6 +262,8 @@ def _train_loop(config, workdir, state, start_step, training, train_step, evals,
     throughput.waited_for_input(time.time() - waiting_since)
     state, metrics = train_step(state, batch)
     pending.append(metrics)
+    if len(pending) > _STEPS_AHEAD:
+      jax.block_until_ready(pending[-1 - _STEPS_AHEAD])
     if step == start_step + 1 and step < config.total_steps:
       # Leave compilation out of images_per_sec and the ETA (the step's loss still counts: a
       # resumed run logs the same means as one never stopped); a run of one step (nothing else
