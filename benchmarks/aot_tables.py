@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 
-from vit_jax import accelerators, aot  # noqa: E402
+from vit_jax import aot  # noqa: E402
+from vit_jax.scale import accelerators  # noqa: E402
 
 _TARGETS = flags.DEFINE_list('targets', None, 'Only these targets (e.g. v5litepod-16,h100-8).')
 _FIND_BATCH = flags.DEFINE_bool('find_batch', False, 'Add the largest global batch that fits.')

@@ -11,7 +11,7 @@ training run never does. The ratio is the median over rounds of timm's time / ou
 faster). Each step is a full AdamW training step with gradient clipping at global norm 1 on a
 fixed random batch.
 
-Ours runs with vit_jax's CPU defaults (vit_jax/host_tuning.py); timm runs with torch's own,
+Ours runs with vit_jax's CPU defaults (vit_jax/cli/host_tuning.py); timm runs with torch's own,
 that is without the huge-page malloc setting unless --timm_huge_pages.
 
 Needs torch and timm, which are not dependencies of vit_jax (see benchmarks/README.md):
@@ -28,7 +28,8 @@ import time
 
 from absl import app, flags
 
-from vit_jax import benchmark, host_tuning, startup
+from vit_jax import benchmark
+from vit_jax.cli import host_tuning, startup
 
 benchmark.define_flags()
 FLAGS = flags.FLAGS  # --model, --batch_size, --image_size, ... from vit_jax.benchmark

@@ -23,14 +23,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Light imports only up here (--help answers at once); training's come in main().
 from benchmarks import seed_spread  # noqa: E402  pylint: disable=g-import-not-at-top
-from vit_jax import startup  # noqa: E402  pylint: disable=g-import-not-at-top
+from vit_jax.cli import startup  # noqa: E402  pylint: disable=g-import-not-at-top
 
 BATCH_SIZE = 128
 
 
 def training_flops_per_image(config) -> int:
   """3 x the forward pass's matmul and convolution FLOPs at the config's image size."""
-  from vit_jax import flops  # pylint: disable=g-import-not-at-top
+  from vit_jax.scale import flops  # pylint: disable=g-import-not-at-top
   from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
   training = trainer.build(config)  # abstract state only: nothing is initialised
   return 3 * flops.forward_flops_per_image(training.model, training.abstract_state.params,

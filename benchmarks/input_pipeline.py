@@ -42,7 +42,7 @@ import urllib.request
 
 import numpy as np
 
-from vit_jax import startup
+from vit_jax.cli import startup
 
 tf = startup.import_tensorflow()  # without TensorFlow's start-up lines
 from vit_jax.data import make_records, ops, pipeline  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -197,7 +197,7 @@ def _pipeline_rate(config, src, batches: int) -> tuple[float, float]:
 def gcs_worker(records: str, proxy_url: str, latency_ms: float, rounds: int) -> dict:
   """Runs in a fresh process on one core, STORAGE_EMULATOR_HOST set to the proxy: uploads the
   records, measures the harness's rate, then local and gcs passes of the whole pipeline."""
-  from vit_jax import paths  # pylint: disable=g-import-not-at-top
+  from vit_jax.storage import paths  # pylint: disable=g-import-not-at-top
   paths.gcs().put(records, f'{_BUCKET}/records', recursive=True)
   remote = f'gs://{_BUCKET}/records'
   configs = {'local': _config(records, 25), 'gcs': _config(remote, 25)}

@@ -65,7 +65,7 @@ def write_index(num_records: int, path: str) -> None:
 
 def index_memory(path: str, num_entries: int) -> dict:
   """Runs in a fresh process: RSS for the paged index after _LOOKUPS lookups, and np.load's."""
-  from vit_jax import paths  # pylint: disable=g-import-not-at-top
+  from vit_jax.storage import paths  # pylint: disable=g-import-not-at-top
   from vit_jax.data import sources  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(1)
   before = _rss_mb()

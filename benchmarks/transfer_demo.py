@@ -23,7 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Light imports only up here (--help answers at once); training's come in main().
 from benchmarks import seed_spread  # noqa: E402  pylint: disable=g-import-not-at-top
-from vit_jax import startup  # noqa: E402  pylint: disable=g-import-not-at-top
+from vit_jax.cli import startup  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ARMS = ('from scratch', 'pretrained on glyphs')
 

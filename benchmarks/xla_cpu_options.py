@@ -14,7 +14,8 @@ import statistics
 
 from absl import app, flags
 
-from vit_jax import benchmark, host_tuning, startup
+from vit_jax import benchmark
+from vit_jax.cli import host_tuning, startup
 
 benchmark.define_flags()
 FLAGS = flags.FLAGS  # --model, --batch_size, --image_size, ... from vit_jax.benchmark

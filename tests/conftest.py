@@ -53,11 +53,11 @@ def gcs_proxy():
   requests and bytes uploaded, and adds latency or refuses requests when a test sets
   `latency_s` / `refuse_share` (put them back to 0 after).
 
-  Only STORAGE_EMULATOR_HOST is set (to the proxy), as a user would; vit_jax.paths points
+  Only STORAGE_EMULATOR_HOST is set (to the proxy), as a user would; vit_jax.storage.paths points
   tensorstore at it (in this process and, through the environment, in subprocesses).
   """
   from tests import gcs_emulator, gcs_proxy as proxies  # pylint: disable=g-import-not-at-top
-  from vit_jax import paths  # pylint: disable=g-import-not-at-top
+  from vit_jax.storage import paths  # pylint: disable=g-import-not-at-top
   server, url = gcs_emulator.start('test-bucket')
   proxy = proxies.Proxy(url).start()
   saved = dict(os.environ)

@@ -6,6 +6,13 @@ emulator. It counts what passes: requests, bytes uploaded (request bodies), requ
     ... point STORAGE_EMULATOR_HOST (and TENSORSTORE_GCS_HTTP_URL) at proxy.url ...
     proxy.stats(); proxy.stop()
 
+Faults for one kind of request, by a substring of its decoded target (path and query, object
+names unquoted): `fault = proxy.add_fault('metrics.jsonl', stall_s=60)` holds those requests
+for 60 s before serving them (`math.inf`: until `fault.remove()` or `proxy.stop()`);
+`status=503` answers them with that status instead of serving them; `lose_response=True` serves
+them (the emulator acts) and then drops the connection before the answer; `methods=('POST',)`
+and `times=N` narrow it. `fault.hits` counts the requests it took.
+
 `python -m tests.gcs_proxy --latency_ms=50` serves an emulator behind a proxy in its own process
 (the benchmark's harness, so that it does not share the measured process's interpreter) and
 prints the proxy's URL; `GET /_proxy/stats[?latency_ms=L][&reset=1]` sets the latency, resets
@@ -16,6 +23,7 @@ HTTP/1.0 with a listen backlog of 5, gets at most `upstream_connections` request
 """
 import argparse
 import asyncio
+import dataclasses
 import json
 import random
 import sys
@@ -23,6 +31,27 @@ import threading
 import urllib.parse
 
 _REFUSALS = ('503', '429', 'reset')
+
+
+@dataclasses.dataclass
+class Fault:
+  """What `Proxy.add_fault` returns; see the module's docstring."""
+  matches: str
+  stall_s: float = 0.
+  status: int | None = None
+  lose_response: bool = False
+  methods: tuple | None = None
+  times: int | None = None
+  hits: int = 0
+  removed: bool = False
+
+  def applies(self, method: str, target: str) -> bool:
+    return (not self.removed and self.matches in urllib.parse.unquote(target)
+            and (self.methods is None or method in self.methods)
+            and (self.times is None or self.hits < self.times))
+
+  def remove(self) -> None:
+    self.removed = True
 
 
 class Proxy:
@@ -39,6 +68,12 @@ class Proxy:
                                     name='gcs-proxy')
     self.reset_stats()
     self.url = None
+    self.faults = []
+
+  def add_fault(self, matches: str, **how) -> Fault:
+    fault = Fault(matches, **how)
+    self.faults.append(fault)
+    return fault
 
   def reset_stats(self) -> None:
     """Counts from now on (requests in flight now stay counted as such)."""
@@ -112,6 +147,17 @@ class Proxy:
     self.max_in_flight = max(self.max_in_flight, self.in_flight)
     self.in_flight_sum += self.in_flight
     try:
+      fault = next((f for f in self.faults if f.applies(method, target)), None)
+      if fault is not None:
+        fault.hits += 1
+        stalled = 0.
+        while stalled < fault.stall_s and not fault.removed:  # a removed fault lets them go
+          await asyncio.sleep(min(0.05, fault.stall_s - stalled))
+          stalled += 0.05
+        if fault.status is not None:
+          return await _respond(writer, fault.status, 'Fault', [('Content-Type',
+                                'application/json')], json.dumps({'error': {
+                                    'code': fault.status, 'message': 'test proxy fault'}}).encode())
       if self._random.random() < self.refuse_share:
         refusal = self._random.choice(_REFUSALS)
         self.refused[refusal] += 1
@@ -128,6 +174,9 @@ class Proxy:
       await asyncio.sleep(self.latency_s)
       status, reason, response_headers, response_body = await self._forward(
           method, target, headers, body)
+      if fault is not None and fault.lose_response:  # done upstream, but the client never hears
+        writer.transport.abort()
+        return False
       keep = await _respond(writer, status, reason, response_headers, response_body)
       return keep and get('connection', '').lower() != 'close'
     finally:

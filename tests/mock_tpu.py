@@ -10,7 +10,7 @@ them like real devices.
 import dataclasses
 import itertools
 
-from vit_jax import accelerators
+from vit_jax.scale import accelerators
 
 # device_kind as a slice's devices report it, by the accelerator type's generation.
 DEVICE_KINDS = {'v4': 'TPU v4', 'v5p': 'TPU v5', 'v5litepod': 'TPU v5 lite',

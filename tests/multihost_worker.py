@@ -54,7 +54,7 @@ def main(coordinator, num_processes, process_id, workdir, data_dir):
   mesh_utils.create_device_mesh = interleaved_device_mesh
   prepared_here = count_preparations()
   from tests import test_multihost  # pylint: disable=g-import-not-at-top
-  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax.scale import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = test_multihost.trainer_config(data_dir)
   rows = sharding.process_batch_rows(sharding.make_mesh(config.mesh), config.batch_size)

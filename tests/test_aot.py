@@ -9,7 +9,8 @@ import jax
 import pytest
 
 from configs import quickstart
-from vit_jax import accelerators, aot
+from vit_jax import aot
+from vit_jax.scale import accelerators
 from vit_jax.train import trainer
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,

@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vit_jax import benchmark, flops, host_tuning
+from vit_jax import benchmark
+from vit_jax.cli import host_tuning
+from vit_jax.scale import flops
 from vit_jax.models import registry
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +52,7 @@ def test_benchmark_command_reports_json_with_exact_model_flops():
   assert result['xla_flops_per_step'] > 0  # unscanned: XLA's count is a cross-check
   assert result['compile_time_s'] > 0 and result['peak_memory_mb'] > 0
   assert '--xla_force_host_platform_device_count=8' in result['xla_flags']
-  # vit_jax's CPU defaults reach the program (vit_jax/host_tuning.py).
+  # vit_jax's CPU defaults reach the program (vit_jax/cli/host_tuning.py).
   assert '--xla_cpu_experimental_ynn_fusion_type=' in result['xla_flags'].split()
   if host_tuning.transparent_huge_pages_mode() in ('always', 'madvise'):
     assert 'glibc.malloc.hugetlb=1' in result['glibc_tunables']

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from vit_jax import inspect, model_from_weights, models, weights
+from vit_jax import inspect, models
+from vit_jax.weights import files, model_from_weights
 from vit_jax.models import bit, mae
 
 
@@ -85,10 +86,10 @@ def test_trains_and_transfers_into_a_new_head(tmp_path):
   assert losses[0] == pytest.approx(np.log(4), rel=1e-4) and losses[-1] < 0.5 * losses[0]
 
   path = str(tmp_path / 'bit.npz')
-  weights.save_npz(params, path)
+  files.save_npz(params, path)
   target = models.get_model('BiT-R14x1', num_classes=10, **SMALL)
   boxed = jax.jit(target.init)(jax.random.key(2), jnp.zeros((1, 24, 24, 3)))['params']
-  loaded = _flat(weights.load_pretrained(path, boxed))
+  loaded = _flat(files.load_pretrained(path, boxed))
   trained, fresh = _flat(params), _flat(boxed)
   assert loaded['head/kernel'].shape == (512, 10)
   np.testing.assert_array_equal(loaded['head/kernel'], fresh['head/kernel'])

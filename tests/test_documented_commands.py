@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from tests import programs
-from vit_jax import checkpoint, export, models, weight_formats
+from vit_jax import checkpoint, export, models
+from vit_jax.weights import formats
 from vit_jax.models import vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,7 +208,7 @@ def test_readme_quickstart_then_predict_run_with_small_overrides(tmp_path, tfds_
     timm = json.load(f)
   assert timm['model_args']['depth'] == 3 and timm['model_args']['img_size'] == 16
   # The run's fixed sin-cos position embeddings, as a table of the same values.
-  table = weight_formats.read_flat(str(tmp_path / 'vit_timm' / 'model.safetensors'))['pos_embed']
+  table = formats.read_flat(str(tmp_path / 'vit_timm' / 'model.safetensors'))['pos_embed']
   np.testing.assert_allclose(table[0, 1:], vit.posemb_sincos_2d(4, 4, 16)[0], atol=1e-7)
 
 

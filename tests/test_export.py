@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from tests import programs, workdirs
-from vit_jax import checkpoint, export, models, weight_formats
+from vit_jax import checkpoint, export, models
+from vit_jax.weights import formats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,7 +174,7 @@ def test_scanned_bf16_workdir_through_the_command(tmp_path, capsys, torch_side):
   assert 'encoderblock' in params['Transformer']
   assert params['embedding']['kernel'].dtype == jax.numpy.bfloat16
   workdirs.write(str(tmp_path / 'run'), config, params)
-  unscanned = flax.traverse_util.unflatten_dict(weight_formats.unscan(
+  unscanned = flax.traverse_util.unflatten_dict(formats.unscan(
       flax.traverse_util.flatten_dict(jax.tree.map(lambda x: np.asarray(x, np.float32), params),
                                       sep='/')), sep='/')
   images = _images(16)

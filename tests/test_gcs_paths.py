@@ -14,7 +14,9 @@ from etils import epath
 from tensorboard.backend.event_processing import event_accumulator
 
 from tests import test_records
-from vit_jax import checkpoint, errors, models, paths
+from vit_jax import checkpoint, models
+from vit_jax.cli import errors
+from vit_jax.storage import paths
 from vit_jax.data import sources
 from vit_jax.train import metrics_log, preflight, trainer
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import host_tuning
+from vit_jax.cli import host_tuning
 from vit_jax.models import registry
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,7 @@ def test_transparent_huge_pages_mode_reads_the_bracketed_mode(tmp_path):
 
 
 def _run_apply(env):
-  code = ('import os, sys; from vit_jax import host_tuning; print("started", flush=True); '
+  code = ('import os, sys; from vit_jax.cli import host_tuning; print("started", flush=True); '
           'host_tuning.apply(); '
           'print(os.environ.get("GLIBC_TUNABLES", ""), "|", os.environ.get("XLA_FLAGS", ""))')
   out = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, env=env, check=True,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_jax import checkpoint, sharding
+from vit_jax import checkpoint
+from vit_jax.scale import sharding
 from vit_jax.train import trainer
 
 TINY_DECODER = dict(decoder_width=8, decoder_layers=1, decoder_mlp_dim=16, decoder_heads=2)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import models, weight_formats
+from vit_jax import models
+from vit_jax.weights import formats
 
 
 def _abstract_params(model, image_size):
@@ -116,7 +117,7 @@ def test_scanned_blocks_equal_looped_blocks(remat_policy):
   scanned = models.get_model('testing', num_classes=5, representation_size=8, scan_layers=True,
                              remat_policy=remat_policy)
   params = _jitter(_init(looped, IMAGES))
-  flat = weight_formats.scan(flax.traverse_util.flatten_dict(params, sep='/'))
+  flat = formats.scan(flax.traverse_util.flatten_dict(params, sep='/'))
   assert flat['Transformer/encoderblock/MlpBlock_3/Dense_0/kernel'].shape == (2, 16, 32)
   stacked = flax.traverse_util.unflatten_dict(flat, sep='/')
   # The scanned model's own init has the same tree (and a leading 'layers' logical axis).
@@ -128,7 +129,7 @@ def test_scanned_blocks_equal_looped_blocks(remat_policy):
                              looped.apply({'params': params}, IMAGES), rtol=1e-5, atol=1e-5)
   grad = lambda m, p: jax.jit(jax.grad(  # noqa: E731
       lambda p: jnp.sum(m.apply({'params': p}, IMAGES) ** 2)))(p)
-  g_loop = weight_formats.scan(flax.traverse_util.flatten_dict(grad(looped, params), sep='/'))
+  g_loop = formats.scan(flax.traverse_util.flatten_dict(grad(looped, params), sep='/'))
   g_scan = flax.traverse_util.flatten_dict(grad(scanned, stacked), sep='/')
   for key, value in g_loop.items():
     np.testing.assert_allclose(g_scan[key], value, rtol=1e-4, atol=1e-5, err_msg=key)

@@ -9,7 +9,8 @@ from absl import flags
 from PIL import Image
 
 from tests import programs, workdirs
-from vit_jax import checkpoint, labels, model_from_weights, models, predict
+from vit_jax import checkpoint, models, predict
+from vit_jax.weights import labels, model_from_weights
 from vit_jax.data import ops
 from vit_jax.models import mae
 

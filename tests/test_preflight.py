@@ -11,7 +11,8 @@ import tensorflow_datasets as tfds
 
 from configs import quickstart
 from tests import test_resume
-from vit_jax import checkpoint, errors, main
+from vit_jax import checkpoint, main
+from vit_jax.cli import errors
 from vit_jax.data import make_records, sources
 from vit_jax.train import preflight, trainer
 

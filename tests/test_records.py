@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from vit_jax import sharding
+from vit_jax.scale import sharding
 from vit_jax.data import make_records, ops, pipeline, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tests import mock_tpu
-from vit_jax import checkpoint, sharding
+from vit_jax import checkpoint
+from vit_jax.scale import sharding
 from vit_jax.train import steps, trainer
 
 
@@ -224,7 +225,7 @@ def test_several_slices_split_the_batch_into_one_block_per_slice():
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu')
 def test_mock_slices_match_libtpus_topologies():
   """Which host drives which chip, as libtpu describes each slice (no TPU needed)."""
-  from vit_jax import accelerators  # pylint: disable=g-import-not-at-top
+  from vit_jax.scale import accelerators  # pylint: disable=g-import-not-at-top
   for slice_name in SLICES:
     libtpu_devices = accelerators.get_target(slice_name).devices()
     mock_devices = mock_tpu.slice_devices(slice_name)

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from vit_jax import startup
+from vit_jax.cli import startup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What libtpu writes when JAX probes for TPUs on a machine without them.
@@ -14,7 +14,7 @@ LIBTPU_PROBE = ('Failed to find host bounds', 'TPU_WORKER_HOSTNAMES', 'libtpu', 
 
 def test_a_program_starts_quietly_where_there_is_no_accelerator():
   assert not startup.has_accelerators()  # this machine, and CI's: CPUs only
-  child = ('from vit_jax import startup\n'
+  child = ('from vit_jax.cli import startup\n'
            'startup.begin(xla_flags=False)\n'
            'import jax\n'
            'print(os.environ["JAX_PLATFORMS"], jax.devices()[0].platform)\n')

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import accelerators, checkpoint, flops, models, sharding
+from vit_jax import checkpoint, models
+from vit_jax.scale import accelerators, flops, sharding
 from vit_jax.train import trainer
 
 

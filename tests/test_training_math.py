@@ -12,7 +12,8 @@ import optax
 import pytest
 import tensorflow as tf
 
-from vit_jax import checkpoint, models, train_state
+from vit_jax import checkpoint, models
+from vit_jax.weights import train_state
 from vit_jax.data import ops
 from vit_jax.models import mae, vit
 from vit_jax.train import metrics_log, optim, steps, trainer

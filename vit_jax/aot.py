@@ -29,7 +29,8 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from vit_jax import accelerators, flops, startup
+from vit_jax.cli import startup
+from vit_jax.scale import accelerators, flops
 from vit_jax.train import trainer
 
 GIB = 2**30

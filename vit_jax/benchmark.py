@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vit_jax import accelerators, flops, sharding, startup
+from vit_jax.cli import startup
+from vit_jax.scale import accelerators, flops, sharding
 from vit_jax.train import trainer
 
 

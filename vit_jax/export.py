@@ -6,23 +6,24 @@
 --checkpoint takes anything predict reads (a training workdir, vit_jax / big_vision .npz, timm /
 HF .safetensors) and the architecture is read off the weights as predict does; --image_size,
 --posemb, --model and --labels are predict's flags. The folders and what each target cannot
-hold: `vit_jax.torch_formats`. The same from Python: `checkpoint.export(path, to, out)`.
+hold: `vit_jax.weights.torch_formats`. The same from Python: `checkpoint.export(path, to, out)`.
 """
 from absl import app, flags
 
-from vit_jax import cli_flags, errors, startup
+from vit_jax.cli import errors, program_flags, startup
 from vit_jax import predict  # noqa: F401  (its flags: --checkpoint, --model, --labels, ...)
 
 _TO = flags.DEFINE_enum('to', None, ['hf', 'timm'], "'hf': a transformers "
                         "ViTForImageClassification folder; 'timm': a timm model folder.")
-_OUT = cli_flags.OUT  # the model folder
+_OUT = program_flags.OUT  # the model folder
 for _name in ('checkpoint', 'model', 'labels', 'image_size', 'posemb', 'out'):
   flags.declare_key_flag(_name)  # --help lists them
 
 
 def main(argv):
   startup.inference_program(argv)
-  from vit_jax import checkpoint, labels  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.weights import labels  # pylint: disable=g-import-not-at-top
   flag = flags.FLAGS
   with errors.reported_as_one_line():  # each message names the flag or file at fault
     written = checkpoint.export(flag.checkpoint, _TO.value, _OUT.value,

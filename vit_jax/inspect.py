@@ -20,11 +20,13 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from vit_jax import cli_flags, errors, paths, predict, startup
+from vit_jax import predict
+from vit_jax.cli import errors, program_flags, startup
+from vit_jax.storage import paths
 
 # --checkpoint is predict's flag (a workdir, .npz, or timm / HF weights file): one definition.
 _IMAGES = flags.DEFINE_list('images', [], 'Image files (default: the run\'s held-out split).')
-_OUT = cli_flags.OUT  # the PNGs and inspect.json
+_OUT = program_flags.OUT  # the PNGs and inspect.json
 flags.declare_key_flag('checkpoint')
 flags.declare_key_flag('out')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 32, 'Held-out images for attention distance.')
@@ -116,7 +118,7 @@ def held_out_images(checkpoint: str, size: int, count: int) -> tuple[np.ndarray,
   their names ('test[0]', ...)."""
   tf = startup.import_tensorflow()
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from vit_jax import train_state  # pylint: disable=g-import-not-at-top
+  from vit_jax.weights import train_state  # pylint: disable=g-import-not-at-top
   from vit_jax.data import ops, pipeline  # pylint: disable=g-import-not-at-top
   run = train_state.read_run_config(checkpoint)
   if not run.get('data', {}).get('eval_split'):
@@ -139,7 +141,7 @@ def analyse(checkpoint: str, image_paths: list[str], num_images: int = 32) -> di
   """All the numbers: {'filters', 'position_similarity', 'attention_distance', 'rollout', ...};
   'skipped': {path: why} for --images that are missing or no images."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax import model_from_weights, train_state  # pylint: disable=g-import-not-at-top
+  from vit_jax.weights import model_from_weights, train_state  # pylint: disable=g-import-not-at-top
   from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
   if num_images < 1:
     raise errors.UserError(f'--num_images={num_images}: use at least one image')

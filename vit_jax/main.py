@@ -5,7 +5,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from vit_jax import errors, startup
+from vit_jax.cli import errors, startup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)

@@ -5,8 +5,8 @@
 
 --checkpoint takes anything `checkpoint.load` reads (vit_jax / big_vision .npz, timm / HF
 .safetensors, a training workdir); the architecture is read off the weights
-(`vit_jax.model_from_weights`). A training workdir's config.json also gives its preprocessing
-(`pp_eval`, label ops left out) and whether its classes are exclusive (softmax) or not
+(`vit_jax.weights.model_from_weights`). A training workdir's config.json also gives its
+preprocessing (`pp_eval`, label ops left out) and whether its classes are exclusive (softmax) or not
 (`loss='sigmoid_xent'`: each class's own sigmoid). --image_size resizes learned position
 embeddings as fine-tuning does. --labels is a text file with one name per line or a tfds
 dataset name whose label names are used (WordNet ids become readable class names).
@@ -16,7 +16,8 @@ import sys
 
 from absl import app, flags
 
-from vit_jax import errors, paths, startup
+from vit_jax.cli import errors, startup
+from vit_jax.storage import paths
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Weights file or training workdir.')
 _MODEL = flags.DEFINE_string('model', None, "Model name, e.g. 'ViT-B_16'; optional: the weights "
@@ -116,7 +117,7 @@ def predict(checkpoint_path: str, model_name: str | None, image_paths: list[str]
             labels=None, image_size: int = 0, posemb: str = '', top_k: int = 5):
   """({path: [(class index, probability, label or None)] for the top_k classes},
   {path: why it was skipped}); folders among `image_paths` stand for the files in them."""
-  from vit_jax import model_from_weights, train_state  # pylint: disable=g-import-not-at-top
+  from vit_jax.weights import model_from_weights, train_state  # pylint: disable=g-import-not-at-top
   if top_k < 1:
     raise errors.UserError(f'--top_k={top_k}: show at least one class')
   model, params, size = model_from_weights.build(checkpoint_path, model_name,
@@ -139,7 +140,7 @@ def main(argv):
   files = image_files(argv[1:])
   if not files:
     sys.exit(f'error: no files to classify in {" ".join(argv[1:])}')
-  from vit_jax import labels as class_names  # pylint: disable=g-import-not-at-top
+  from vit_jax.weights import labels as class_names  # pylint: disable=g-import-not-at-top
   with errors.reported_as_one_line():  # each message names the flag or file at fault
     results, skipped = predict(_CHECKPOINT.value, _MODEL.value, files,
                                labels=class_names.read_labels(_LABELS.value),

@@ -34,7 +34,8 @@ import tensorflow as tf
 import tqdm
 from absl import app, flags
 
-from vit_jax import errors, paths, records_io, startup
+from vit_jax.cli import errors, startup
+from vit_jax.storage import paths, tfrecord
 from vit_jax.data import sources
 
 
@@ -174,7 +175,7 @@ def write_records(image_dir: str, labels_csv: str, output: str, num_shards: int,
                            'are relative to it)')
   num_rows, max_label = _check_labels_csv(labels_csv, num_classes)
   paths.resolve(output).mkdir(parents=True, exist_ok=True)
-  writers = [records_io.writer(
+  writers = [tfrecord.writer(
       paths.resolve(output) / sources.record_file_name(split, i, num_shards))
              for i in range(num_shards)]
   written = 0
@@ -193,7 +194,7 @@ def write_records(image_dir: str, labels_csv: str, output: str, num_shards: int,
         continue
       record = _example(data, labels)
       writers[written % num_shards].write(record)
-      lengths.write(np.int64(len(record) + records_io.FRAMING_BYTES).tobytes())
+      lengths.write(np.int64(len(record) + tfrecord.FRAMING_BYTES).tobytes())
       written += 1
       classes.update(labels)
     for w in writers:
@@ -234,7 +235,7 @@ def write_index(output: str, split: str, log=sys.stderr) -> int:
 
   def index(shard: int) -> None:
     file = files[shard]
-    offsets.put(shard, 0, records_io.record_starts(file, sizes[shard], file.stat().length))
+    offsets.put(shard, 0, tfrecord.record_starts(file, sizes[shard], file.stat().length))
   with concurrent.futures.ThreadPoolExecutor(min(32, len(sizes))) as pool:
     for _ in tqdm.tqdm(pool.map(index, range(len(sizes))), total=len(sizes), unit='shard',
                        desc=f'{split} index', file=log):

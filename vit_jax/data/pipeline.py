@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from jax.experimental import multihost_utils
 
-from vit_jax import sharding
+from vit_jax.scale import sharding
 from vit_jax.data import ops, sources
 
 # tf.data must not take the accelerator memory JAX needs.

@@ -18,7 +18,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax import errors, paths, records_io
+from vit_jax.cli import errors
+from vit_jax.storage import paths, tfrecord
 from vit_jax.data import digits  # noqa: F401  (registers sklearn_digits)
 
 
@@ -318,14 +319,14 @@ class _RecordReader:
 
   def _unframed(self, framed: bytes, index: int, file: int, expected: int) -> bytes:
     """The record's payload; its framing must span exactly what the index says."""
-    length = (records_io.framed_length(framed) if len(framed) >= records_io.HEADER_BYTES
+    length = (tfrecord.framed_length(framed) if len(framed) >= tfrecord.HEADER_BYTES
               else -1)
     if length != expected or len(framed) != expected:
       raise ValueError(
           f'{self._files[file]}: record {index - self._first[file]} (example {index}) is '
           f'framed as {length} bytes but the offsets file says {expected}: the index is stale '
           f'(the shard was written again after it); write it again: {self._fix}')
-    return framed[records_io.HEADER_BYTES:expected - 4]
+    return framed[tfrecord.HEADER_BYTES:expected - 4]
 
 
 def _parse_record(serialized):

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vit_jax import sharding
+from vit_jax.scale import sharding
 from vit_jax.models import resnet, vit
 
 Dtype = Any

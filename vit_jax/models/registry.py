@@ -9,7 +9,7 @@ import re
 
 import jax.numpy as jnp
 
-from vit_jax import errors
+from vit_jax.cli import errors
 from vit_jax.models import bit, vit
 
 # (hidden_size, num_layers, mlp_dim, num_heads), from the ViT paper (g from Zhai et al. 2022).

@@ -3,7 +3,7 @@
 Module and parameter names follow the released vit_jax checkpoints
 (`Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/query/kernel`, ...), so those
 weights load without renaming; the MAP head uses big_vision's names (`MAPHead_0/probe`, ...).
-Every parameter carries logical axis names; `vit_jax.sharding` maps them to mesh axes. With
+Every parameter carries logical axis names; `vit_jax.scale.sharding` maps them to mesh axes. With
 `scan_layers=True` the blocks are one `nn.scan` whose params are stacked under
 `Transformer/encoderblock/...` with a leading 'layers' axis (big_vision's scanned layout).
 Activations are constrained by logical names too (`ACT_*`), so that under FSDP they stay split
@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import sharding
+from vit_jax.scale import sharding
 from vit_jax.models import resnet
 
 Dtype = Any
 
-# Logical axis names used on parameters (see vit_jax/sharding.py for the rules). LAYERS leads
+# Logical axis names used on parameters (see vit_jax/scale/sharding.py for the rules). LAYERS leads
 # the stacked params of scanned blocks and is mapped to no mesh axis.
 EMBED, MLP, HEADS, KV, CLASSES, LAYERS = 'embed', 'mlp', 'heads', 'kv', 'classes', 'layers'
 # ... and on activations.

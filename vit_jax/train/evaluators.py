@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import sharding
+from vit_jax.scale import sharding
 from vit_jax.data import pipeline
 from vit_jax.train import fewshot, steps
 

@@ -4,7 +4,7 @@ import time
 
 import jax
 
-from vit_jax import log_file, paths
+from vit_jax.storage import log_file, paths
 from vit_jax.train import tb_events
 
 
@@ -52,7 +52,7 @@ _WINDOWS_KEPT = 16
 
 class MetricsLog:
   """Writes one JSON object per line to WORKDIR/metrics.jsonl, and the same scalars to TB,
-  in the background (`vit_jax.log_file`: the step loop never waits on storage).
+  in the background (`vit_jax.storage.log_file`: the step loop never waits on storage).
 
   A run starting at `start_step` (a resume from that checkpoint) first drops what an earlier
   run logged after it, and its first line continues the one the checkpoint was taken in

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from vit_jax import errors
+from vit_jax.cli import errors
 
 
 def make_schedule(config) -> optax.Schedule:

@@ -16,7 +16,10 @@ import jax
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
-from vit_jax import errors, models, paths, train_state
+from vit_jax import models
+from vit_jax.cli import errors
+from vit_jax.storage import paths
+from vit_jax.weights import train_state
 from vit_jax.data import ops, pipeline, sources
 from vit_jax.train import tasks
 

@@ -5,7 +5,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vit_jax import paths, sharding
+from vit_jax.scale import sharding
+from vit_jax.storage import paths
 from vit_jax.data import pipeline
 from vit_jax.models import mae
 from vit_jax.train import evaluators, ssl_steps, visualize

@@ -1,8 +1,8 @@
-"""TensorBoard scalar events written through `vit_jax.records_io` (local or gs://, one road).
+"""TensorBoard scalar events written through `vit_jax.storage.tfrecord` (local or gs://, one road).
 
 TensorFlow's summary writer reaches GCS only through TensorFlow's own filesystem (another road,
-see `vit_jax.paths`); these are the same event files, written in the background
-(`vit_jax.log_file`).
+see `vit_jax.storage.paths`); these are the same event files, written in the background
+(`vit_jax.storage.log_file`).
 
 A resumed run shows as one continuous run: events an earlier run wrote past the restored step
 are dropped from its files, and the new file starts with TensorBoard's own restart marker
@@ -16,7 +16,7 @@ import time
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from vit_jax import log_file, paths, records_io
+from vit_jax.storage import log_file, paths, tfrecord
 
 
 def is_event_file(path) -> bool:
@@ -27,7 +27,7 @@ def drop_events_after(path, step: int) -> None:
   """Rewrites an event file without the events past `step` (and a record cut short at its
   end); removes it when no summary is left."""
   data = paths.resolve(path).read_bytes()
-  events = [event_pb2.Event.FromString(r) for r in records_io.split(data)]
+  events = [event_pb2.Event.FromString(r) for r in tfrecord.split(data)]
   kept = [e for e in events if e.step <= step]
   if not any(e.HasField('summary') for e in kept):
     paths.resolve(path).unlink()

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vit_jax import accelerators, flops, sharding, train_state, weights
+from vit_jax.scale import accelerators, flops, sharding
+from vit_jax.weights import files, train_state
 from vit_jax.data import pipeline
 from vit_jax.train import metrics_log, optim, preemption, preflight, steps, tasks
 
@@ -142,7 +143,7 @@ def pretrained_params(config, abstract_params):
   holds another architecture, stops the run here in two lines."""
   logging.info('reading init_from=%s', config.init_from)
   try:
-    return weights.load_pretrained(config.init_from, abstract_params)
+    return files.load_pretrained(config.init_from, abstract_params)
   except (ValueError, OSError) as e:
     problems = str(e).splitlines()
     more = (f' (and {len(problems) - 2} more: does config.model match the file\'s model?)'

@@ -2,7 +2,7 @@
 import numpy as np
 from PIL import Image
 
-from vit_jax import paths
+from vit_jax.storage import paths
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ through `get(config)`; none of them branches on the task's name.
 """
 from typing import Callable
 
-from vit_jax import errors
+from vit_jax.cli import errors
 
 
 class Task:

@@ -23,7 +23,7 @@ import urllib.parse
 from etils import epath
 import fsspec
 
-from vit_jax import errors
+from vit_jax.cli import errors
 
 EMULATOR_VARIABLE = 'STORAGE_EMULATOR_HOST'
 # Range reads in flight per process on gs:// (GCS answers in tens of milliseconds: throughput

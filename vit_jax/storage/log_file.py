@@ -17,7 +17,7 @@ import time
 
 from absl import logging
 
-from vit_jax import paths
+from vit_jax.storage import paths
 
 # Object stores: at most one upload (segment + compose) per log per this many seconds.
 REMOTE_INTERVAL_S = 5.

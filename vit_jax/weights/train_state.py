@@ -1,6 +1,6 @@
 """Training checkpoints: the whole TrainState through an Orbax CheckpointManager under
 WORKDIR/checkpoints/<step>/, the run's config beside them, and a run's params read back as
-numpy (for transfer from a workdir). Released weight files are `vit_jax.weights`."""
+numpy (for transfer from a workdir). Released weight files are `vit_jax.weights.files`."""
 import json
 
 from absl import logging
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vit_jax import paths
+from vit_jax.storage import paths
 
 
 def has_checkpoints(workdir: str) -> bool:

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from vit_jax import paths
+from vit_jax.storage import paths
 from vit_jax.models.mae import PRETRAINING_ONLY
 
 BLOCK = 'Transformer/encoderblock_{i}/'

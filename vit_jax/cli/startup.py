@@ -2,7 +2,7 @@
 
 `begin()` comes first in every program's `__main__`: on a machine without accelerators JAX is
 told to use the CPU alone, so that libtpu (which the [tpu] extra installs for compiling) does not
-probe for TPUs and print its failures; then the CPU host defaults (`vit_jax.host_tuning`).
+probe for TPUs and print its failures; then the CPU host defaults (`vit_jax.cli.host_tuning`).
 
 TensorFlow's C++ runtime writes lines such as "oneDNN custom operations are on ..." to the
 process's stderr when it is imported (twice: two of its libraries each log it), before and
@@ -19,7 +19,7 @@ import tempfile
 
 from absl import flags, logging
 
-from vit_jax import host_tuning
+from vit_jax.cli import host_tuning
 
 # Lines TensorFlow's import writes that tell a user nothing they can act on.
 _START_UP_NOISE = (

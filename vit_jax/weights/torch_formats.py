@@ -18,7 +18,9 @@ import json
 import flax
 import numpy as np
 
-from vit_jax import errors, paths, weight_formats
+from vit_jax.cli import errors
+from vit_jax.storage import paths
+from vit_jax.weights import formats
 
 TARGETS = ('hf', 'timm')
 _TIMM_POOL = {'token': 'token', 'gap': 'avg', 'map': 'map'}
@@ -50,14 +52,14 @@ def refusal(model, target: str) -> str | None:
 
 def _float32_unscanned(params) -> dict:
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
-  return {k: np.asarray(v, np.float32) for k, v in weight_formats.unscan(flat).items()}
+  return {k: np.asarray(v, np.float32) for k, v in formats.unscan(flat).items()}
 
 
 def _with_position_table(model, params, flat: dict, size: int, *, class_entry: bool) -> dict:
   """`flat` with the position embeddings the model adds as one learned table (the class
   token's entry, where the target wants one and our model has none there, zero); without any
   where the model adds none and the target needs no table."""
-  from vit_jax import model_from_weights  # pylint: disable=g-import-not-at-top
+  from vit_jax.weights import model_from_weights  # pylint: disable=g-import-not-at-top
   if model.posemb == 'learn':
     return flat
   flat = {k: v for k, v in flat.items() if not k.startswith('posembed_input/')}  # learn2d's
@@ -70,7 +72,7 @@ def _with_position_table(model, params, flat: dict, size: int, *, class_entry: b
   table = np.asarray(table, np.float32)[None]
   if class_entry:
     table = np.concatenate([np.zeros_like(table[:, :1]), table], axis=1)
-  return dict(flat, **{weight_formats.POSEMB: table})
+  return dict(flat, **{formats.POSEMB: table})
 
 
 def _mlp_ratio(model) -> float:
@@ -91,7 +93,7 @@ def _class_names(model, labels) -> list[str] | None:
 def hf_folder(model, params, size: int, labels=None, multi_label: bool = False) -> dict:
   """{file name: bytes} of a transformers ViTForImageClassification folder."""
   flat = _with_position_table(model, params, _float32_unscanned(params), size, class_entry=True)
-  tensors = weight_formats.to_torch(flat, weight_formats.HF_LAYOUT, weight_formats.HF_PREFIX)
+  tensors = formats.to_torch(flat, formats.HF_LAYOUT, formats.HF_PREFIX)
   names = _class_names(model, labels) or [f'LABEL_{i}' for i in range(model.num_classes)]
   config = {
       'architectures': ['ViTForImageClassification'], 'model_type': 'vit',
@@ -120,13 +122,13 @@ def timm_folder(model, params, size: int, labels=None) -> dict:
   """{file name: bytes} of a timm model folder (its Hugging Face Hub layout)."""
   token = model.classifier == 'token'
   flat = _with_position_table(model, params, _float32_unscanned(params), size, class_entry=token)
-  tensors = weight_formats.to_torch(flat, weight_formats.TIMM_LAYOUT)
+  tensors = formats.to_torch(flat, formats.TIMM_LAYOUT)
   pool = _TIMM_POOL[model.classifier]
   model_args = {
       'img_size': size, 'patch_size': model.patch_size, 'embed_dim': model.hidden_size,
       'depth': model.num_layers, 'num_heads': model.num_heads, 'mlp_ratio': _mlp_ratio(model),
       'global_pool': pool, 'class_token': token, 'no_embed_class': False,
-      'pos_embed': 'none' if weight_formats.POSEMB not in flat else 'learn',
+      'pos_embed': 'none' if formats.POSEMB not in flat else 'learn',
       'fc_norm': False,  # our encoder norm comes before pooling, on every token
       'act_layer': 'gelu_tanh',
   }
@@ -161,12 +163,12 @@ def export(checkpoint_path: str, to: str, out: str, *, image_size: int = 0, pose
   """Writes the model at `checkpoint_path` (anything `checkpoint.load` reads) as a `to` ('hf'
   or 'timm') folder `out` (local or gs://); returns the file names written.
 
-  The architecture is read off the weights (`vit_jax.model_from_weights`, as predict does);
+  The architecture is read off the weights (`vit_jax.weights.model_from_weights`, as predict does);
   `image_size` resizes learned position embeddings, `posemb` names fixed ones the file does not
   show. Class names: `labels`, else those of the tfds dataset a workdir's run read. Raises
   errors.UserError, before writing anything, for what the target cannot hold."""
-  from vit_jax import labels as class_names  # pylint: disable=g-import-not-at-top
-  from vit_jax import model_from_weights, train_state  # pylint: disable=g-import-not-at-top
+  from vit_jax.weights import labels as class_names  # pylint: disable=g-import-not-at-top
+  from vit_jax.weights import model_from_weights, train_state  # pylint: disable=g-import-not-at-top
   if to not in TARGETS:
     raise errors.UserError(f'--to={to}: choose one of {", ".join(TARGETS)}')
   if paths.resolve(out).is_file():

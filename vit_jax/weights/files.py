@@ -1,14 +1,16 @@
 """Weights files in and out: released vit_jax / big_vision .npz, timm / Hugging Face
 .safetensors and a run's workdir into our parameter tree; our params out as a released-layout
 .npz; and the transfer merge (`load_pretrained`: new head, position embeddings resized to the
-new grid, pretraining-only parts dropped). Key layouts are in `vit_jax.weight_formats`."""
+new grid, pretraining-only parts dropped). Key layouts are in `vit_jax.weights.formats`."""
 import flax
 import flax.linen as nn
 import jax
 import numpy as np
 import scipy.ndimage
 
-from vit_jax import paths, sharding, train_state, weight_formats
+from vit_jax.scale import sharding
+from vit_jax.storage import paths
+from vit_jax.weights import formats, train_state
 from vit_jax.models import mae
 
 
@@ -43,7 +45,7 @@ def save_npz(params, path: str) -> None:
           for k, v in _host_flat(params).items()}
   if jax.process_index() == 0:
     with paths.resolve(path).open('wb') as f:
-      np.savez(f, **weight_formats.unscan(flat))
+      np.savez(f, **formats.unscan(flat))
 
 
 def load(path: str, num_heads: int | None = None) -> dict:
@@ -55,9 +57,9 @@ def load(path: str, num_heads: int | None = None) -> dict:
   unless given. Unknown or missing keys raise, naming them.
   """
   if paths.resolve(path).is_dir():
-    flat = weight_formats.unscan(train_state.restore_params(path))
+    flat = formats.unscan(train_state.restore_params(path))
   else:
-    flat, _ = weight_formats.to_vit_jax(weight_formats.read_flat(path), path, num_heads)
+    flat, _ = formats.to_vit_jax(formats.read_flat(path), path, num_heads)
   return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 
@@ -133,14 +135,14 @@ def load_pretrained(path: str, init_params, num_heads: int | None = None, *,
   """
   target = _flatten(init_params)
   shapes = {k: _unbox(v) for k, v in target.items()}  # .shape / .dtype, never fetched
-  scanned = weight_formats.is_scanned(shapes)
+  scanned = formats.is_scanned(shapes)
   if num_heads is None:
     query = next((v for k, v in shapes.items() if k.endswith(
-        weight_formats.ATTN + '/query/kernel')), None)
+        formats.ATTN + '/query/kernel')), None)
     num_heads = None if query is None else query.shape[-2]  # (..., D, heads, D / heads)
   loaded = _host_flat(load(path, num_heads))
   if scanned:
-    loaded = weight_formats.scan(loaded)
+    loaded = formats.scan(loaded)
   fresh = ('head',) if new_head else ()
   merged, problems = {}, []
   for key, leaf in target.items():

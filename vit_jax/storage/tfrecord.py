@@ -1,15 +1,15 @@
-"""TFRecord files written and read through `vit_jax.paths` (local or gs://, one road).
+"""TFRecord files written and read through `vit_jax.storage.paths` (local or gs://, one road).
 
 TensorFlow's own TFRecordWriter / TFRecordDataset go through TensorFlow's filesystems, another
-road to gs:// (see `vit_jax.paths`); the framing is TensorFlow's, so files written here are read
-by tf.data and TensorBoard as usual.
+road to gs:// (see `vit_jax.storage.paths`); the framing is TensorFlow's, so files written here
+are read by tf.data and TensorBoard as usual.
 """
 import struct
 
 import numpy as np
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from vit_jax import paths
+from vit_jax.storage import paths
 
 # Per record: 8-byte length, 4-byte length CRC, the data, 4-byte data CRC.
 HEADER_BYTES = 12

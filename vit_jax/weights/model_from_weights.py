@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import errors, models, train_state, weights
+from vit_jax import models
+from vit_jax.cli import errors
+from vit_jax.weights import files, train_state
 from vit_jax.models import vit
 
 
@@ -83,7 +85,7 @@ def build(checkpoint_path: str, model_name: str | None = None, *, image_size: in
   if image_size < 0:
     raise errors.UserError(f'image_size={image_size}: give a size in pixels (0: as trained)')
   try:
-    params = weights.load(checkpoint_path)
+    params = files.load(checkpoint_path)
   except FileNotFoundError as e:
     raise errors.UserError(f'{checkpoint_path}: no such file or directory') from e
   except OSError as e:  # no permission, ...
@@ -120,7 +122,7 @@ def build(checkpoint_path: str, model_name: str | None = None, *, image_size: in
     abstract = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)['params'])
     # As fine-tuning does: learned position embeddings resized to `size`, every shape checked.
-    params = weights.load_pretrained(checkpoint_path, nn.unbox(abstract), new_head=False)
+    params = files.load_pretrained(checkpoint_path, nn.unbox(abstract), new_head=False)
   except ValueError as e:  # an option the model refuses (--posemb=...), weights that do not fit
     raise errors.UserError(str(e)) from e
   return model, params, size

@@ -5,7 +5,8 @@ import os
 import re
 import sys
 
-from vit_jax import errors, paths
+from vit_jax.cli import errors
+from vit_jax.storage import paths
 
 # Keras' table of the ILSVRC-2012 classes (WordNet id and name per class index).
 _IMAGENET_CLASS_INDEX = ('https://storage.googleapis.com/download.tensorflow.org/data/'

@@ -17,7 +17,7 @@ from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vit_jax import errors
+from vit_jax.cli import errors
 
 MESH_AXES = ('data', 'fsdp', 'model')
 

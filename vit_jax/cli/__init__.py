@@ -1,0 +1,3 @@
+"""What every program shares: a quiet start (`startup`: TensorFlow and JAX without chatter, the
+CPU host's defaults from `host_tuning`), user mistakes as one `error:` line (`errors`), and the
+flags several programs take (`program_flags`). Imports nothing else of vit_jax."""
