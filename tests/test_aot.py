@@ -2,19 +2,17 @@
 slice shows: memory, fit, collectives, FLOPs. TPU compiles need libtpu (the [tpu] extra, which
 CI installs). The command itself runs in tests/test_launch.py, as the launcher's fit check."""
 import dataclasses
-import importlib.util
 import re
 
 import jax
 import pytest
 
 from configs import quickstart
+from tests import common
 from vit_jax import aot
 from vit_jax.scale import accelerators
 from vit_jax.train import trainer
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
-                                  reason='needs libtpu: pip install -e ".[tpu]"')
 
 
 def _small_config(batch_size, fsdp=1, **model):
@@ -192,7 +190,7 @@ def test_suggest_fix_tries_each_fix_alone_then_together(monkeypatch):
                    ('none', 1, 8), ('full', -1, 1), ('full', -1, 2), ('full', -1, 4)]
 
 
-@needs_libtpu
+@common.needs_libtpu
 def test_tpu_slice_memory_fit_and_fsdp():
   target = accelerators.get_target('v5litepod-8')
   devices = target.devices()
@@ -218,7 +216,7 @@ def test_tpu_slice_memory_fit_and_fsdp():
   assert not [loop for loop in windowed if 'encoderblock' in loop]
 
 
-@needs_libtpu
+@common.needs_libtpu
 def test_two_slices_compile_with_data_parallelism_across_them():
   target = accelerators.get_target('v5litepod-16', num_slices=2)
   config = _small_config(64)

@@ -3,7 +3,6 @@
 gcloud, srun and scontrol are never called: dry runs print, and real-mode tests put recording
 stubs first on PATH.
 """
-import importlib.util
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import pytest
 from absl import flags
 
 from launch import gpu_slurm, tpu_vm
+from tests import common
 
 LOCATION = ['--name=vit-a', '--zone=us-central2-b']
 TRAINER_FLAGS = ['--config=configs/quickstart.py', '--workdir=gs://bucket/runs/a',
@@ -29,8 +29,6 @@ GCLOUD_QUEUED = ['gcloud', 'compute', 'tpus', 'queued-resources']
 
 
 REAL_FIT_CHECK = tpu_vm.fit_check
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
-                                  reason='needs libtpu: pip install -e ".[tpu]"')
 
 
 @pytest.fixture(autouse=True)
@@ -465,7 +463,7 @@ def test_only_config_flags_reach_the_fit_check():
       'ViT-B_16']
 
 
-@needs_libtpu
+@common.needs_libtpu
 def test_fit_check_compiles_the_trainer_config_for_the_slice(capsys, tmp_path, monkeypatch):
   """`python -m vit_jax.aot`, as the launcher runs it: a report, and bad names refused."""
   monkeypatch.setattr(tpu_vm, 'FIT_CHECK_CACHE', str(tmp_path))  # compiles, whatever ran before

@@ -65,6 +65,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def pretraining_config(checkpoint_every: int = 2_000) -> ml_collections.ConfigDict:
+  """base_config() with the bookkeeping the pod-scale pretraining recipes share: the papers'
+  global batch of 4096, a line every 100 steps, an evaluation every 10k and a checkpoint every
+  `checkpoint_every` steps (minutes apart on a slice: what a preemption costs)."""
+  c = base_config()
+  c.batch_size = 4096
+  c.eval_batch_size = 1024
+  c.log_every = 100
+  c.eval_every = 10_000
+  c.checkpoint_every = checkpoint_every
+  return c
+
+
 def model_options(model_config) -> dict:
   """The options a config's `model` sets (None = the model's default), without `name`."""
   return {k: v for k, v in model_config.items() if k != 'name' and v is not None}
