@@ -15,8 +15,7 @@ _IMAGENET_CLASS_INDEX = ('https://storage.googleapis.com/download.tensorflow.org
 
 def _imagenet_class_index() -> dict:
   """{"0": ["n01440764", "tench"], ...}: fetched once into ~/.cache/vit_jax (XDG_CACHE_HOME)."""
-  cache = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'),
-                       'vit_jax', 'imagenet_class_index.json')
+  cache = paths.user_cache_path('imagenet_class_index.json')
   if not os.path.isfile(cache):
     import urllib.request  # pylint: disable=g-import-not-at-top
     os.makedirs(os.path.dirname(cache), exist_ok=True)
