@@ -36,14 +36,29 @@ def test_bad_key_is_an_error_naming_it():
     _parse('--config.totl_steps=3')
 
 
-def _main(*overrides):
+def _main(*overrides, program='vit_jax.main', config='configs/quickstart.py',
+          other='--workdir=/nonexistent/unused'):
   """`python -m vit_jax.main --config=configs/quickstart.py ... OVERRIDES`; fails in parsing."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return subprocess.run(
-      [sys.executable, '-m', 'vit_jax.main', '--config=configs/quickstart.py',
-       '--workdir=/nonexistent/unused', *overrides],
+      [sys.executable, '-m', program, f'--config={config}', other, *overrides],
       cwd=repo, capture_output=True, text=True, timeout=120,
       env=os.environ | {'VIT_JAX_HOST_TUNING': '0'})
+
+
+@pytest.mark.parametrize('program, other', [('vit_jax.main', '--workdir=/nonexistent/unused'),
+                                            ('vit_jax.aot', '--topology=v4-8')])
+def test_an_argument_the_config_refuses_is_one_line(program, other):
+  done = _main(program=program, config='configs/finetune.py:cifar11', other=other)
+  assert done.returncode == 1
+  assert done.stderr.splitlines() == [
+      "error: configs/finetune.py: unknown dataset 'cifar11'; choose one of ('cifar10', "
+      "'cifar100', 'imagenet2012', 'oxford_iiit_pet', 'oxford_flowers102')"]
+  if program != 'vit_jax.main':
+    return  # the same parser: once is enough
+  done = _main(config='configs/quickstart.py:big')
+  assert done.stderr.splitlines() == ['error: --config=configs/quickstart.py:big: get_config() '
+                                      'takes 0 positional arguments but 1 was given']
 
 
 def test_misspelt_key_on_the_command_line_is_two_lines_naming_it_and_the_fix():
