@@ -83,6 +83,10 @@ def test_records_missing_val_split_and_classes_other_than_the_config(quickstart_
   _records(tmp_path / 'records', 'train', num_classes=10)
   _fails(config, tmp_path / 'run', "data.eval_split='val'", 'val.json is missing')
   _records(tmp_path / 'records', 'val', num_classes=9)  # an evaluation split may lack a class
+  config.data.eval_split = 'test'  # the default, where make_records wrote 'val'
+  _fails(config, tmp_path / 'run', f"data.eval_split='test': {tmp_path / 'records'} has no split "
+         "'test', only train, val: set --config.data.eval_split=val (or write 'test':")
+  config.data.eval_split = 'val'
   config.pp_train = config.pp_eval = 'decode|resize(16)|value_range(-1, 1)'
   _fails(config, tmp_path / 'run', "pp_train='decode|resize(16)|value_range(-1, 1)' gives no "
          "'labels'", 'onehot(10)')
