@@ -251,9 +251,9 @@ def test_compiles_say_what_they_compile_and_how_long_the_same_shape_took(monkeyp
   with open(tmp_path / 'vit_jax' / 'compile_times.json') as f:
     (shape, seconds), = json.load(f).items()
   mesh = trainer.build(config).mesh
-  assert json.loads(shape) == aot._compile_shape(config, target, mesh, 8)  # pylint: disable=protected-access
+  assert json.loads(shape) == aot.compile_shape(config, target, mesh, 8)
   assert aot.expected_compile_s(json.loads(shape)) == (
       seconds, 'an earlier compile of the same shape here took that')
   config.batch_size = 16  # the same model and target, another batch
-  assert aot.expected_compile_s(aot._compile_shape(config, target, mesh, 16)) == (  # pylint: disable=protected-access
+  assert aot.expected_compile_s(aot.compile_shape(config, target, mesh, 16)) == (
       seconds, 'the last compile of testing for v5litepod-8 with other settings here took that')

@@ -144,7 +144,7 @@ def _shortfall(error: Exception):
   return float(match['need']) * _UNITS[match['unit']] / GIB, match['what']
 
 
-def _compile_shape(config, target: accelerators.Target, mesh, batch_size: int) -> list:
+def compile_shape(config, target: accelerators.Target, mesh, batch_size: int) -> list:
   """What decides how long XLA compiles the step: the key of its earlier compile times. Its
   first three entries (target, slices, model) are the fallback 'same model, other settings'."""
   return [target.name, target.num_slices,
@@ -194,19 +194,29 @@ def _record_compile_s(shape: list, seconds: float) -> None:
     pass  # an estimate only
 
 
-def _compile(traced, target: accelerators.Target, progress: bool, shape: list):
-  """traced.lower().compile(), with progress lines, a clean stop on Ctrl-C / SIGTERM and the
-  time recorded when `progress` (the program; tests call check() quietly)."""
+def _trace_and_compile(step, args, target: accelerators.Target, progress: bool, shape: list):
+  """(the traced step, its compiled executable or TPU's out-of-memory error). With `progress`
+  (the program; tests call check() quietly): progress lines, a clean stop on Ctrl-C / SIGTERM,
+  and the time recorded for the next compile's estimate."""
   options = GPU_COMPILER_OPTIONS if target.platform == 'cuda' else None
+
+  def work():
+    traced = step.trace(*args)  # its jaxpr also gives the FLOPs
+    try:
+      return traced, traced.lower().compile(options)
+    except jax.errors.JaxRuntimeError as e:  # TPU: the program does not fit
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      return traced, e
   if not progress:
-    return traced.lower().compile(options)
+    return work()
   expected_s, basis = expected_compile_s(shape)
   slices = f' x {target.num_slices} slices' if target.num_slices > 1 else ''
   doing = (f'compiling the train step of {shape[2]["name"]} (global batch {shape[5]}) for '
            f'{target.name}{slices}, {target.num_devices} devices')
   start = time.perf_counter()
   try:
-    return waiting.run_alive(lambda: traced.lower().compile(options), doing, expected_s, basis)
+    return waiting.run_alive(work, doing, expected_s, basis)
   finally:
     _record_compile_s(shape, time.perf_counter() - start)
 
@@ -215,7 +225,7 @@ def check(config, target: accelerators.Target, devices=None,
           batch_size: int | None = None, progress: bool = False) -> dict:
   """Compiles the train step of `config` (at `batch_size`, default config.batch_size) for
   `target`; returns the report's figures. progress: say on stderr what compiles, for how long
-  it should, and that it is alive (see `_compile`)."""
+  it should, and that it is alive (see `_trace_and_compile`)."""
   from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top  (TensorFlow: ~10 s)
   devices = target.devices() if devices is None else devices
   batch_size = batch_size or config.batch_size
@@ -224,14 +234,9 @@ def check(config, target: accelerators.Target, devices=None,
       trainer.make_train_step(config, training, jax.random.key(0)), training)
   batch = trainer.abstract_batch(config, training.mesh, batch_size)
   start = time.perf_counter()
-  traced = step.trace(training.abstract_state, batch)  # its jaxpr also gives the FLOPs below
-  try:
-    compiled = _compile(traced, target, progress,
-                        _compile_shape(config, target, training.mesh, batch_size))
-  except jax.errors.JaxRuntimeError as e:  # TPU: the program does not fit
-    if 'RESOURCE_EXHAUSTED' not in str(e):
-      raise
-    compiled = e
+  traced, compiled = _trace_and_compile(
+      step, (training.abstract_state, batch), target, progress,
+      compile_shape(config, target, training.mesh, batch_size))
   compile_s = time.perf_counter() - start
   state_gib = _state_bytes_per_device(training.abstract_state) / GIB
   report = {'topology': target.name, 'slices': target.num_slices, 'platform': target.platform,
@@ -458,6 +463,9 @@ def main(argv):
     devices = target.devices()
   except (ValueError, RuntimeError) as e:
     sys.exit(f'error: {e}')
+  slices = f' x {target.num_slices} slices' if target.num_slices > 1 else ''
+  print(f'{config.model.name} for {target.name}{slices}: loading the trainer to build its train '
+        'step', file=sys.stderr, flush=True)  # the imports alone take 5-20 s
   startup.import_tensorflow()  # the trainer's input pipeline imports it: without its chatter
   try:
     report = check(config, target, devices, progress=True)
