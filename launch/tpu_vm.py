@@ -379,6 +379,10 @@ def _fit_check_key(command: list) -> str:
   return digest.hexdigest()
 
 
+# The fit check's exit statuses when Ctrl-C or SIGTERM stopped it (vit_jax.cli.waiting).
+_STOPPED_BY = {130: 'Ctrl-C', 143: 'SIGTERM'}
+
+
 class _Stopped(Exception):
   """SIGTERM reached the launcher during the fit check."""
 
@@ -438,6 +442,10 @@ def _compiled_report(command: list) -> tuple[list, dict]:
     return kept['lines'] + [f'(kept from an earlier identical check: {cached})'], kept['report']
   result = _run_relaying_stderr(command)
   *lines, last = result.stdout.strip().splitlines() or ['']
+  if result.returncode in _STOPPED_BY:  # Ctrl-C or SIGTERM reached the check alone: it said so
+    print(f'stopped by {_STOPPED_BY[result.returncode]} during the fit check: nothing was '
+          'created or started', file=sys.stderr, flush=True)
+    raise SystemExit(result.returncode)
   if result.returncode:
     error = result.stderr.strip().splitlines()[-1:] or ['(no output)']
     raise SystemExit(f'fit check failed ({shlex.join(command)}): {error[0]}\n'

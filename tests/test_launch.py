@@ -537,6 +537,18 @@ def test_sigterm_during_the_fit_check_stops_it_and_the_launcher(capsys):
       'stopped by SIGTERM during the fit check: nothing was created or started']
 
 
+def test_a_fit_check_stopped_by_ctrl_c_stops_the_launcher(monkeypatch, tmp_path, capsys):
+  """Ctrl-C reached the check (it exits 130) before the launcher saw it: stopped, not failed."""
+  monkeypatch.setattr(tpu_vm, 'FIT_CHECK_CACHE', str(tmp_path))
+  monkeypatch.setattr(tpu_vm, '_run_relaying_stderr', lambda command: types.SimpleNamespace(
+      returncode=130, stdout='', stderr='\nstopped by Ctrl-C while compiling X\n'))
+  with pytest.raises(SystemExit) as stopped:
+    REAL_FIT_CHECK('v4-8', ['--config=configs/quickstart.py'])
+  assert stopped.value.code == 130 and capsys.readouterr().err.endswith(
+      'stopped by Ctrl-C during the fit check: nothing was created or started\n')
+  assert not os.listdir(tmp_path)  # nothing kept: the same check runs again next time
+
+
 def test_fit_check_refuses_naming_the_shortfall_and_a_fix(monkeypatch):
   report = {'fits': False, 'required_gib': 46.71, 'device_memory_gib': 30.75,
             'fix': {'model.remat_policy': 'full', 'accum_steps': 2}}
