@@ -128,7 +128,8 @@ def test_ctrl_c_then_sigkill_then_restart_reads_as_an_uninterrupted_run(quicksta
   rc, output = _finish(process)
   assert rc == 0, output
   stopped_at = max(_complete_steps(workdir))
-  assert f'Ctrl-C: saved step {stopped_at} to {workdir}/checkpoints; stopping' in output, output
+  # A plain line, not absl's 'W1203 14:21:10.940868 ... trainer.py:298]' in front.
+  assert f'\nCtrl-C: saved step {stopped_at} to {workdir}/checkpoints; stopping' in output, output
   assert 'Traceback' not in output, output
   assert stopped_at < config.total_steps
 
@@ -226,12 +227,14 @@ def test_a_stop_inside_a_line_resumes_into_the_same_line(quickstart_config, tmp_
   assert resumed == reference  # train_loss, grad_norm: the same float64 sums, in step order
 
 
-def test_sigterm_asks_to_stop_and_a_second_ctrl_c_exits_at_once():
+def test_sigterm_asks_to_stop_and_a_second_ctrl_c_exits_at_once(capsys):
   watch = preemption.PreemptionWatch()
   try:
     assert not watch.reached(1)
     os.kill(os.getpid(), signal.SIGTERM)
     assert watch.reached(2) and not watch.interrupted
+    assert capsys.readouterr().err == ('\nSIGTERM: saving a checkpoint at the next step, then '
+                                       'stopping\n')
   finally:
     watch.close()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

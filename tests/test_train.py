@@ -83,7 +83,7 @@ def _metrics(workdir):
 
 
 def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, caplog,
-                                                 monkeypatch):
+                                                 monkeypatch, capsys):
   # As on an accelerator whose peak is known (here 1 TFLOP/s per CPU device): lines carry mfu.
   monkeypatch.setitem(accelerators.PEAK_BF16_FLOPS, jax.devices()[0].device_kind, 1e12)
   workdir = str(tmp_path / 'run')
@@ -94,9 +94,10 @@ def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, ca
   config.total_steps = 6
   with caplog.at_level(logging.WARNING):
     trainer.train_and_evaluate(config, workdir)  # resumes from step 3
-  # At WARNING, the level the command line shows; nothing alarming about a sound checkpoint.
-  assert f'resuming from {workdir}/checkpoints/3 (step 3 of 6)' in caplog.text
-  assert 'Metadata file does not exist' not in caplog.text
+  # A plain line for the user (absl's format is for logs); at WARNING, the level the command
+  # line shows, nothing alarming about a sound checkpoint.
+  assert f'resuming from {workdir}/checkpoints/3 (step 3 of 6)\n' in capsys.readouterr().err
+  assert 'resuming' not in caplog.text and 'Metadata file does not exist' not in caplog.text
   lines = _metrics(workdir)
   train_steps = [m['step'] for m in lines if 'train_loss' in m]
   assert train_steps == [2, 3, 4, 6]  # log_every=2, and each run's last step

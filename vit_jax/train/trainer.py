@@ -1,6 +1,7 @@
 """The training loop: init or restore, step, log, evaluate, checkpoint."""
 import functools
 import math
+import sys
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -14,6 +15,11 @@ from vit_jax.scale import accelerators, flops, sharding
 from vit_jax.weights import files, train_state
 from vit_jax.data import pipeline
 from vit_jax.train import metrics_log, optim, preemption, preflight, steps, tasks
+
+
+def say(line: str) -> None:
+  """What a user must read (resume, stop): a plain line on stderr, where Ctrl-C's are."""
+  print(line, file=sys.stderr, flush=True)
 
 
 def build_model(config):
@@ -162,9 +168,9 @@ def initial_state(config, workdir: str, training: Training, manager, init_rng,
   resume_step = train_state.latest_complete_step(manager)
   if resume_step is not None:
     preflight.check_workdir_model(manager, resume_step, abstract_state.params, workdir)
-    # WARNING: the level the CLI shows; a user must see that this run is not a fresh one.
-    logging.warning('resuming from %s/checkpoints/%d (step %d of %d)', workdir, resume_step,
-                    resume_step, config.total_steps)
+    # A plain line (absl's format is for logs): a user must see that this run is not a fresh one.
+    say(f'resuming from {workdir}/checkpoints/{resume_step} (step {resume_step} of '
+        f'{config.total_steps})')
     return train_state.restore_state(manager, abstract_state, resume_step)
   state = training.init_fn(init_rng)
   if not config.init_from:
@@ -213,8 +219,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = initial_state(config, workdir, training, manager, init_rng, pretrained)
   start_step = int(state.step)
   if start_step >= config.total_steps:
-    logging.warning('%s is already at step %d of %d: nothing to train (raise total_steps to '
-                    'continue)', workdir, start_step, config.total_steps)
+    say(f'{workdir} is already at step {start_step} of {config.total_steps}: nothing to train '
+        '(raise total_steps to continue)')
     manager.close()
     return {}
   train_state.write_run_config(workdir, config)  # the config of the run that trains on
@@ -295,8 +301,8 @@ def _train_loop(config, workdir, state, start_step, training, train_step, evals,
       _save_if_finite(manager, step, state, pending, workdir, log, window,
                       batches.skipped_images() - skipped_before)  # a collective
     if stopping:
-      reason = 'Ctrl-C' if watch.interrupted else 'preemption notice'
-      logging.warning('%s: saved step %d to %s/checkpoints; stopping (run the same command '
-                      'again to resume)', reason, step, workdir)
+      reason = 'Ctrl-C' if watch.interrupted else 'SIGTERM (preemption notice)'
+      say(f'{reason}: saved step {step} to {workdir}/checkpoints; stopping (run the same command '
+          'again to resume)')
       break
   return last
