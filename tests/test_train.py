@@ -119,6 +119,7 @@ def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, ca
   assert [m['step'] for m in evals] == [3, 6]
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert not os.path.exists(os.path.join(workdir, 'plugins'))  # no profile_steps: no trace
 
 
 def test_quickstart_learns_the_digits_beyond_chance(quickstart_config, tmp_path):

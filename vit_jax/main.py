@@ -79,10 +79,11 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  from vit_jax.train import preemption, trainer  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import goodput, preemption, trainer  # pylint: disable=g-import-not-at-top
   try:
     with errors.reported_as_one_line():  # the message is the whole story: no traceback
-      trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                 started=goodput.process_start_time())
   except KeyboardInterrupt:  # from the training loop on, Ctrl-C saves and stops instead
     print('\nCtrl-C during start-up: stopped before the first step', file=sys.stderr,
           flush=True)
