@@ -35,6 +35,9 @@ REDONE = ('input', PRODUCTIVE, 'eval', 'checkpoint', 'profile', 'shutdown')
 BOUNDARIES = ('input', 'eval', 'checkpoint', 'shutdown', 'end')
 # Seconds between records while nothing else writes one: what a SIGKILL leaves uncounted.
 HEARTBEAT_S = 10.
+# At a step that logs a line, a record too (so that a killed run's steps_redone counts every
+# step it logged), at most once per this many seconds (log_every=1 on fast steps).
+LOGGED_STEP_RECORD_S = 1.
 
 
 def process_start_time() -> float:
@@ -89,6 +92,10 @@ class Recorder:
       # Records only at step boundaries (a step given): see _cut.
       if record or (step is not None and now - self._last_record >= HEARTBEAT_S):
         self._write(cause, now)
+
+  def due(self, seconds: float) -> bool:
+    """Whether the last record is at least `seconds` old."""
+    return self._clock() - self._last_record >= seconds
 
   def record(self, event: str, stored: bool = False) -> dict:
     """Writes a record now (the current cause counted up to now) and returns it; `stored`:

@@ -51,19 +51,19 @@ def stacks() -> str:
 
 
 class HangWatch:
-  """See the module's docstring. `check(now)` does the work; a daemon thread calls it every
-  `poll_s` (tests call it with their own clock and `thread=False`).
+  """See the module's docstring. `check()` does the work; a daemon thread calls it up to once a
+  second (tests call it with their own clock and `thread=False`).
 
-  on_hang(exiting): called before each dump is written (the goodput record); `exit` ends the
-  process."""
+  on_hang(exiting): called before each dump is written (the goodput record); `end(status)`
+  ends the process."""
 
   def __init__(self, workdir: str, dump_after_s: float, exit_after_s: float,
-               process_index: int = 0, on_hang=None, clock=time.monotonic, exit=os._exit,  # pylint: disable=redefined-builtin,protected-access
-               thread: bool = True):
+               process_index: int = 0, on_hang=None, clock=time.monotonic,
+               end=os._exit, thread: bool = True):  # pylint: disable=protected-access
     self._folder = paths.resolve(workdir) / 'hangs'
     self.dump_after_s, self.exit_after_s = dump_after_s, exit_after_s
     self._host = f'process{process_index}-{socket.gethostname()}'
-    self._on_hang, self._clock, self._exit = on_hang or (lambda exiting: None), clock, exit
+    self._on_hang, self._clock, self._end = on_hang or (lambda exiting: None), clock, end
     self._lock = threading.Lock()
     self._armed_at = None  # when the last step finished (None: not watching)
     self._step, self._dumps = 0, 0
@@ -100,7 +100,7 @@ class HangWatch:
     self._on_hang(exiting)
     self._dump(step, dump, waited, exiting)
     if exiting:
-      self._exit(EXIT_STATUS)
+      self._end(EXIT_STATUS)
 
   def _dump(self, step: int, dump: int, waited: float, exiting: bool) -> None:
     then = (f'exiting with status {EXIT_STATUS} (hang_exit_s={self.exit_after_s:g}) for a '

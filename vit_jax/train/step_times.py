@@ -3,7 +3,8 @@ SPIKE_FACTOR times it), and, on
 several hosts, the slowest host named once per logging interval.
 
 A step's time is the loop's, from one step's start to the next (its input wait included);
-steps with an evaluation, a checkpoint or a profile in between are not timed. In a synchronous
+steps that evaluate, save a checkpoint or are traced are not timed, and a step that logs a line
+(and so also fetches its metrics) is compared with the other logging steps only. In a synchronous
 program every host's steps take as long as the slowest host's, so hosts are compared by what
 each spends on its own: waiting for its input.
 """
@@ -26,29 +27,35 @@ def _warn(line: str) -> None:
 
 
 class StepTimes:
-  """`add(step, seconds, input_s)` for each timed step; `take_interval()` the figures since
-  the last call, for the hosts' comparison."""
+  """`add(step, seconds, input_s, logged)` for each timed step; `take_interval()` the figures
+  since the last call, for the hosts' comparison."""
 
   def __init__(self, host: str, warn=_warn):
     self._host, self._warn = host, warn
-    self._times = collections.deque(maxlen=WINDOW)
-    self._median = None
+    self._times = {False: collections.deque(maxlen=WINDOW),  # by whether the step logged
+                   True: collections.deque(maxlen=WINDOW)}
+    self._medians = {}
     self._interval = np.zeros(3)  # steps, seconds, input seconds
+
+  def _median(self, logged: bool) -> float | None:
+    if logged not in self._medians and self._times[logged]:
+      self._medians[logged] = statistics.median(self._times[logged])
+    return self._medians.get(logged)
 
   @property
   def median(self) -> float | None:
-    if self._median is None and self._times:
-      self._median = statistics.median(self._times)
-    return self._median
+    """The running median of the steps that log no line (of those that do, if none)."""
+    return self._median(False) or self._median(True)
 
-  def add(self, step: int, seconds: float, input_s: float) -> None:
-    if (len(self._times) >= MIN_HISTORY and seconds > SPIKE_FACTOR * self.median
-        and seconds - self.median >= SPIKE_MIN_EXCESS_S):
-      self._warn(f'step {step} took {seconds:.3g} s, {seconds / self.median:.1f}x the running '
-                 f'median {self.median:.3g} s ({self._host}; of it {input_s:.3g} s waiting for '
+  def add(self, step: int, seconds: float, input_s: float, logged: bool = False) -> None:
+    median = self._median(logged)
+    if (len(self._times[logged]) >= MIN_HISTORY and seconds > SPIKE_FACTOR * median
+        and seconds - median >= SPIKE_MIN_EXCESS_S):
+      self._warn(f'step {step} took {seconds:.3g} s, {seconds / median:.1f}x the running '
+                 f'median {median:.3g} s ({self._host}; of it {input_s:.3g} s waiting for '
                  'input)')
-    self._times.append(seconds)
-    self._median = None
+    self._times[logged].append(seconds)
+    self._medians.pop(logged, None)
     self._interval += (1, seconds, input_s)
 
   def take_interval(self) -> np.ndarray:

@@ -11,7 +11,11 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from vit_jax.cli import errors
+from vit_jax.storage import paths
 from vit_jax.train import goodput, hangs, profile, step_times
+
+# The goodput line at a run's end reads every run's records back: at most this long.
+READ_BACK_DEADLINE_S = 60.
 
 
 class Options(NamedTuple):
@@ -72,14 +76,16 @@ class Timeline:
     """`step` starts (its input first); the steps before it are dispatched, `state` their
     result."""
     done = step - 1
+    logged = bool(self._log_every) and done % self._log_every == 0
     if self._step_start is not None and self._input_s is not None:
-      self.times.add(done, self._clock() - self._step_start, self._input_s)
-    record = self.goodput.cause not in ('input', goodput.PRODUCTIVE)  # after other work
+      self.times.add(done, self._clock() - self._step_start, self._input_s, logged)
+    record = (self.goodput.cause not in ('input', goodput.PRODUCTIVE)  # after other work
+              or logged and self.goodput.due(goodput.LOGGED_STEP_RECORD_S))
     if self.profile and self.profile.tracing and done >= self.profile.last:
       self.hangs.pause()
       self.goodput.enter('profile')
       record = self.profile.after(done, state) or record
-    if self._log_every and done % self._log_every == 0 and jax.process_count() > 1:
+    if logged and jax.process_count() > 1:
       figures = multihost_utils.process_allgather(self.times.take_interval())
       if jax.process_index() == 0 and (line := step_times.slowest_host(figures, self._hosts,
                                                                         done)):
@@ -114,9 +120,11 @@ class Timeline:
     if self.goodput.close('error' if error else 'end') is None:
       return
     try:
-      report = goodput.account(goodput.read_runs(self.goodput.workdir))
-    except OSError as e:  # storage out of reach: the records are there for later
-      print(f'goodput: could not read {goodput.RECORDS} back ({e})', flush=True)
+      runs = paths.within_deadline(lambda: goodput.read_runs(self.goodput.workdir),
+                                   f'reading {goodput.RECORDS} back', READ_BACK_DEADLINE_S)
+    except (OSError, errors.UserError) as e:  # storage out of reach: the records stay
+      print(f'goodput: {e}', flush=True)
       return
+    report = goodput.account(runs)
     print(f'{goodput.summary_line(report)} (python -m vit_jax.goodput {self.goodput.workdir} '
           'for the table)', flush=True)
