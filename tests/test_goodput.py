@@ -207,7 +207,7 @@ def test_the_slowest_host_is_the_one_its_input_holds_back():
   assert step_times.slowest_host(np.zeros((3, 3)), hosts, 40) is None
 
 
-def _modules(xplane) -> collections.Counter:
+def xla_modules(xplane) -> collections.Counter:
   """XLA modules run in a trace: the `hlo_module` of its events."""
   found = collections.Counter()
   for plane in jax.profiler.ProfileData.from_file(str(xplane)).planes:
@@ -215,37 +215,6 @@ def _modules(xplane) -> collections.Counter:
       for event in line.events:
         found.update(v for k, v in event.stats if k == 'hlo_module')
   return found
-
-
-def test_a_run_records_its_goodput_and_traces_the_steps_asked(quickstart_config, tmp_path,
-                                                               capsys):
-  config = quickstart_config
-  config.profile_steps = '4:5'
-  workdir = tmp_path / 'run'
-  trainer.train_and_evaluate(config, str(workdir))
-  out = capsys.readouterr().out.splitlines()
-  assert out[-1].startswith('goodput ') and 'over 1 run: training' in out[-1]
-  folder = workdir / 'plugins' / 'profile' / 'steps_4-5'
-  assert sorted(os.listdir(folder)) == [f'{HOST}.trace.json.gz', f'{HOST}.xplane.pb']
-  assert _modules(folder / f'{HOST}.xplane.pb')['jit_train_step'] > 0
-  [records] = goodput.read_runs(str(workdir))
-  last = records[-1]
-  assert last['event'] == 'end' and last['step'] == 6
-  assert last['t'] - last['started'] == pytest.approx(sum(last['totals'].values()), abs=1e-2)
-  assert all(last['totals'][c] > 0 for c in ('startup', 'compile', 'train', 'eval',
-                                             'checkpoint', 'profile'))
-
-
-@dataclasses.dataclass
-class _StallOnceSeen(proxies.Fault):
-  """Holds the requests it matches (until removed) once a request naming `seen` has come."""
-  seen: str = ''
-  stall_s: float = math.inf
-  armed: bool = False
-
-  def applies(self, method: str, target: str) -> bool:
-    self.armed = self.armed or self.seen in target
-    return self.armed and super().applies(method, target)
 
 
 def _read_lines(process, lines: list) -> threading.Thread:
@@ -355,4 +324,4 @@ def test_a_read_that_stops_answering_is_named_and_the_killed_run_counted_on_resu
   assert sorted(p.name for p in folder.iterdir()) == [f'{HOST}.trace.json.gz',
                                                       f'{HOST}.xplane.pb']
   (tmp_path / 'trace.xplane.pb').write_bytes((folder / f'{HOST}.xplane.pb').read_bytes())
-  assert _modules(tmp_path / 'trace.xplane.pb')['jit_train_step'] > 0
+  assert xla_modules(tmp_path / 'trace.xplane.pb')['jit_train_step'] > 0
