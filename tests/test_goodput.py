@@ -217,6 +217,18 @@ def xla_modules(xplane) -> collections.Counter:
   return found
 
 
+@dataclasses.dataclass
+class _StallOnceSeen(proxies.Fault):
+  """Holds the requests it matches (until removed) once a request naming `seen` has come."""
+  seen: str = ''
+  stall_s: float = math.inf
+  armed: bool = False
+
+  def applies(self, method: str, target: str) -> bool:
+    self.armed = self.armed or self.seen in target
+    return self.armed and super().applies(method, target)
+
+
 def _read_lines(process, lines: list) -> threading.Thread:
   """Collects the process's output lines as they come, in a thread."""
   def read():
