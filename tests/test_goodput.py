@@ -41,7 +41,7 @@ class FakeClock:
 def _timeline(workdir, start_step, started, clock) -> timeline.Timeline:
   options = timeline.Options(profile_steps=None, profile_every_process=False, hang_dump_s=0,
                              hang_exit_s=0)
-  return timeline.Timeline(options, workdir, start_step, 10, 0, started, clock=clock)
+  return timeline.Timeline(options, workdir, start_step, 0, started, clock=clock)
 
 
 def _steps(run, clock, steps, input_s, train_s) -> None:
@@ -160,6 +160,8 @@ def test_a_hang_is_dumped_each_interval_with_the_blocked_frame_then_exits(tmp_pa
 def test_bad_values_are_named_before_any_work(quickstart_config):
   for key, value, message in (('profile_steps', '5:2', "profile_steps='5:2': give START:END"),
                               ('profile_steps', 'x', "profile_steps='x': give START:END"),
+                              ('profile_steps', '7:9', "profile_steps='7:9': the run ends at "
+                               'step 6 (total_steps)'),
                               ('hang_dump_s', -2., 'hang_dump_s=-2: give seconds, 0 for off, or '
                                '-1 for the default'),
                               ('hang_exit_s', -1., 'hang_exit_s=-1: give seconds, 0 for off')):
@@ -168,8 +170,8 @@ def test_bad_values_are_named_before_any_work(quickstart_config):
     with pytest.raises(errors.UserError, match=f'^{re.escape(message)}'):
       trainer.train_and_evaluate(config, '/nonexistent/never/written')
   assert timeline.options(quickstart_config).profile_steps is None
-  quickstart_config.profile_steps = '7'
-  assert timeline.options(quickstart_config).profile_steps == (7, 7)
+  quickstart_config.profile_steps = '6'
+  assert timeline.options(quickstart_config).profile_steps == (6, 6)
 
 
 def test_hang_thresholds_default_past_compilation_scale_steps():

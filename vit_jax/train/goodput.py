@@ -203,8 +203,7 @@ def summary_line(report: dict) -> str:
   if report['restarts']:
     restarts = (f', {report["restarts"]} restart{"s" * (report["restarts"] != 1)}, '
                 f'{report["steps_redone"]} steps redone')
-  causes = ', '.join(f'{cause} {duration(s)}' for cause, s in report['badput_s'].items()
-                     if s >= 0.05)
-  return (f'goodput {report["goodput"]:.1%} of {duration(report["wall_s"])} wall over {runs} '
-          f'run{"s" * (runs != 1)}{restarts}: training {duration(report["productive_s"])}; '
-          f'{causes}')
+  causes = [f'{cause} {duration(s)}' for cause, s in report['badput_s'].items() if s >= 0.05]
+  line = (f'goodput {report["goodput"]:.1%} of {duration(report["wall_s"])} wall over {runs} '
+          f'run{"s" * (runs != 1)}{restarts}: training {duration(report["productive_s"])}')
+  return f'{line}; {", ".join(causes)}' if causes else line

@@ -31,8 +31,11 @@ def options(config) -> Options:
     if config[key] < 0 and not (key == 'hang_dump_s' and config[key] == -1):
       raise errors.UserError(f'{key}={config[key]:g}: give seconds, 0 for off'
                              + (', or -1 for the default' if key == 'hang_dump_s' else ''))
-  return Options(profile.parse_steps(config.profile_steps), config.profile_every_process,
-                 config.hang_dump_s, config.hang_exit_s)
+  steps = profile.parse_steps(config.profile_steps)
+  if steps and steps[0] > config.total_steps:
+    raise errors.UserError(f'profile_steps={config.profile_steps!r}: the run ends at step '
+                           f'{config.total_steps} (total_steps)')
+  return Options(steps, config.profile_every_process, config.hang_dump_s, config.hang_exit_s)
 
 
 def _hostnames() -> list[str]:
@@ -51,10 +54,9 @@ class Timeline:
   Every process makes one, at the same point (it may gather the hosts' names), and calls it at
   the same steps (stragglers are compared at logging steps, a collective)."""
 
-  def __init__(self, opts: Options, workdir: str, start_step: int, total_steps: int,
-               log_every: int, started: float, clock=time.monotonic):
-    self._clock = clock
-    self._total_steps, self._log_every = total_steps, log_every
+  def __init__(self, opts: Options, workdir: str, start_step: int, log_every: int,
+               started: float, clock=time.monotonic):
+    self._clock, self._log_every = clock, log_every
     self._hosts = _hostnames()
     index = jax.process_index()
     self.goodput = goodput.Recorder(workdir, start_step, started, writer=index == 0, clock=clock)

@@ -229,9 +229,8 @@ def train_and_evaluate(config, workdir: str, started: float | None = None) -> di
   log = metrics_log.MetricsLog(workdir, start_step)  # drops lines an earlier run left past it
   progress = metrics_log.Progress(config.total_steps, start_step)
   batches = pipeline.train_iterator(config, mesh, start_step)
+  run = timeline.Timeline(timeline_options, workdir, start_step, config.log_every, started)
   watch = preemption.PreemptionWatch()
-  run = timeline.Timeline(timeline_options, workdir, start_step, config.total_steps,
-                          config.log_every, started)
   try:
     last = _train_loop(config, workdir, state, start_step, training, train_step, evals, log,
                        progress, batches, watch, manager, run)
