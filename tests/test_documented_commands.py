@@ -99,6 +99,7 @@ RUN_AS_PROGRAMS_ELSEWHERE = {
     'vit_jax.data.make_records':
         'test_readme_make_records_commands_report_skipped_files_after_the_progress_bar',
     'vit_jax.benchmark': 'test_benchmark',
+    'vit_jax.goodput': 'test_goodput',
 }
 
 

@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import socket
 
 import flax.linen as nn
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import test_goodput
 from vit_jax import checkpoint, models
 from vit_jax.scale import accelerators, flops, sharding
 from vit_jax.train import trainer
@@ -91,7 +93,8 @@ def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, ca
   config.total_steps = 3
   trainer.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3']
-  config.total_steps = 6
+  assert not os.path.exists(os.path.join(workdir, 'plugins'))  # no profile_steps: no trace
+  config.total_steps, config.profile_steps = 6, '5:5'
   with caplog.at_level(logging.WARNING):
     trainer.train_and_evaluate(config, workdir)  # resumes from step 3
   # A plain line for the user (absl's format is for logs); at WARNING, the level the command
@@ -120,6 +123,13 @@ def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, ca
   assert [m['step'] for m in evals] == [3, 6]
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  # Step 5's trace, where XProf looks, with the train step's XLA module; the last line says
+  # the goodput of both runs (tests/test_goodput.py checks its figures).
+  trace = os.path.join(workdir, 'plugins', 'profile', 'steps_5-5', f'{socket.gethostname()}')
+  assert test_goodput.xla_modules(f'{trace}.xplane.pb')['jit_train_step'] > 0
+  assert os.path.exists(f'{trace}.trace.json.gz')
+  last_line = capsys.readouterr().out.splitlines()[-1]
+  assert last_line.startswith('goodput ') and 'over 2 runs, 1 restart, 0 steps redone' in last_line
 
 
 def test_quickstart_learns_the_digits_beyond_chance(quickstart_config, tmp_path):

@@ -42,8 +42,9 @@ def main(argv):
     with errors.reported_as_one_line():  # the message is the whole story: no traceback
       _check_mesh_and_model_name(_CONFIG.value)
       startup.import_tensorflow()
-      from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
-      trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      from vit_jax.train import goodput, trainer  # pylint: disable=g-import-not-at-top
+      trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                 started=goodput.process_start_time())
   except KeyboardInterrupt:  # from the training loop on, Ctrl-C saves and stops instead
     from vit_jax.train import preemption  # pylint: disable=g-import-not-at-top
     print('\nCtrl-C during start-up: stopped before the first step', file=sys.stderr,

@@ -62,6 +62,15 @@ def base_config() -> ml_collections.ConfigDict:
   # slices (-1 = all of them; README "Several slices").
   c.mesh = dict(data=-1, fsdp=1, model=1, dcn_data=1)
   c.sharding_rules = placeholder(tuple)  # None: sharding.DEFAULT_RULES
+  # Where a run's time goes (README "Where did my pod's time go?"): a profiler trace of steps
+  # 'START:END' into WORKDIR/plugins/profile/ (process 0's, or every process's); every
+  # thread's stack to the log and WORKDIR/hangs/ when no step finishes for hang_dump_s
+  # seconds (-1: max(10 median step times, 10 min); 0: off), and an exit with status 75 after
+  # hang_exit_s (0: never) for a supervisor to start the run again.
+  c.profile_steps = ''
+  c.profile_every_process = False
+  c.hang_dump_s = -1.
+  c.hang_exit_s = 0.
   return c
 
 
