@@ -352,7 +352,7 @@ def test_distributed_flag_starts_jax_distributed_auto_detected(monkeypatch):
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
   trainer = types.ModuleType('vit_jax.train.trainer')  # the real one imports TF: slow here
-  trainer.train_and_evaluate = lambda config, workdir: calls.append(workdir)
+  trainer.train_and_evaluate = lambda config, workdir, started: calls.append(workdir)
   monkeypatch.setitem(sys.modules, 'vit_jax.train.trainer', trainer)
   monkeypatch.delattr('vit_jax.train.trainer', raising=False)
   flags.FLAGS(['prog', '--config=configs/quickstart.py', '--workdir=/tmp/w', '--distributed'])

@@ -99,7 +99,8 @@ def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, ca
     trainer.train_and_evaluate(config, workdir)  # resumes from step 3
   # A plain line for the user (absl's format is for logs); at WARNING, the level the command
   # line shows, nothing alarming about a sound checkpoint.
-  assert f'resuming from {workdir}/checkpoints/3 (step 3 of 6)\n' in capsys.readouterr().err
+  printed = capsys.readouterr()
+  assert f'resuming from {workdir}/checkpoints/3 (step 3 of 6)\n' in printed.err
   assert 'resuming' not in caplog.text and 'Metadata file does not exist' not in caplog.text
   lines = _metrics(workdir)
   train_steps = [m['step'] for m in lines if 'train_loss' in m]
@@ -128,7 +129,7 @@ def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, ca
   trace = os.path.join(workdir, 'plugins', 'profile', 'steps_5-5', f'{socket.gethostname()}')
   assert test_goodput.xla_modules(f'{trace}.xplane.pb')['jit_train_step'] > 0
   assert os.path.exists(f'{trace}.trace.json.gz')
-  last_line = capsys.readouterr().out.splitlines()[-1]
+  last_line = printed.out.splitlines()[-1]
   assert last_line.startswith('goodput ') and 'over 2 runs, 1 restart, 0 steps redone' in last_line
 
 
