@@ -11,6 +11,7 @@ import numpy as np
 from absl import logging
 
 from vit_jax.scale import accelerators, flops, sharding
+from vit_jax.storage import log_file
 from vit_jax.weights import files, train_state
 from vit_jax.data import pipeline
 from vit_jax.train import metrics_log, optim, preemption, preflight, steps, tasks
@@ -63,6 +64,10 @@ _all_finite = jax.jit(steps.all_finite)
 # saved only after that many more steps had run (a preemption's grace period is ~30 s), and as
 # many input batches sat on the devices. Two keep the device busy.
 _STEPS_AHEAD = 2
+
+# At a checkpoint the loop waits this long at most for the lines before it to be stored (less
+# when a stop is requested meanwhile).
+_LOG_SYNC_S = 5.
 
 
 def create_state(config, model, tx, mesh, rules):
@@ -212,7 +217,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   state = initial_state(config, workdir, training, manager, init_rng, pretrained)
   start_step = int(state.step)
-  if start_step >= config.total_steps:
+  evals = tasks.get(config).evaluators(config, model, mesh, state_sharding.params, workdir)
+  # A stop request that ended the evaluation of the checkpointed step: it is run first.
+  unevaluated = bool(evals and start_step and _interval_hit(start_step, config.eval_every,
+                                                              config.total_steps)
+                     and not metrics_log.has_evaluation(workdir, start_step))
+  if start_step >= config.total_steps and not unevaluated:
     logging.warning('%s is already at step %d of %d: nothing to train (raise total_steps to '
                     'continue)', workdir, start_step, config.total_steps)
     manager.close()
@@ -220,21 +230,37 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_state.write_run_config(workdir, config)  # the config of the run that trains on
 
   train_step = jit_train_step(make_train_step(config, training, dropout_rng), training)
-  evals = tasks.get(config).evaluators(config, model, mesh, state_sharding.params, workdir)
   log = metrics_log.MetricsLog(workdir, start_step)  # drops lines an earlier run left past it
   progress = metrics_log.Progress(config.total_steps, start_step)
   batches = pipeline.train_iterator(config, mesh, start_step)
   watch = preemption.PreemptionWatch()
   try:
-    last = _train_loop(config, workdir, state, start_step, training, train_step, evals, log,
-                       progress, batches, watch, manager)
-  finally:
+    last = (_evaluate(evals, state, start_step, log, progress, watch)
+            if unevaluated else {})
+    last.update(_train_loop(config, workdir, state, start_step, training, train_step, evals,
+                            log, progress, batches, watch, manager))
+  except BaseException:
+    _shut_down(batches, manager, log, watch, failed=True)
+    raise
+  _shut_down(batches, manager, log, watch, failed=False)
+  return last
+
+
+def _shut_down(batches, manager, log, watch, failed: bool) -> None:
+  """Ends the run's input, checkpoint writes and logs; only the checkpoints in flight are
+  waited for without a bound. Raises log_file.NotStored (naming the local files that hold
+  them) when lines could not be stored, unless the run `failed` already (then it is logged)."""
+  try:
     batches.close()  # no input thread may outlive the run (it would hold the process at exit)
     manager.wait_until_finished()
     manager.close()
-    log.close()
+    log.close()  # bounded (log_file.CLOSE_TIMEOUT_S)
+  except log_file.NotStored as e:
+    if not failed:
+      raise
+    logging.error('%s', e)
+  finally:
     watch.close()  # last: a second Ctrl-C while the final save is written still exits at once
-  return last
 
 
 def _mfu_terms(config, training: Training) -> dict:
@@ -248,6 +274,23 @@ def _mfu_terms(config, training: Training) -> dict:
                                           config.image_size)
   return {'flops_per_step': 3 * forward * config.batch_size,
           'peak_flops': peak * training.mesh.devices.size}
+
+
+def _evaluate(evals, state, step: int, log, progress, watch) -> dict:
+  """Runs the evaluators at `step` and logs their lines; a stop request ends it within a
+  batch, unlogged (the run resumed from this step's checkpoint evaluates it first)."""
+  results = {}
+  try:
+    with watch.evaluation():
+      for evaluator in evals:
+        result = evaluator.run(state.params, step)
+        log.write(step, result)
+        progress.log(step, result)
+        results.update(result)
+  except preemption.StopRequested:
+    logging.warning('stop requested during the evaluation at step %d: left unfinished (the run '
+                    'resumed from step %d evaluates it first)', step, step)
+  return results
 
 
 def _train_loop(config, workdir, state, start_step, training, train_step, evals, log, progress,
@@ -283,18 +326,21 @@ def _train_loop(config, workdir, state, start_step, training, train_step, evals,
     if evals and _interval_hit(step, config.eval_every, config.total_steps):
       jax.block_until_ready(state)  # the steps dispatched so far count as training time
       eval_start = time.time()
-      for evaluator in evals:
-        result = evaluator.run(state.params, step)
-        log.write(step, result)
-        progress.log(step, result)
-        last.update(result)
+      last.update(_evaluate(evals, state, step, log, progress, watch))
       throughput.exclude(time.time() - eval_start)  # evaluation is not training throughput
     stopping = watch.reached(step)
     if stopping or _interval_hit(step, config.checkpoint_every, config.total_steps):
-      log.flush()  # a run resumed from this checkpoint finds every line up to its step
+      # A run resumed from this checkpoint finds every line up to its step; but storage that
+      # does not answer holds neither training nor, on a stop request, the save (the lines
+      # are stored, or kept locally, at the end: MetricsLog.close).
+      if (not stopping and not log.flush(_LOG_SYNC_S, give_up=lambda: watch.requested)
+          and not watch.requested):
+        logging.warning('metrics.jsonl / TensorBoard lines up to step %d are not stored after '
+                        '%g s; saving the checkpoint without waiting longer', step, _LOG_SYNC_S)
       _save_if_finite(manager, step, state, pending, workdir, log, window,
                       batches.skipped_images() - skipped_before)  # a collective
     if stopping:
+      manager.wait_until_finished()  # committed: what the line below says
       reason = 'Ctrl-C' if watch.interrupted else 'preemption notice'
       logging.warning('%s: saved step %d to %s/checkpoints; stopping (run the same command '
                       'again to resume)', reason, step, workdir)
