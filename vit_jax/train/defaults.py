@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   # slices (-1 = all of them; README "Several slices").
   c.mesh = dict(data=-1, fsdp=1, model=1, dcn_data=1)
   c.sharding_rules = placeholder(tuple)  # None: sharding.DEFAULT_RULES
+  # JAX's persistent compilation cache (vit_jax/train/compilation_cache.py): '' = under the
+  # workdir, so a restarted run does not compile again; a folder or gs:// URL; 'none' = off.
+  c.compilation_cache = ''
   return c
 
 

@@ -14,7 +14,8 @@ from vit_jax.scale import accelerators, flops, sharding
 from vit_jax.storage import log_file
 from vit_jax.weights import files, train_state
 from vit_jax.data import pipeline
-from vit_jax.train import metrics_log, optim, preemption, preflight, steps, tasks
+from vit_jax.train import (compilation_cache, metrics_log, optim, preemption, preflight,
+                           steps, tasks)
 
 
 def build_model(config):
@@ -210,6 +211,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)) / 1e6)
 
   preflight.check(config, workdir, model, mesh)  # before anything compiles
+  compilation_cache.use(config.get('compilation_cache', ''), workdir)  # once it is reachable
   pretrained = None
   if config.init_from and not train_state.has_checkpoints(workdir):
     pretrained = pretrained_params(config, abstract_state.params)  # before anything is written
