@@ -7,7 +7,8 @@ emulator. It counts what passes: requests, bytes uploaded (request bodies), requ
     proxy.stats(); proxy.stop()
 
 Faults for one kind of request, by a substring of its decoded target (path and query, object
-names unquoted): `fault = proxy.add_fault('metrics.jsonl', stall_s=60)` holds those requests
+names unquoted; a multipart upload, whose object name is in its body, with ` name=<object>`
+added): `fault = proxy.add_fault('metrics.jsonl', stall_s=60)` holds those requests
 for 60 s before serving them (`math.inf`: until `fault.remove()` or `proxy.stop()`);
 `status=503` answers them with that status instead of serving them; `lose_response=True` serves
 them (the emulator acts) and then drops the connection before the answer; `methods=('POST',)`
@@ -26,6 +27,7 @@ import asyncio
 import dataclasses
 import json
 import random
+import re
 import sys
 import threading
 import urllib.parse
@@ -46,7 +48,8 @@ class Fault:
   removed: bool = False
 
   def applies(self, method: str, target: str) -> bool:
-    return (not self.removed and self.matches in urllib.parse.unquote(target)
+    """target: decoded, as the module's docstring says."""
+    return (not self.removed and self.matches in target
             and (self.methods is None or method in self.methods)
             and (self.times is None or self.hits < self.times))
 
@@ -134,6 +137,7 @@ class Proxy:
     if get('expect', '').lower() == '100-continue':
       writer.write(b'HTTP/1.1 100 Continue\r\n\r\n')
     body = await _read_body(reader, get)
+    described = urllib.parse.unquote(target) + _uploaded_name(target, body)
     if method == 'GET' and target.startswith('/_proxy/'):  # the harness's own controls
       query = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(target).query))
       if 'latency_ms' in query:
@@ -147,7 +151,7 @@ class Proxy:
     self.max_in_flight = max(self.max_in_flight, self.in_flight)
     self.in_flight_sum += self.in_flight
     try:
-      fault = next((f for f in self.faults if f.applies(method, target)), None)
+      fault = next((f for f in self.faults if f.applies(method, described)), None)
       if fault is not None:
         fault.hits += 1
         stalled = 0.
@@ -199,6 +203,14 @@ class Proxy:
     response_headers = [tuple(x.strip() for x in line.split(':', 1)) for line in header_lines]
     response_headers = [(k, v) for k, v in response_headers if k.lower() not in skip]
     return int(status), reason, response_headers, response_body
+
+
+def _uploaded_name(target: str, body: bytes) -> str:
+  """' name=<object>' of a multipart upload (JSON metadata first, then the data); '' else."""
+  if 'uploadType=multipart' not in target:
+    return ''
+  match = re.search(rb'"name"\s*:\s*"([^"]*)"', body[:4096])
+  return f' name={match.group(1).decode("utf-8", "replace")}' if match else ''
 
 
 async def _read_body(reader, get) -> bytes:

@@ -110,6 +110,7 @@ DOCUMENTED_OPTIONS = {
     'model.decoder_heads': ('2', 2), 'norm_pix_loss': ('True', True),
     'model.corrupt_ratio': ('0.4', 0.4), 'profile_steps': ('21:22', '21:22'),
     'profile_every_process': ('True', True), 'hang_exit_s': ('1800', 1800),
+    'compilation_cache': ('none', 'none'),
 }
 
 

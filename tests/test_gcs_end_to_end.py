@@ -1,9 +1,14 @@
 """The quickstart on a gs:// workdir (GCS emulator behind a proxy that adds latency and refuses
-some requests): killed, restarted, fine-tuned, predicted."""
+some requests): killed, restarted, fine-tuned, predicted; preempted while its log uploads hang."""
 import io
 import json
+import math
 import os
+import re
+import signal
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +17,7 @@ from PIL import Image
 
 from tests import common, test_resume
 from vit_jax import checkpoint, predict
+from vit_jax.storage import log_file
 from vit_jax.train import trainer
 
 
@@ -73,3 +79,43 @@ def test_quickstart_on_gcs_survives_sigkill_and_refusals_then_fine_tunes_and_pre
   results, skipped = predict.predict(f'{gcs_bucket}/fine_tuned', 'testing', [image], top_k=3)
   top = results[image]
   assert not skipped and len(top) == 3 and 0 < sum(p for _, p, _ in top) <= 1 + 1e-6
+
+
+def test_sigterm_saves_before_the_hung_log_uploads_and_does_not_wait_for_them(
+    gcs_bucket, gcs_proxy, quickstart_config, monkeypatch):
+  config = quickstart_config
+  config.total_steps, config.log_every, config.checkpoint_every, config.eval_every = 500, 1, 2, 0
+  config.data.eval_split = ''
+  workdir = f'{gcs_bucket}/preempted'
+  monkeypatch.setattr(log_file, 'CLOSE_TIMEOUT_S', 0.5)
+  hung, before = [], []
+
+  def preempt():  # once a checkpoint is complete, every log upload hangs; then SIGTERM
+    while (step := _complete_step(workdir)) is None:
+      time.sleep(0.05)
+    before.append(step)
+    hung.extend(gcs_proxy.add_fault(name, stall_s=math.inf)
+                for name in ('metrics.jsonl', 'tfevents', log_file.SEGMENT_PREFIX))
+    while not any(fault.hits for fault in hung):
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+  threading.Thread(target=preempt, daemon=True).start()
+  try:
+    with pytest.raises(log_file.NotStored) as e:
+      trainer.train_and_evaluate(config, workdir)
+    released = [fault.removed for fault in hung]
+  finally:
+    for fault in hung:
+      fault.remove()
+  # The run saved and ended while its log uploads still hung: neither waited for them.
+  assert released == [False] * 3
+  saved = _complete_step(workdir)
+  assert saved > before[0] and saved < config.total_steps
+  # What could not be stored is in local files the error names, up to the saved step.
+  local = re.findall(r'they are in (\S+?)(?:;|$)', str(e.value))
+  metrics = next((f for f in local if 'metrics.jsonl' in f), None)
+  assert metrics, str(e.value)
+  with open(metrics, encoding='utf-8') as f:
+    assert json.loads(f.read().splitlines()[-1])['step'] == saved
+  for f in local:
+    os.remove(f)

@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import flax.linen as nn
 import jax
@@ -15,8 +17,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tests import test_sharding
+from tests import test_resume, test_sharding
 from vit_jax import checkpoint, models
+from vit_jax.cli import errors
 from vit_jax.data import sources
 from vit_jax.train import trainer
 
@@ -27,6 +30,23 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def _run_together(commands: list, env: dict | None = None, timeout: float = 600):
+  """([exit status], [output]) of processes started at once; none is left waiting for a peer."""
+  env = env or {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for command in commands]
+  outputs = []
+  try:
+    for process in processes:
+      outputs.append(process.communicate(timeout=timeout)[0])
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  return [p.returncode for p in processes], outputs
 
 
 def trainer_config(data_dir: str):
@@ -77,21 +97,10 @@ def test_two_processes_match_one_and_checkpoint_together(tmp_path, tfds_data_dir
   shutil.copytree(tmp_path / 'one_process' / 'checkpoints' / '2',
                   tmp_path / 'resumed' / 'checkpoints' / '2')
   address = f'127.0.0.1:{_free_port()}'
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  workers = [subprocess.Popen(
-      [sys.executable, os.path.join(REPO, 'tests', 'multihost_worker.py'), address, '2', str(i),
-       str(tmp_path), str(tmp_path / 'tfds')], cwd=REPO, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = []
-  try:
-    for worker in workers:
-      outputs.append(worker.communicate(timeout=600)[0])
-  finally:
-    for worker in workers:  # never leave a process waiting for its peer
-      if worker.poll() is None:
-        worker.kill()
-        worker.wait()
-  assert [w.returncode for w in workers] == [0, 0], '\n\n'.join(outputs)
+  codes, outputs = _run_together(
+      [[sys.executable, os.path.join(REPO, 'tests', 'multihost_worker.py'), address, '2', str(i),
+        str(tmp_path), str(tmp_path / 'tfds')] for i in range(2)])
+  assert codes == [0, 0], '\n\n'.join(outputs)
   # Process 0 names the slowest host at the logging step after its first timed one (step 3).
   assert 'slowest host up to step 3: process ' in outputs[0], outputs[0]
   assert 'slowest host' not in outputs[1]
@@ -133,3 +142,124 @@ def test_two_processes_match_one_and_checkpoint_together(tmp_path, tfds_data_dir
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(exported)[0],
                           jax.tree.leaves(expected)):
     np.testing.assert_array_equal(a, b, err_msg=str(path))
+
+
+def _own_disks_refused(folder) -> str | None:
+  """Why processes cannot each mount their own empty folder at `folder` here (None: they can)."""
+  if not shutil.which('unshare'):
+    return 'no unshare command'
+  done = subprocess.run(['unshare', '-m', 'sh', '-c', f'mount -t tmpfs tmpfs {folder}'],
+                        capture_output=True, text=True, check=False)
+  return done.returncode and f'unshare -m + mount refused (needs root): {done.stderr.strip()}'
+
+
+@pytest.mark.slow
+def test_hosts_with_their_own_disks_each_prepare_the_data(quickstart_config, tmp_path):
+  """Two processes whose data_dir is the same path with different contents, as on a TPU pod's
+  hosts (~/tensorflow_datasets on each VM's own disk): each in its own mount namespace, an empty
+  tmpfs at that path. Each host prepares its own copy; both train together."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  if reason := _own_disks_refused(disk):
+    pytest.skip(reason)
+  config = quickstart_config
+  config.data.data_dir = str(disk)
+  config.data.eval_split = ''
+  config.update(total_steps=2, log_every=1, checkpoint_every=2, eval_every=0)
+  config_file = test_resume._write_config(config, tmp_path / 'config.py')  # pylint: disable=protected-access
+  address = f'127.0.0.1:{_free_port()}'
+  codes, outputs = _run_together([
+      ['unshare', '-m', 'sh', '-c', f'mount -t tmpfs tmpfs {disk} && exec "$@"', 'own disk',
+       sys.executable, '-m', 'vit_jax.main', f'--config={config_file}',
+       f'--workdir={tmp_path / "run"}', f'--coordinator_address={address}', '--num_processes=2',
+       f'--process_id={i}'] for i in range(2)])
+  assert codes == [0, 0], '\n\n'.join(outputs)
+  assert f'preparing tfds dataset sklearn_digits in {disk} (once;' in outputs[0]
+  assert (f'process 1: preparing tfds dataset sklearn_digits in {disk}, this host\'s own copy'
+          in outputs[1]), outputs[1]
+  assert not os.listdir(disk)  # the copies were on the processes' own disks
+  with open(tmp_path / 'run' / 'metrics.jsonl') as f:
+    assert [json.loads(line)['step'] for line in f] == [1, 2]
+
+
+class _KeyValueStore:
+  """jax.distributed's key-value store, between threads."""
+
+  def __init__(self):
+    self._values, self._changed = {}, threading.Condition()
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    del allow_overwrite
+    with self._changed:
+      self._values[key] = value
+      self._changed.notify_all()
+
+  def blocking_key_value_get(self, key, timeout_ms):
+    with self._changed:
+      if not self._changed.wait_for(lambda: key in self._values, timeout_ms / 1000):
+        raise TimeoutError(key)
+      return self._values[key]
+
+
+class _Builder:
+  """A tfds builder of a dataset in a folder; `prepared` records who prepared which folder."""
+  name, builder_config, version = 'digits', None, '1.0.0'
+  prepared = []
+
+  def __init__(self, data_dir, config=None, version=None):
+    del config, version
+    self.data_dir_root = data_dir
+
+  def is_prepared(self):
+    return os.path.exists(os.path.join(self.data_dir_root, 'digits'))
+
+  def download_and_prepare(self, file_format):
+    assert file_format == 'array_record'
+    time.sleep(0.05)  # long enough for another preparation of the same folder to overlap
+    os.makedirs(os.path.join(self.data_dir_root, 'digits'))  # fails if it exists
+    self.prepared.append(self.data_dir_root)
+
+
+def _prepare_on_processes(data_dirs: list, before_preparing=None) -> list:
+  """What sources.prepare_on_every_process gives each of len(data_dirs) processes (threads)."""
+  store, results = _KeyValueStore(), [None] * len(data_dirs)
+
+  def process(i):
+    try:
+      sources.prepare_on_every_process(_Builder(str(data_dirs[i])), before_preparing, store, i,
+                                       len(data_dirs))
+      results[i] = 'ok'
+    except Exception as e:  # pylint: disable=broad-except
+      results[i] = str(e)
+  threads = [threading.Thread(target=process, args=(i,)) for i in range(len(data_dirs))]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(60)
+  return results
+
+
+def test_each_host_without_the_data_prepares_its_own_copy_once(tmp_path):
+  _Builder.prepared = []
+  # Three hosts' own disks, each its own path string (another HOME each): each prepares.
+  disks = [tmp_path / f'home{i}' / 'tensorflow_datasets' for i in range(3)]
+  assert _prepare_on_processes(disks) == ['ok'] * 3
+  assert sorted(_Builder.prepared) == sorted(map(str, disks))
+  # One shared folder (NFS, a gcsfuse mount): process 0 alone prepares it.
+  _Builder.prepared = []
+  assert _prepare_on_processes([tmp_path / 'shared'] * 3) == ['ok'] * 3
+  assert _Builder.prepared == [str(tmp_path / 'shared')]
+  # Processes 1 and 2 share their host's disk, process 0 has its own: each disk once.
+  _Builder.prepared = []
+  host0, host1 = tmp_path / 'host0', tmp_path / 'host1'
+  assert _prepare_on_processes([host0, host1, host1]) == ['ok'] * 3
+  assert sorted(_Builder.prepared) == [str(host0), str(host1)]
+
+
+def test_a_host_that_cannot_get_the_data_says_why_and_nobody_waits(tmp_path):
+  def offline_on_host1(builder):
+    if 'host1' in builder.data_dir_root:
+      raise errors.UserError('this machine is offline')
+  results = _prepare_on_processes([tmp_path / 'host0', tmp_path / 'host1'], offline_on_host1)
+  assert results == [f'process 1 could not prepare tfds dataset digits in data_dir '
+                     f'{tmp_path / "host1"}: this machine is offline', 'this machine is offline']

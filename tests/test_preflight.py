@@ -1,8 +1,11 @@
 """Start-up checks: each mistake a user makes stops the run before step 1, naming the culprit."""
 import json
+import math
 import os
+import socket
 import subprocess
 import sys
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +17,7 @@ from tests import test_resume
 from vit_jax import checkpoint
 from vit_jax.cli import config_flag, errors
 from vit_jax.data import make_records, sources
+from vit_jax.storage import paths
 from vit_jax.train import preflight, trainer
 
 
@@ -165,3 +169,44 @@ def test_cli_prints_the_message_without_a_traceback(quickstart_config, tmp_path)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith('error: eval_batch_size=127')
   assert 'Traceback' not in result.stderr
+
+
+def test_four_processes_starting_together_on_one_fresh_shared_folder(tmp_path):
+  """Each probes with names of its own, in a folder that exists: none fails, none leaves any."""
+  errors_seen, barrier = [], threading.Barrier(4)
+
+  def start(rounds=25):  # as four SLURM tasks do at once, on a fresh folder each round
+    for r in range(rounds):
+      barrier.wait()
+      try:
+        preflight._check_workdir_writable(str(tmp_path / str(r) / 'runs' / 'i21k'))  # pylint: disable=protected-access
+      except preflight.PreflightError as e:
+        errors_seen.append(str(e))
+  processes = [threading.Thread(target=start) for _ in range(4)]
+  for p in processes:
+    p.start()
+  for p in processes:
+    p.join()
+  assert not errors_seen, errors_seen[:2]
+  assert not os.listdir(tmp_path)
+
+
+def test_a_bucket_out_of_reach_is_one_line_at_once(tmp_path, gcs_bucket, gcs_proxy, monkeypatch):
+  with socket.socket() as s:  # a port nothing listens on: the endpoint refuses at once
+    s.bind(('127.0.0.1', 0))
+    closed = s.getsockname()[1]
+  monkeypatch.setenv(paths.EMULATOR_VARIABLE, f'http://127.0.0.1:{closed}')
+  with pytest.raises(preflight.PreflightError, match=rf'^--workdir=gs://b/run: cannot reach '
+                     rf'127.0.0.1:{closed} \(.*refused\); check this machine\'s network$'):
+    preflight._check_workdir_writable('gs://b/run')  # pylint: disable=protected-access
+  # An endpoint that takes the connection but never answers: named after WORKDIR_PROBE_S.
+  monkeypatch.setenv(paths.EMULATOR_VARIABLE, gcs_proxy.url)
+  monkeypatch.setattr(preflight, 'WORKDIR_PROBE_S', 0.5)
+  hang = gcs_proxy.add_fault('.write_probe_', stall_s=math.inf)
+  try:
+    with pytest.raises(preflight.PreflightError, match=rf'^--workdir={gcs_bucket}/run: no answer '
+                       r'after 0.5 s; check that this machine reaches that storage'):
+      preflight._check_workdir_writable(f'{gcs_bucket}/run')  # pylint: disable=protected-access
+    assert hang.hits and not hang.removed
+  finally:
+    hang.remove()

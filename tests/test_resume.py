@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -16,7 +17,8 @@ from jax.experimental import io_callback
 
 from tests import common
 from vit_jax import checkpoint
-from vit_jax.train import preemption, trainer
+from vit_jax.scale import sharding
+from vit_jax.train import evaluators, preemption, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,6 +86,11 @@ def _kill_during_a_save(process, workdir, after_step):
     process.send_signal(signal.SIGCONT)  # that save finished in between: catch the next one
   rc, output = _finish(process)
   return rc, output, [n for n in _checkpoint_names(workdir) if '.orbax-checkpoint-tmp' in n]
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
 
 
 def _final(workdir, config):
@@ -247,12 +254,65 @@ def test_sigterm_asks_to_stop_and_a_second_ctrl_c_exits_at_once(capsys):
            'os.kill(os.getpid(), signal.SIGINT)\n'
            'time.sleep(60)\n'
            'print("still running")\n')
-  result = subprocess.run([sys.executable, '-c', child], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+  result = _run_python(child)
   assert result.returncode == preemption.INTERRUPTED_EXIT_STATUS, result
   assert result.stdout.splitlines() == ['first: stop requested True']
   assert 'Ctrl-C: saving a checkpoint at the next step' in result.stderr
   assert 'second Ctrl-C: exiting now, without saving' in result.stderr
+
+
+def test_a_stop_request_ends_an_evaluation_within_one_batch(quickstart_config):
+  config = quickstart_config  # the 297 test digits in batches of 64: 5 batches
+  mesh = sharding.make_mesh(config.mesh)
+  watch, evaluated = preemption.PreemptionWatch(), []
+
+  def eval_step(params, batch):
+    del params
+    evaluated.append(batch)
+    if len(evaluated) == 2:
+      os.kill(os.getpid(), signal.SIGTERM)  # the notice comes during batch 2
+    return {'count': jnp.sum(batch['mask'])}
+  try:
+    with pytest.raises(preemption.StopRequested), watch.evaluation():
+      evaluators.sum_over_split(eval_step, None, config, mesh, config.data.eval_split)
+  finally:
+    watch.close()
+  assert len(evaluated) == 2 and watch.reached(7)  # and the loop saves that step
+  evaluators.sum_over_split(eval_step, None, config, mesh, config.data.eval_split)
+  assert len(evaluated) == 2 + 5  # outside a training loop's evaluation, nothing stops it
+
+
+def test_an_evaluation_a_stop_ended_is_run_first_when_the_run_resumes(quickstart_config,
+                                                                     tmp_path, monkeypatch):
+  config = quickstart_config
+  config.total_steps, config.batch_size = 4, 8
+  config.log_every, config.checkpoint_every, config.eval_every = 2, 0, 0  # evaluated at step 4
+  # A stop request arrives during the final evaluation (and the run saves its last step).
+  monkeypatch.setattr(preemption.PreemptionWatch, 'reached_point',
+                      lambda self: preemption._evaluating is self)  # pylint: disable=protected-access
+  assert 'val_accuracy' not in trainer.train_and_evaluate(config, str(tmp_path))
+  assert _complete_steps(str(tmp_path)) == [4]
+  monkeypatch.undo()
+  assert 'val_accuracy' in trainer.train_and_evaluate(config, str(tmp_path))  # not "nothing to train"
+  assert [(m['step'], 'val_accuracy' in m) for m in _metrics(str(tmp_path))] == [
+      (2, False), (4, False), (4, True)]
+
+
+def test_the_exit_once_the_work_is_stored_waits_for_no_thread_and_no_hung_handler():
+  """What a program does after its last line (`vit_jax.cli.process_exit`): the exit handlers
+  run, within a bound; threads left running and the interpreter's teardown are not waited for."""
+  result = _run_python(textwrap.dedent('''
+      import atexit, threading
+      from vit_jax.cli import process_exit
+      process_exit.EXIT_HANDLERS_S = 0.5
+      atexit.register(threading.Event().wait)  # runs last, never returns
+      atexit.register(print, "exit handler ran", flush=True)
+      threading.Thread(target=threading.Event().wait).start()  # never ends
+      print("saved step 3", flush=True)
+      process_exit.exit_now(3)
+      '''))
+  assert result.returncode == 3, result
+  assert result.stdout.splitlines() == ['saved step 3', 'exit handler ran']
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(quickstart_config,

@@ -8,6 +8,7 @@ import pytest
 
 from tests import common, mock_tpu
 from vit_jax import checkpoint
+from vit_jax.cli import errors
 from vit_jax.scale import sharding
 from vit_jax.train import steps, trainer
 
@@ -217,8 +218,11 @@ def test_several_slices_split_the_batch_into_one_block_per_slice():
   # Parameters are sharded inside a slice (fsdp), replicated across slices (data).
   assert {d.slice_index for d in fsdp.devices[0].reshape(-1)} == {0}
   assert {d.slice_index for d in fsdp.devices[1].reshape(-1)} == {1}
-  with pytest.raises(ValueError, match='mesh.dcn_data=1, but the devices span 2 slice'):
+  # Mesh mistakes are one-line errors (UserError: the programs print them without a traceback).
+  with pytest.raises(errors.UserError, match='mesh.dcn_data=1, but the devices span 2 slice'):
     sharding.make_mesh(dict(data=-1), devices)
+  with pytest.raises(errors.UserError, match='a global batch of 60 does not split into the 32'):
+    sharding.process_batch_rows(mesh, 60, 0)
 
 
 @common.needs_libtpu

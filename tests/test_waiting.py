@@ -40,6 +40,19 @@ def test_a_long_wait_says_what_and_how_long_then_shows_it_is_alive():
     waiting.run_alive(lambda: 1 / 0, 'dividing', out=_Lines(1))
 
 
+def test_work_in_the_calling_thread_is_shown_alive_only_when_it_lasts():
+  out = _Lines(2)  # two beats: then the work may end
+  with waiting.said_if_long('compiling the training step (step 1)', after_s=0.01, every_s=0.01,
+                            out=out, clock=lambda: 42.):
+    assert out.release.wait(60)
+  assert out.lines[:2] == ['compiling the training step (step 1): 0m00s so far'] * 2
+  assert out.lines[-1] == 'compiling the training step (step 1): done in 0m00s'
+  quick = _Lines(1)
+  with waiting.said_if_long('compiling', after_s=60, out=quick):
+    pass
+  assert quick.lines == []  # ended before after_s: nothing said
+
+
 @pytest.mark.parametrize('signal_name, status, said', [('SIGTERM', 143, 'SIGTERM'),
                                                        ('SIGINT', 130, 'Ctrl-C')])
 def test_sigterm_and_ctrl_c_end_the_wait_with_one_line(signal_name, status, said):

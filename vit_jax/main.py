@@ -5,7 +5,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from vit_jax.cli import config_flag, errors, startup
+from vit_jax.cli import config_flag, errors, process_exit, startup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
@@ -56,4 +56,7 @@ if __name__ == '__main__':
   startup.begin()
   # Required only when run as a program: tests parse these modules' flags side by side.
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main, flags_parser=config_flag.parse_flags)
+  try:
+    app.run(main, flags_parser=config_flag.parse_flags)
+  except SystemExit as end:  # the run's work is stored: leave without the interpreter's teardown
+    process_exit.exit_now(end.code)

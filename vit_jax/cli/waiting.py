@@ -7,6 +7,7 @@ handler for SIGTERM that prints a stack trace (`*** SIGTERM received ... Failure
 `run_alive` therefore compiles in a worker thread while the calling (main) thread waits, prints
 the lines and owns SIGINT and SIGTERM: either ends the process at once with one line.
 """
+import contextlib
 import os
 import signal
 import sys
@@ -77,3 +78,33 @@ def run_alive(work: Callable[[], T], doing: str, expected_s: float | None = None
   if 'error' in result:
     raise result['error']
   return result['value']
+
+
+@contextlib.contextmanager
+def said_if_long(doing: str, *, after_s: float = 10., every_s: float = 30., out=None,
+                 clock=time.monotonic):
+  """Work in the calling thread (a jit's first call: tracing and compiling) that a line shows
+  alive once it has lasted `after_s` seconds, then every `every_s`, and says done; work that
+  ends sooner prints nothing."""
+  out = out or sys.stderr
+  start, done = clock(), threading.Event()
+  said = []
+
+  def ticker():
+    wait = after_s
+    while not done.wait(wait):
+      out.write(f'{doing}: {duration(clock() - start)} so far\n')
+      out.flush()
+      said.append(True)
+      wait = every_s
+
+  thread = threading.Thread(target=ticker, name='said_if_long', daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    done.set()
+    thread.join()
+    if said:
+      out.write(f'{doing}: done in {duration(clock() - start)}\n')
+      out.flush()

@@ -7,10 +7,14 @@ step 100,000 reads one batch, not the 51M records before it, and each process re
 rows of the global batch its devices hold, whatever the number of processes.
 """
 import collections
+import contextlib
+import fcntl
 import functools
 import io
 import json
+import os
 import threading
+import time
 
 from absl import logging
 import jax
@@ -43,8 +47,8 @@ class Source:
 # ---------------------------------------------------------------------------------------------
 # tensorflow-datasets, prepared as ArrayRecord (random access through tfds.data_source).
 
-# How long the other processes wait for process 0 to prepare a dataset (a download can take
-# hours); if process 0 dies, jax.distributed ends the wait sooner.
+# How long the processes wait for each other to prepare a dataset (a download can take hours);
+# if one of them dies, jax.distributed ends the wait sooner.
 PREPARE_WAIT_S = 48 * 3600
 
 
@@ -52,44 +56,81 @@ def prepare_tfds(builder, before_preparing=None):
   """Prepares a dataset that is not prepared yet, as ArrayRecord (random access); returns the
   builder to read it with. before_preparing(builder): a check run first (e.g. offline).
 
-  On several processes only process 0 prepares: N hosts writing one folder would race. It
-  tells the others through jax.distributed's key-value store when it is done (or why it
-  failed); a process that does not see the dataset prepared waits for that, then checks that
-  it sees it now: data_dir must be storage every host reads (gs://, or a shared mount).
+  On several processes, process 0 prepares first, so that a data_dir every host shares (a
+  bucket mounted with gcsfuse, NFS) is prepared once. Then each process that does not find the
+  dataset in its own data_dir (a folder on each host's own disk: the default
+  ~/tensorflow_datasets on TPU VMs) prepares its own copy there, one process per folder at a
+  time (a file lock: several processes of one host share its disk). Then each waits until
+  every process has the data or one says why it cannot, through jax.distributed's key-value
+  store, under keys named after the dataset, never after a data_dir (which may be another
+  string on another host: another HOME).
   """
   if jax.process_count() == 1:
     _prepare_here(builder, before_preparing)
     return builder
   client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
-  key = f'vit_jax/tfds_prepared/{builder.data_dir}'
-  if jax.process_index() == 0:
-    try:
-      _prepare_here(builder, before_preparing)
-    except Exception as e:
-      client.key_value_set(key, f'{type(e).__name__}: {e}', allow_overwrite=True)
-      raise
-    client.key_value_set(key, _PREPARED, allow_overwrite=True)
-    return builder
-  if builder.is_prepared():
-    return builder
-  logging.info('process %d: waiting for process 0 to prepare %s in %s', jax.process_index(),
-               builder.name, builder.data_dir_root)
-  verdict = client.blocking_key_value_get(key, PREPARE_WAIT_S * 1000)
-  if verdict != _PREPARED:
-    raise errors.UserError(f'process 0 could not prepare tfds dataset {builder.name} in '
-                       f'{builder.data_dir_root}: {verdict}')
-  builder = type(builder)(data_dir=builder.data_dir_root, config=builder.builder_config,
-                          version=builder.version)  # with the info process 0 wrote
-  if not builder.is_prepared():
-    raise errors.UserError(
-        f'process 0 prepared tfds dataset {builder.name} in data_dir {builder.data_dir_root}, '
-        f'but process {jax.process_index()} does not find it there: on several hosts data_dir '
-        'must be a folder every host reads (a bucket mounted with gcsfuse, e.g. by launch.tpu_vm '
-        '--data_bucket, or another shared filesystem)')
+  return prepare_on_every_process(builder, before_preparing, client, jax.process_index(),
+                                  jax.process_count())
+
+
+def prepare_on_every_process(builder, before_preparing, client, process: int, processes: int):
+  """prepare_tfds's protocol for `process` of `processes`, over a jax.distributed client (its
+  key_value_set and blocking_key_value_get)."""
+  config = builder.builder_config.name if builder.builder_config else ''
+  key = f'vit_jax/tfds_prepared/{builder.name}/{config}/{builder.version}'
+  deadline = time.monotonic() + PREPARE_WAIT_S
+
+  def verdict_of(other: int) -> str:
+    remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+    return client.blocking_key_value_get(f'{key}/{other}', remaining_ms)
+
+  try:
+    if process and not builder.is_prepared():  # process 0 may be preparing a shared data_dir
+      logging.info('process %d: waiting for process 0 to prepare %s', process, builder.name)
+      if (verdict := verdict_of(0)) != _PREPARED:
+        raise errors.UserError(f'process 0 could not prepare tfds dataset {builder.name} '
+                               f'{verdict}')
+      builder = _reloaded(builder)  # with the info process 0 wrote, should the folder be shared
+    if not builder.is_prepared():  # process 0's copy is not on this host's disk: its own
+      try:
+        with _folder_lock(builder.data_dir_root):
+          builder = _reloaded(builder)  # another process of this host may have prepared it
+          _prepare_here(builder, before_preparing)
+      except OSError as e:  # a read-only or full disk, a folder of another user
+        raise errors.UserError(f'process {process} cannot prepare tfds dataset {builder.name} '
+                               f'in data_dir {builder.data_dir_root}: {e}') from None
+  except Exception as e:
+    reason = str(e) if isinstance(e, errors.UserError) else f'{type(e).__name__}: {e}'
+    client.key_value_set(f'{key}/{process}', f'in data_dir {builder.data_dir_root}: {reason}',
+                         allow_overwrite=True)
+    raise
+  client.key_value_set(f'{key}/{process}', _PREPARED, allow_overwrite=True)
+  for other in range(processes):
+    if (verdict := verdict_of(other)) != _PREPARED:
+      raise errors.UserError(f'process {other} could not prepare tfds dataset {builder.name} '
+                             f'{verdict}')
   return builder
 
 
 _PREPARED = 'prepared'
+
+
+def _reloaded(builder):
+  """The same builder made again: it reads the dataset's info as it is on disk now."""
+  return type(builder)(data_dir=builder.data_dir_root, config=builder.builder_config,
+                       version=builder.version)
+
+
+@contextlib.contextmanager
+def _folder_lock(data_dir: str):
+  """Holds an exclusive lock on DATA_DIR/.vit_jax_prepare.lock (local or NFS folders)."""
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, '.vit_jax_prepare.lock'), 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _prepare_here(builder, before_preparing) -> None:

@@ -77,9 +77,9 @@ def dcn_data_size(mesh_config, devices: Sequence) -> int:
   if dcn == -1:
     return slices
   if dcn != slices:
-    raise ValueError(f'mesh.dcn_data={dcn}, but the devices span {slices} slice(s): set '
-                     f'--config.mesh.dcn_data=-1 (or {slices}); data parallelism across slices '
-                     'is the only axis that may cross them')
+    raise errors.UserError(f'mesh.dcn_data={dcn}, but the devices span {slices} slice(s): set '
+                           f'--config.mesh.dcn_data=-1 (or {slices}); data parallelism across '
+                           'slices is the only axis that may cross them')
   return dcn
 
 
@@ -94,12 +94,16 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   dcn = dcn_data_size(mesh_config, devices)
   shape = mesh_shape(mesh_config, len(devices) // dcn)
-  if dcn == 1:
-    device_grid = mesh_utils.create_device_mesh(
-        shape, devices=devices, allow_split_physical_axes=True)
-  else:
-    device_grid = mesh_utils.create_hybrid_device_mesh(
-        shape, (dcn, 1, 1), devices=devices, allow_split_physical_axes=True)
+  try:
+    if dcn == 1:
+      device_grid = mesh_utils.create_device_mesh(
+          shape, devices=devices, allow_split_physical_axes=True)
+    else:
+      device_grid = mesh_utils.create_hybrid_device_mesh(
+          shape, (dcn, 1, 1), devices=devices, allow_split_physical_axes=True)
+  except (ValueError, AssertionError, NotImplementedError) as e:  # jax's, about the slice
+    raise errors.UserError(f'mesh {dict(zip(MESH_AXES, shape))} x dcn_data={dcn} cannot be laid '
+                           f'out on these {len(devices)} devices: {str(e).splitlines()[0]}') from None
   return Mesh(device_grid, MESH_AXES)
 
 
@@ -128,9 +132,9 @@ def _batch_blocks(mesh: Mesh, global_batch: int) -> tuple[np.ndarray, int]:
   sizes = [mesh.devices.shape[a] for a in axes]
   num_blocks = math.prod(sizes)
   if global_batch % num_blocks:
-    raise ValueError(f'a global batch of {global_batch} does not split into the {num_blocks} '
-                     f'batch-sharding devices of mesh {dict(mesh.shape)}; use a multiple of '
-                     f'{num_blocks}')
+    raise errors.UserError(f'a global batch of {global_batch} does not split into the '
+                           f'{num_blocks} batch-sharding devices of mesh {dict(mesh.shape)}; use '
+                           f'a multiple of {num_blocks}')
   return np.ravel_multi_index([grid[a] for a in axes], sizes), global_batch // num_blocks
 
 

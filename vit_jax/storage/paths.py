@@ -77,6 +77,13 @@ def gcs():
   return fsspec.filesystem('gs')
 
 
+def gcs_endpoint() -> tuple[str, int]:
+  """(host, port) that gs:// requests go to: STORAGE_EMULATOR_HOST's, else GCS's."""
+  url = os.environ.get(EMULATOR_VARIABLE) or 'https://storage.googleapis.com'
+  parsed = urllib.parse.urlparse(url if '://' in url else f'http://{url}')
+  return parsed.hostname, parsed.port or (443 if parsed.scheme == 'https' else 80)
+
+
 def _bucket_and_key(url: str) -> tuple[str, str]:
   parsed = urllib.parse.urlparse(os.fspath(url))
   if parsed.scheme != 'gs':

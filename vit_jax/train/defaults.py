@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.profile_every_process = False
   c.hang_dump_s = -1.
   c.hang_exit_s = 0.
+  # JAX's persistent compilation cache (vit_jax/train/compilation_cache.py): '' = under the
+  # workdir, so a restarted run does not compile again; a folder or gs:// URL; 'none' = off.
+  c.compilation_cache = ''
   return c
 
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from vit_jax.scale import sharding
 from vit_jax.data import pipeline
-from vit_jax.train import fewshot, steps
+from vit_jax.train import fewshot, preemption, steps
 
 
 _add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
@@ -17,10 +17,11 @@ def sum_over_split(eval_step, params, config, mesh, split: str) -> tuple[dict, f
   """Adds up eval_step's per-batch sums over a whole (padded) split; returns (sums, count).
 
   The sums stay on the devices until the split is done: nothing waits for a batch's result,
-  so reading batch b+1 overlaps evaluating batch b."""
+  so reading batch b+1 overlaps evaluating batch b. A stop request ends it at any batch."""
   _, batches = pipeline.eval_batches(config, mesh, split)
   totals = None
   for batch in batches:
+    preemption.check_evaluation()
     sums = eval_step(params, batch)
     totals = sums if totals is None else _add(totals, sums)
   totals = jax.device_get(totals)
@@ -75,6 +76,7 @@ class FewShotEvaluator:
     _, batches = pipeline.eval_batches(self.data_config, self.mesh, split)
     features, labels = [], []
     for batch in batches:
+      preemption.check_evaluation()
       f, y, mask = sharding.to_host(self._features(params, batch))
       keep = mask > 0
       features.append(f[keep])

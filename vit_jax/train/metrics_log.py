@@ -2,7 +2,10 @@
 import json
 import time
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from vit_jax.cli.waiting import duration
 from vit_jax.storage import log_file, paths
@@ -26,6 +29,18 @@ def drop_lines_after(path, step: int) -> None:
                  if line.endswith('\n') and (s := _step(line)) is not None and s <= step)
   if kept != text:
     log_file.replace(path, kept.encode('utf-8'))
+
+
+def has_evaluation(workdir: str, step: int) -> bool:
+  """Whether WORKDIR/metrics.jsonl holds an evaluation line (one without train_loss) at `step`;
+  read by process 0, told to all."""
+  found = False
+  if jax.process_index() == 0 and (path := paths.resolve(workdir) / 'metrics.jsonl').exists():
+    found = any(_step(line) == step and 'train_loss' not in line
+                for line in path.read_text().splitlines())
+  if jax.process_count() > 1:
+    found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+  return found
 
 
 # The metrics a training line averages over its steps.
@@ -65,10 +80,10 @@ class MetricsLog:
     self.is_writer = jax.process_index() == 0
     self.path = paths.resolve(workdir) / 'metrics.jsonl'
     self._windows_path = paths.resolve(workdir) / WINDOWS
-    self._windows = (json.loads(self._windows_path.read_text())
-                     if start_step and self._windows_path.exists() else {})
+    self._windows = _read_windows(self._windows_path) if start_step else {}
     self.carried = self._windows.get(str(start_step))  # read by every process alike
     if self.is_writer:
+      log_file.remove_segments(paths.resolve(workdir))  # left by a run killed mid-upload
       drop_lines_after(self.path, start_step)
       self._file = log_file.LogFile(self.path)
       self._tb = tb_events.EventWriter(paths.resolve(workdir) / 'tensorboard', start_step)
@@ -80,7 +95,8 @@ class MetricsLog:
     self._windows[str(step)] = sums
     for old in sorted(self._windows, key=int)[:-_WINDOWS_KEPT]:
       del self._windows[old]
-    self._windows_path.write_text(json.dumps(self._windows))
+    # Replaced whole (a kill mid-write leaves the old file): every later resume reads it.
+    log_file.replace(self._windows_path, json.dumps(self._windows).encode('utf-8'))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.is_writer:
@@ -90,17 +106,46 @@ class MetricsLog:
     self._file.flush()
     self._tb.write_scalars(int(step), scalars)
 
-  def flush(self) -> None:
-    """Waits until all lines written so far are stored. Call it before a checkpoint is saved:
-    a run resumed from that checkpoint then finds every line up to its step."""
-    if self.is_writer:
-      self._file.sync()
-      self._tb.sync()
+  def flush(self, timeout: float | None = None, give_up=None) -> bool:
+    """Waits until all lines written so far are stored: True; False when they are not by
+    `timeout` seconds, or give_up() turned True first. Called before a checkpoint is saved: a
+    run resumed from that checkpoint then finds every line up to its step."""
+    if not self.is_writer:
+      return True
+    stored = self._file.sync(timeout, give_up)
+    return self._tb.sync(timeout, give_up) and stored
 
-  def close(self) -> None:
-    if self.is_writer:
-      self._file.close()
-      self._tb.close()
+  def close(self, timeout: float | None = None) -> None:
+    """Stores what is left within `timeout` seconds (default log_file.CLOSE_TIMEOUT_S, both
+    logs at once); raises log_file.NotStored naming the local files that hold what could not
+    be stored."""
+    if not self.is_writer:
+      return
+    logs = (self._file, self._tb)
+    for log in logs:
+      log.flush(now=True)  # both upload at once
+    timeout = log_file.CLOSE_TIMEOUT_S if timeout is None else timeout
+    deadline, problems = time.monotonic() + timeout, []
+    for log in logs:
+      try:
+        log.close(max(deadline - time.monotonic(), 0.))
+      except log_file.NotStored as e:
+        problems.append(str(e))
+    if problems:
+      raise log_file.NotStored('; '.join(problems))
+
+
+def _read_windows(path) -> dict:
+  """metrics_windows.json, or {} when it is absent or unreadable (written by a version that
+  wrote it in place and was killed mid-write): a resumed line then holds only its own steps."""
+  if not path.exists():
+    return {}
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    logging.warning('ignoring %s (%s): the line in progress at the checkpoint starts afresh',
+                    path, e)
+    return {}
 
 
 class Progress:

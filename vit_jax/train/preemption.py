@@ -3,10 +3,15 @@ they take the machine) and Ctrl-C (SIGINT) both save at the next step and exit w
 A second Ctrl-C exits at once, without saving; the newest complete checkpoint stays.
 
 Multi-process runs use JAX's preemption sync service (started by jax.distributed.initialize):
-every process learns of a SIGTERM sent to any of them and they all agree on the same step to
-save at; a Ctrl-C is handed to that service as a SIGTERM to this process. A single process has
+every process learns of a SIGTERM sent to any of them and they all agree on the same point to
+stop at; a Ctrl-C is handed to that service as a SIGTERM to this process. A single process has
 no such service, so the signal handlers set a flag instead.
+
+The points are every training step and every evaluation batch (`check_evaluation`): a stop
+request during a long evaluation ends it within one batch, instead of after the whole split.
 """
+import contextlib
+import itertools
 import os
 import signal
 import sys
@@ -19,6 +24,22 @@ from jax.experimental import multihost_utils
 INTERRUPTED_EXIT_STATUS = 130
 
 
+class StopRequested(Exception):
+  """Raised by check_evaluation: a stop request ends the evaluation in progress."""
+
+
+_evaluating = None  # the PreemptionWatch whose loop is running an evaluation
+# The points passed in this process: the same count on every process, rising over its runs.
+_POINTS = itertools.count(1)
+
+
+def check_evaluation() -> None:
+  """Call it at every evaluation batch, on every process: raises StopRequested when the
+  training loop running this evaluation should stop (outside training it does nothing)."""
+  if _evaluating is not None and _evaluating.reached_point():
+    raise StopRequested()
+
+
 class PreemptionWatch:
   """`reached(step)` turns True at the step where every process should save and exit.
 
@@ -29,6 +50,7 @@ class PreemptionWatch:
   def __init__(self):
     self._multiprocess = jax.process_count() > 1
     self._signalled = False
+    self._stopping = False
     self.interrupted = False
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -62,7 +84,29 @@ class PreemptionWatch:
     else:
       self._signalled = True
 
+  @property
+  def requested(self) -> bool:
+    """Whether this process was asked to stop (a single process knows it at once; several
+    learn it at their next sync point)."""
+    return self._signalled or self._stopping
+
   def reached(self, step: int) -> bool:
-    if self._multiprocess:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._signalled
+    """At every training step: True once every process should save `step` and stop."""
+    del step  # the points are counted, so that evaluation batches are points too
+    return self.reached_point()
+
+  def reached_point(self) -> bool:
+    if not self._stopping:
+      self._stopping = (multihost_utils.reached_preemption_sync_point(next(_POINTS))
+                        if self._multiprocess else self._signalled)
+    return self._stopping
+
+  @contextlib.contextmanager
+  def evaluation(self):
+    """Within it, check_evaluation() at each batch ends the evaluation on a stop request."""
+    global _evaluating
+    _evaluating = self
+    try:
+      yield
+    finally:
+      _evaluating = None

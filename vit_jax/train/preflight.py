@@ -6,6 +6,7 @@ one or two lines naming the config key, file, split or value and the fix.
 """
 import contextlib
 import io
+import os
 import re
 import socket
 import sys
@@ -30,6 +31,8 @@ class PreflightError(errors.UserError):
 
 def check(config, workdir: str, model, mesh) -> None:
   """Raises PreflightError for the first problem found; returns None when the run can start."""
+  # First: it leaves nothing behind, and a bucket out of reach is named before any other work.
+  _check_workdir_writable(workdir)
   _check_batch_sizes(config, mesh)
   _check_image_size(config, model)
   for key, spec in _preprocessing(config):
@@ -41,7 +44,6 @@ def check(config, workdir: str, model, mesh) -> None:
   if config.get('init_from') and not paths.resolve(config.init_from).exists():
     raise PreflightError(f'init_from={config.init_from}: no such file or directory; give a '
                          'released .npz / .safetensors file or an earlier run\'s workdir')
-  _check_workdir_writable(workdir)  # last: the first check that writes
 
 
 def _check_batch_sizes(config, mesh) -> None:
@@ -210,9 +212,12 @@ def _prepare(builder):
     _check_can_prepare(builder)
     if not sys.stderr.isatty():
       tfds.disable_progress_bar()
-    print(f'preparing tfds dataset {builder.name} in {builder.data_dir_root} (once; '
-          f'{"made locally, no download" if offline else "downloads it first"})', file=out,
-          flush=True)
+    # Past process 0, a process prepares only what its host's disk lacks (prepare_tfds).
+    whose = (f'process {jax.process_index()}: ' if jax.process_index() else '',
+             ', this host\'s own copy' if jax.process_index() else '')
+    print(f'{whose[0]}preparing tfds dataset {builder.name} in {builder.data_dir_root}'
+          f'{whose[1]} (once; {"made locally, no download" if offline else "downloads it first"})',
+          file=out, flush=True)
   with contextlib.redirect_stdout(io.StringIO()) if offline else contextlib.nullcontext():
     return sources.prepare_tfds(builder, before_preparing=before_preparing)
 
@@ -242,22 +247,55 @@ def _check_can_prepare(builder) -> None:
       f'--config.data.data_dir to it')
 
 
+# A gs:// workdir whose storage cannot be reached, or does not answer, is named within this long.
+WORKDIR_PROBE_S = 20.
+_CONNECT_S = 5.
+_PROXY_VARIABLES = ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy')
+
+
 def _check_workdir_writable(workdir: str) -> None:
-  """Writes and removes a file there; folders made for it are removed too, so that a run that
-  stops later in its start-up leaves the filesystem as it found it."""
+  """Writes and removes a file of its own in the workdir or, where the workdir does not exist
+  yet, a folder of its own in the nearest folder that does (where it would be made). Nothing
+  is made or removed that another process starting at the same time could use (the tasks of
+  a SLURM job on one shared folder), and a run that stops later in its start-up leaves the
+  filesystem as it found it."""
   directory = paths.resolve(workdir)
-  made = [] if paths.is_remote(directory) else [  # object stores have no folders to remove
-      d for d in [directory, *directory.parents] if not d.exists()]
-  probe = directory / f'.write_probe_{uuid.uuid4().hex}'
+  probe = f'.write_probe_{uuid.uuid4().hex}'
   try:
-    directory.mkdir(parents=True, exist_ok=True)
-    probe.write_text('ok')
-    probe.unlink()
-    for folder in made:  # innermost first
-      folder.rmdir()
+    if paths.is_remote(directory):
+      _probe_bucket(directory / probe, workdir)
+      return
+    existing = next(d for d in [directory, *directory.parents] if d.exists())
+    if existing == directory:
+      (directory / probe).write_text('ok')
+      (directory / probe).unlink()
+    else:
+      (existing / probe).mkdir()
+      (existing / probe).rmdir()
   except OSError as e:
     raise PreflightError(f'--workdir={workdir} is not writable ({e}); choose a folder or '
                          'bucket this machine can write to') from None
+
+
+def _probe_bucket(probe, workdir: str) -> None:
+  """Writes and removes `probe`, within WORKDIR_PROBE_S; an endpoint that does not take a
+  connection (no network, a wrong emulator address) is named at once, instead of after the
+  client's retries and their tracebacks."""
+  if not any(os.environ.get(v) for v in _PROXY_VARIABLES):  # else only the proxy is reached
+    host, port = paths.gcs_endpoint()
+    try:
+      socket.create_connection((host, port), timeout=_CONNECT_S).close()
+    except OSError as e:
+      raise PreflightError(f'--workdir={workdir}: cannot reach {host}:{port} ({e}); check this '
+                           'machine\'s network') from None
+
+  def write_and_remove():
+    probe.write_text('ok')
+    probe.unlink()
+  try:
+    paths.within_deadline(write_and_remove, f'--workdir={workdir}', WORKDIR_PROBE_S)
+  except errors.UserError as e:  # no answer in time
+    raise PreflightError(str(e)) from None
 
 
 def check_workdir_model(manager: ocp.CheckpointManager, step: int, abstract_params,

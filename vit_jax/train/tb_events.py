@@ -10,6 +10,8 @@ are dropped from its files, and the new file starts with TensorBoard's own resta
 purges them; its data server does the same when a step comes again).
 """
 import io
+import itertools
+import os
 import socket
 import time
 
@@ -17,6 +19,10 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from vit_jax.storage import log_file, paths, tfrecord
+
+
+# Event files this process has started (their names' last part).
+_WRITERS = itertools.count()
 
 
 def is_event_file(path) -> bool:
@@ -41,15 +47,19 @@ def drop_events_after(path, step: int) -> None:
 
 
 class EventWriter:
-  """LOGDIR/events.out.tfevents.<time>.<host>: a new file per run start, as TensorFlow does."""
+  """LOGDIR/events.out.tfevents.<time>.<host>.<pid>.<n>: a new file per run start, as TensorFlow
+  does, never one that another writer (another process, or a start in the same second) has."""
 
   def __init__(self, logdir, start_step: int = 0):
     logdir = paths.resolve(logdir)
     if logdir.is_dir():
-      for path in logdir.iterdir():
-        if is_event_file(path):
+      for path in list(logdir.iterdir()):
+        if log_file.is_segment(path):  # left by a run killed mid-upload
+          path.unlink(missing_ok=True)
+        elif is_event_file(path):
           drop_events_after(path, start_step)
-    name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}'
+    name = (f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.'
+            f'{next(_WRITERS)}')
     self._log = log_file.LogFile(logdir / name)
     self._records = RecordWriter(self._log)
     self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
@@ -66,8 +76,11 @@ class EventWriter:
     self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
     self._records.flush()
 
-  def sync(self) -> None:
-    self._log.sync()
+  def flush(self, now: bool = False) -> None:
+    self._log.flush(now)
 
-  def close(self) -> None:
-    self._records.close()
+  def sync(self, timeout: float | None = None, give_up=None) -> bool:
+    return self._log.sync(timeout, give_up)
+
+  def close(self, timeout: float | None = None) -> None:
+    self._log.close(timeout)

@@ -1,4 +1,5 @@
 """The training loop: init or restore, step, log, evaluate, checkpoint."""
+import contextlib
 import functools
 import math
 import sys
@@ -11,10 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from vit_jax.cli import waiting
 from vit_jax.scale import accelerators, flops, sharding
+from vit_jax.storage import log_file
 from vit_jax.weights import files, train_state
 from vit_jax.data import pipeline
-from vit_jax.train import metrics_log, optim, preemption, preflight, steps, tasks, timeline
+from vit_jax.train import (compilation_cache, metrics_log, optim, preemption, preflight,
+                           steps, tasks, timeline)
 
 
 def say(line: str) -> None:
@@ -69,6 +73,10 @@ _all_finite = jax.jit(steps.all_finite)
 # saved only after that many more steps had run (a preemption's grace period is ~30 s), and as
 # many input batches sat on the devices. Two keep the device busy.
 _STEPS_AHEAD = 2
+
+# At a checkpoint the loop waits this long at most for the lines before it to be stored (less
+# when a stop is requested meanwhile).
+_LOG_SYNC_S = 5.
 
 
 def create_state(config, model, tx, mesh, rules):
@@ -215,6 +223,7 @@ def train_and_evaluate(config, workdir: str, started: float | None = None) -> di
                sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)) / 1e6)
 
   preflight.check(config, workdir, model, mesh)  # before anything compiles
+  compilation_cache.use(config.get('compilation_cache', ''), workdir)  # once it is reachable
   pretrained = None
   if config.init_from and not train_state.has_checkpoints(workdir):
     pretrained = pretrained_params(config, abstract_state.params)  # before anything is written
@@ -222,7 +231,12 @@ def train_and_evaluate(config, workdir: str, started: float | None = None) -> di
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   state = initial_state(config, workdir, training, manager, init_rng, pretrained)
   start_step = int(state.step)
-  if start_step >= config.total_steps:
+  evals = tasks.get(config).evaluators(config, model, mesh, state_sharding.params, workdir)
+  # A stop request that ended the evaluation of the checkpointed step: it is run first.
+  unevaluated = bool(evals and start_step and _interval_hit(start_step, config.eval_every,
+                                                              config.total_steps)
+                     and not metrics_log.has_evaluation(workdir, start_step))
+  if start_step >= config.total_steps and not unevaluated:
     say(f'{workdir} is already at step {start_step} of {config.total_steps}: nothing to train '
         '(raise total_steps to continue)')
     manager.close()
@@ -230,24 +244,54 @@ def train_and_evaluate(config, workdir: str, started: float | None = None) -> di
   train_state.write_run_config(workdir, config)  # the config of the run that trains on
 
   train_step = jit_train_step(make_train_step(config, training, dropout_rng), training)
-  evals = tasks.get(config).evaluators(config, model, mesh, state_sharding.params, workdir)
   log = metrics_log.MetricsLog(workdir, start_step)  # drops lines an earlier run left past it
   progress = metrics_log.Progress(config.total_steps, start_step)
   batches = pipeline.train_iterator(config, mesh, start_step)
   run = timeline.Timeline(timeline_options, workdir, start_step, config.log_every, started)
   watch = preemption.PreemptionWatch()
   try:
-    last = _train_loop(config, workdir, state, start_step, training, train_step, evals, log,
-                       progress, batches, watch, manager, run)
-  finally:
-    run.phase('shutdown')
+    last = {}
+    if unevaluated:
+      run.phase('eval', start_step)
+      last = _evaluate(evals, state, start_step, log, progress, watch)
+    last.update(_train_loop(config, workdir, state, start_step, training, train_step, evals,
+                            log, progress, batches, watch, manager, run))
+  except BaseException:
+    _shut_down(batches, manager, log, watch, run, failed=True)
+    raise
+  _shut_down(batches, manager, log, watch, run, failed=False)
+  return last
+
+
+def _shut_down(batches, manager, log, watch, run, failed: bool) -> None:
+  """Ends the run's input, checkpoint writes and logs; only the checkpoints in flight are
+  waited for without a bound. Raises log_file.NotStored (naming the local files that hold
+  them) when lines could not be stored, unless the run `failed` already (then it is logged).
+  The run's record ends last, with the goodput line."""
+  run.phase('shutdown')
+  unstored = []
+  try:
     batches.close()  # no input thread may outlive the run (it would hold the process at exit)
     manager.wait_until_finished()
     manager.close()
-    log.close()
-    watch.close()  # last: a second Ctrl-C while the final save is written still exits at once
-    run.close(sys.exc_info()[1])  # prints the goodput line: the run's last
-  return last
+    _kept_if_not_stored(log.close, unstored)  # bounded (log_file.CLOSE_TIMEOUT_S)
+  finally:
+    watch.close()  # a second Ctrl-C while the final save is written still exits at once
+    error = sys.exc_info()[1]  # what ended the run, if anything
+    _kept_if_not_stored(lambda: run.close(error), unstored)  # prints the goodput line
+  if unstored:
+    error = log_file.NotStored('; '.join(str(e) for e in unstored))
+    if not failed:
+      raise error
+    logging.error('%s', error)
+
+
+def _kept_if_not_stored(close: Callable[[], Any], unstored: list) -> None:
+  """close(), with a log_file.NotStored it raises kept in `unstored`: every log gets its turn."""
+  try:
+    close()
+  except log_file.NotStored as e:
+    unstored.append(e)
 
 
 def _mfu_terms(config, training: Training) -> dict:
@@ -263,6 +307,23 @@ def _mfu_terms(config, training: Training) -> dict:
           'peak_flops': peak * training.mesh.devices.size}
 
 
+def _evaluate(evals, state, step: int, log, progress, watch) -> dict:
+  """Runs the evaluators at `step` and logs their lines; a stop request ends it within a
+  batch, unlogged (the run resumed from this step's checkpoint evaluates it first)."""
+  results = {}
+  try:
+    with watch.evaluation():
+      for evaluator in evals:
+        result = evaluator.run(state.params, step)
+        log.write(step, result)
+        progress.log(step, result)
+        results.update(result)
+  except preemption.StopRequested:
+    say(f'stop requested during the evaluation at step {step}: left unfinished (the run resumed '
+        f'from step {step} evaluates it first)')
+  return results
+
+
 def _train_loop(config, workdir, state, start_step, training, train_step, evals, log, progress,
                 batches, watch, manager, run) -> dict:
   """Steps from start_step + 1 to total_steps (or a stop request); returns the last metrics."""
@@ -276,7 +337,9 @@ def _train_loop(config, workdir, state, start_step, training, train_step, evals,
     batch = next(batches)
     throughput.waited_for_input(time.time() - waiting_since)
     run.phase('train')
-    state, metrics = train_step(state, batch)
+    with (waiting.said_if_long(f'compiling the training step (step {step})')
+          if step == start_step + 1 and jax.process_index() == 0 else contextlib.nullcontext()):
+      state, metrics = train_step(state, batch)
     pending.append(metrics)
     if len(pending) > _STEPS_AHEAD:
       jax.block_until_ready(pending[-1 - _STEPS_AHEAD])
@@ -299,19 +362,22 @@ def _train_loop(config, workdir, state, start_step, training, train_step, evals,
       jax.block_until_ready(state)  # the steps dispatched so far count as training time
       run.phase('eval', step)
       eval_start = time.time()
-      for evaluator in evals:
-        result = evaluator.run(state.params, step)
-        log.write(step, result)
-        progress.log(step, result)
-        last.update(result)
+      last.update(_evaluate(evals, state, step, log, progress, watch))
       throughput.exclude(time.time() - eval_start)  # evaluation is not training throughput
     stopping = watch.reached(step)
     if stopping or _interval_hit(step, config.checkpoint_every, config.total_steps):
       run.phase('checkpoint', step)
-      log.flush()  # a run resumed from this checkpoint finds every line up to its step
+      # A run resumed from this checkpoint finds every line up to its step; but storage that
+      # does not answer holds neither training nor, on a stop request, the save (the lines
+      # are stored, or kept locally, at the end: MetricsLog.close).
+      if (not stopping and not log.flush(_LOG_SYNC_S, give_up=lambda: watch.requested)
+          and not watch.requested):
+        logging.warning('metrics.jsonl / TensorBoard lines up to step %d are not stored after '
+                        '%g s; saving the checkpoint without waiting longer', step, _LOG_SYNC_S)
       _save_if_finite(manager, step, state, pending, workdir, log, window,
                       batches.skipped_images() - skipped_before)  # a collective
     if stopping:
+      manager.wait_until_finished()  # committed: what the line below says
       reason = 'Ctrl-C' if watch.interrupted else 'SIGTERM (preemption notice)'
       say(f'{reason}: saved step {step} to {workdir}/checkpoints; stopping (run the same command '
           'again to resume)')
