@@ -1,10 +1,13 @@
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 from absl import flags
 from ml_collections import config_flags
+
+from vit_jax.storage import paths
 
 
 def _parse(*overrides):
@@ -80,25 +83,33 @@ def test_bad_value_on_the_command_line_is_absl_s_two_lines():
       "base 10: 'abc'", 'Pass --helpshort or --helpfull to see help on flags.']
 
 
-def test_model_name_and_mesh_mistakes_are_said_before_tensorflow_loads():
+def test_model_name_mesh_and_unreachable_workdir_are_said_before_tensorflow_loads():
   """They used to wait for TensorFlow and the trainer's imports (12-21 s on 2 loaded cores)."""
   child = ('import sys\n'
            'from absl import flags\n'
            'from vit_jax import main\n'
            'argv = flags.FLAGS(sys.argv)\n'
-           'for mistake in ("model", "mesh"):\n'
+           'for mistake in ("model", "mesh", "workdir"):\n'
            '  if mistake == "mesh":\n'
            '    flags.FLAGS.config.model.name, flags.FLAGS.config.mesh.data = "testing", 16\n'
+           '  if mistake == "workdir":\n'
+           '    flags.FLAGS.config.mesh.data, flags.FLAGS.workdir = -1, "gs://b/run"\n'
            '  try:\n'
            '    main.main(argv)\n'
            '  except SystemExit as e:\n'
            '    print(e.code.split(";")[0])\n'
            'print("tensorflow" in sys.modules)\n')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with socket.socket() as s:  # a port nothing listens on: a gs:// endpoint out of reach
+    s.bind(('127.0.0.1', 0))
+    closed = s.getsockname()[1]
   done = subprocess.run([sys.executable, '-c', child, '--config=configs/quickstart.py',
                          '--workdir=/x', '--config.model.name=ViT-X_16'], cwd=repo,
-                        capture_output=True, text=True, timeout=120)
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, paths.EMULATOR_VARIABLE: f'http://127.0.0.1:{closed}'})
   assert done.stdout.splitlines() == [
       "error: unknown model name 'ViT-X_16'",
       "error: mesh {'data': 16, 'fsdp': 1, 'model': 1} needs 16 devices, but 8 are available",
+      f'error: --workdir=gs://b/run: cannot reach 127.0.0.1:{closed} ([Errno 111] Connection '
+      'refused)',  # the line's first part: the child prints what comes before a ';'
       'False'], done.stderr

@@ -19,14 +19,17 @@ _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                  'slice, SLURM, Open MPI): multi-host without the flags above.')
 
 
-def _check_mesh_and_model_name(config) -> None:
-  """The config's mesh against the devices and its model name, before TensorFlow and the
-  trainer's libraries are imported (about 10 s on 2 cores): these mistakes are said in the
-  seconds JAX and Flax take to import. The start-up checks (vit_jax.train.preflight) follow."""
+def _check_before_tensorflow(config, workdir: str) -> None:
+  """The config's mesh against the devices, its model name and a gs:// workdir's endpoint,
+  before TensorFlow and the trainer's libraries are imported (about 10 s on 2 cores): these
+  mistakes are said in the seconds JAX and Flax take to import. The start-up checks
+  (vit_jax.train.preflight) follow."""
   from vit_jax import models  # pylint: disable=g-import-not-at-top
   from vit_jax.scale import sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax.storage import paths  # pylint: disable=g-import-not-at-top
   sharding.make_mesh(config.mesh)
   models.model_config(config.model.name)
+  paths.check_reachable(workdir, f'--workdir={workdir}')
 
 
 def main(argv):
@@ -40,7 +43,7 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   try:
     with errors.reported_as_one_line():  # the message is the whole story: no traceback
-      _check_mesh_and_model_name(_CONFIG.value)
+      _check_before_tensorflow(_CONFIG.value, _WORKDIR.value)
       startup.import_tensorflow()
       from vit_jax.train import goodput, trainer  # pylint: disable=g-import-not-at-top
       trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,

@@ -17,6 +17,7 @@ URL here (TENSORSTORE_GCS_HTTP_URL, and GOOGLE_AUTH_TOKEN_FOR_TESTING for its au
 """
 import functools
 import os
+import socket
 import threading
 import urllib.parse
 
@@ -82,6 +83,24 @@ def gcs_endpoint() -> tuple[str, int]:
   url = os.environ.get(EMULATOR_VARIABLE) or 'https://storage.googleapis.com'
   parsed = urllib.parse.urlparse(url if '://' in url else f'http://{url}')
   return parsed.hostname, parsed.port or (443 if parsed.scheme == 'https' else 80)
+
+
+_CONNECT_S = 5.
+_PROXY_VARIABLES = ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy')
+
+
+def check_reachable(url: str, flag: str) -> None:
+  """Raises UserError naming `flag` when `url` is on gs:// and its endpoint does not take a
+  connection within seconds (no network, a wrong emulator address): said at once, instead of
+  after the client's retries and their tracebacks. Behind a proxy only the proxy is reached."""
+  if not is_remote(url) or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+    return
+  host, port = gcs_endpoint()
+  try:
+    socket.create_connection((host, port), timeout=_CONNECT_S).close()
+  except OSError as e:
+    raise errors.UserError(f'{flag}: cannot reach {host}:{port} ({e}); check this machine\'s '
+                           'network') from None
 
 
 def _bucket_and_key(url: str) -> tuple[str, str]:
