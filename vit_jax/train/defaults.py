@@ -22,6 +22,9 @@ MODEL_OPTIONS = {
     'mask_ratio': float, 'decoder_width': int, 'decoder_layers': int, 'decoder_mlp_dim': int,
     'decoder_heads': int, 'corrupt_ratio': float,
 }
+# ViT-22B's block (issue 34): LayerNorm on queries and keys, attention and MLP in parallel, no
+# query/key/value or LayerNorm biases (models.vit.VisionTransformer).
+MODEL_OPTIONS.update({'qk_norm': bool, 'parallel_block': bool, 'use_bias': bool})
 
 
 def base_config() -> ml_collections.ConfigDict:
