@@ -167,7 +167,8 @@ def test_model_options_from_the_command_line_reach_the_model():
   assert 'posembed_input' not in transformer  # sincos2d has no parameters
 
 
-@pytest.mark.parametrize('name', ['pretrain_i21k', 'pretrain_jft', 'finetune', 'mae_i1k'])
+@pytest.mark.parametrize('name', ['pretrain_i21k', 'pretrain_jft', 'finetune', 'mae_i1k',
+                                  'pretrain_giant'])
 def test_recipes_name_the_slice_they_are_sized_for(name):
   """Accelerator recipes compute in bf16 and say which slice their figures were compiled for."""
   module = importlib.import_module(f'configs.{name}')
