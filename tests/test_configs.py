@@ -109,6 +109,8 @@ DOCUMENTED_OPTIONS = {
     'model.decoder_layers': ('1', 1), 'model.decoder_mlp_dim': ('128', 128),
     'model.decoder_heads': ('2', 2), 'norm_pix_loss': ('True', True),
     'model.corrupt_ratio': ('0.4', 0.4),
+    'model.qk_norm': ('True', True), 'model.parallel_block': ('True', True),
+    'model.use_bias': ('False', False),
 }
 
 
