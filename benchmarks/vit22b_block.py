@@ -13,8 +13,10 @@ Every run is the trainer's own (`trainer.train_and_evaluate`, the quickstart con
 arm's model options); it checkpoints every PROBE_EVERY steps, and each checkpoint's largest
 attention logit is read on the 128 first held-out digits (the attention layers sow it when
 asked for their intermediates). A run whose loss turns NaN stops (the trainer refuses to go on)
-and counts as diverged at that step. Prints a table (mean and sample standard deviation over
-the seeds) and writes OUTDIR/<experiment>.json and .md.
+and counts as diverged at that step. A finished run leaves its result in its workdir, and a
+later invocation with the same outdir reuses it (the same arm, seed and learning rate). Prints
+a table (mean and sample standard deviation over the seeds) and writes OUTDIR/<experiment>.json
+and .md.
 """
 import json
 import os
@@ -78,6 +80,13 @@ def max_attention_logits(config, workdir: str) -> dict:
 def run(experiment: str, arm: str, options: dict, seed: int, outdir: str) -> dict:
   config = config_for(experiment, options, seed)
   workdir = os.path.join(outdir, experiment, f'{arm}_seed{seed}')
+  done = os.path.join(workdir, 'result.json')
+  if os.path.exists(done):  # an earlier invocation finished this run with the same recipe
+    with open(done) as f:
+      result = json.load(f)
+    if (result['base_lr'], result['options']) == (config.schedule.base_lr, options):
+      print(f'{experiment} {arm} seed {seed}: reused {done}', flush=True)
+      return result
   shutil.rmtree(workdir, ignore_errors=True)
   start, diverged = time.time(), None
   try:
@@ -99,6 +108,8 @@ def run(experiment: str, arm: str, options: dict, seed: int, outdir: str) -> dic
             'max_attention_logit': max(logits.values()), 'attention_logits': logits,
             'train_loss': {m['step']: m['train_loss'] for m in train},
             'wall_s': round(time.time() - start, 1)}
+  with open(done, 'w') as f:
+    json.dump(result, f, indent=1)
   print(f'{experiment} {arm} seed {seed}: ' + ', '.join(
       f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in result.items()
       if k in ('diverged_after_step', 'final_train_loss', 'val_accuracy', 'max_attention_logit',
