@@ -4,12 +4,14 @@ r"""Compiled per-device memory on real targets, as Markdown tables for benchmark
     python benchmarks/aot_tables.py recipes   # the i21k recipes without and with FSDP: where
                                               # the state's saving goes (state, temporaries)
     python benchmarks/aot_tables.py presets   # each preset on the slices it may run on
+    python benchmarks/aot_tables.py giants    # configs/pretrain_giant.py on its slices and the
+                                              # smallest slice of that generation it fits
 
 Everything is compiled with `vit_jax.aot.check`, the check `python -m vit_jax.aot` and the
 launcher run: TPU targets need `pip install -e '.[tpu]'`; the h100 rows need jaxlib's CUDA plugin
 (about 5 GB: `pip install "jax[cuda12]==<jax version>"`) and are left out without it.
 --targets limits the targets; --find_batch adds the largest global batch that fits (several
-compiles per cell).
+compiles per cell); --giants limits the giants table's presets (e.g. --giants=22B/14).
 """
 import datetime
 import importlib
@@ -29,6 +31,7 @@ from vit_jax.scale import accelerators  # noqa: E402
 
 _TARGETS = flags.DEFINE_list('targets', None, 'Only these targets (e.g. v5litepod-16,h100-8).')
 _FIND_BATCH = flags.DEFINE_bool('find_batch', False, 'Add the largest global batch that fits.')
+_GIANTS = flags.DEFINE_list('giants', None, 'Only these configs/pretrain_giant.py presets.')
 
 # (model, target, global batch, remat policy, fsdp sizes): the issue's ViT-S/16 case, then the
 # sizes FSDP is for, with full remat so that parameters and optimizer state weigh.
@@ -151,8 +154,70 @@ def presets_table() -> list:
   return lines
 
 
+# Doublings tried above a documented slice that does not fit.
+MAX_DOUBLINGS = 3
+
+
+def _resized(target_name: str, factor: float) -> str:
+  generation, count = target_name.rsplit('-', 1)
+  return f'{generation}-{int(int(count) * factor)}'
+
+
+def smallest_slice(config, documented: str, check=aot.check) -> tuple[list, str | None]:
+  """Compiles `config` as shipped (its global batch; FSDP over every chip) on the `documented`
+  slice, then on slices of the same generation half as large while it fits, or twice as large
+  (MAX_DOUBLINGS times) while it does not. Returns ([(slice, report)] in compile order, the
+  smallest slice it fits, or None)."""
+  tried, name, smallest = [], documented, None
+  while True:
+    try:
+      target = accelerators.get_target(name)
+    except ValueError:  # below the generation's smallest slice
+      return tried, smallest
+    report = check(config, target)
+    logging.info('on %s: %s', name, report)
+    tried.append((name, report))
+    if report['fits']:
+      smallest, name = name, _resized(name, 1 / 2)
+    elif smallest or len(tried) > MAX_DOUBLINGS:
+      return tried, smallest
+    else:
+      name = _resized(name, 2)
+    if name in dict(tried):  # the half of a slice reached by doubling: known not to fit
+      return tried, smallest
+
+
+def _collective_gib(report: dict) -> str:
+  """All-gather / reduce-scatter / all-reduce GiB per device per step (n/a: no fit)."""
+  if not report['fits']:
+    return 'n/a'
+  moved = report['collectives']
+  return ' / '.join(f'{moved.get(k, {}).get("bytes", 0) / 2**30:.1f}'
+                    for k in ('all-gather', 'reduce-scatter', 'all-reduce'))
+
+
+def giants_table() -> list:
+  from configs import pretrain_giant  # pylint: disable=g-import-not-at-top
+  lines = ['| preset | slice | chips | batch per chip | state GiB | total GiB per chip | '
+           'ideal step | all-gather / reduce-scatter / all-reduce GiB per chip per step | '
+           'compile s |', '|---|---|---|---|---|---|---|---|---|']
+  for arg in _GIANTS.value or pretrain_giant.ARGS:
+    documented = pretrain_giant.PRESETS[arg][-1]
+    tried, smallest = smallest_slice(pretrain_giant.get_config(arg), documented)
+    for name, report in tried:
+      notes = [n for n, hit in (('documented', name == documented),
+                                ('smallest that fits', name == smallest)) if hit]
+      lines.append(
+          f'| {arg} | {name}{" (" + ", ".join(notes) + ")" if notes else ""} | '
+          f'{report["devices"]} | {report["per_device_batch"]:g} | {report["state_gib"]:.2f} | '
+          f'{_gib(report)} | {report["ideal_step_s"]:.2f} s | {_collective_gib(report)} | '
+          f'{report["compile_s"]:.0f} |')
+  return lines
+
+
 def main(argv):
-  tables = {'fsdp': fsdp_table, 'recipes': recipes_table, 'presets': presets_table}
+  tables = {'fsdp': fsdp_table, 'recipes': recipes_table, 'presets': presets_table,
+            'giants': giants_table}
   if len(argv) != 2 or argv[1] not in tables:
     raise app.UsageError(f'name one table: {sorted(tables)}')
   versions = ', '.join(f'{p} {importlib.metadata.version(p)}' for p in ('jax', 'libtpu')

@@ -111,6 +111,8 @@ DOCUMENTED_OPTIONS = {
     'model.corrupt_ratio': ('0.4', 0.4), 'profile_steps': ('21:22', '21:22'),
     'profile_every_process': ('True', True), 'hang_exit_s': ('1800', 1800),
     'compilation_cache': ('none', 'none'),
+    'model.qk_norm': ('True', True), 'model.parallel_block': ('True', True),
+    'model.use_bias': ('False', False),
 }
 
 
@@ -169,7 +171,8 @@ def test_model_options_from_the_command_line_reach_the_model():
   assert 'posembed_input' not in transformer  # sincos2d has no parameters
 
 
-@pytest.mark.parametrize('name', ['pretrain_i21k', 'pretrain_jft', 'finetune', 'mae_i1k'])
+@pytest.mark.parametrize('name', ['pretrain_i21k', 'pretrain_jft', 'finetune', 'mae_i1k',
+                                  'pretrain_giant'])
 def test_recipes_name_the_slice_they_are_sized_for(name):
   """Accelerator recipes compute in bf16 and say which slice their figures were compiled for."""
   module = importlib.import_module(f'configs.{name}')

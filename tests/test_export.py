@@ -160,6 +160,27 @@ def test_gap_map_and_fixed_position_models_in_timm(tmp_path, torch_side, options
     assert not (tmp_path / 'hf').exists()  # refused before anything was written
 
 
+def test_qk_norm_goes_to_timm_and_transformers_refuses_it(tmp_path, torch_side):
+  """ViT-22B's LayerNorm on queries and keys is timm's qk_norm (q_norm, k_norm over the head's
+  features); the file reads back into the same parameters."""
+  model = models.get_model('testing', num_classes=4, qk_norm=True)
+  params = workdirs.random_params(model, 16)
+  checkpoint.save_npz(params, str(tmp_path / 'w.npz'))
+  images = _images(16)
+  checkpoint.export(str(tmp_path / 'w.npz'), 'timm', str(tmp_path / 'timm'))
+  _assert_equal_logits(torch_side('timm', images, str(tmp_path / 'timm')), _ours(model, params,
+                                                                               images))
+  loaded = checkpoint.load(str(tmp_path / 'timm' / 'model.safetensors'), num_heads=2)
+  np.testing.assert_array_equal(
+      loaded['Transformer']['encoderblock_1']['MultiHeadDotProductAttention_1']['key_norm'][
+          'bias'],
+      params['Transformer']['encoderblock_1']['MultiHeadDotProductAttention_1']['key_norm'][
+          'bias'])
+  with pytest.raises(ValueError, match=r"qk_norm=True \(LayerNorm on queries and keys\): "
+                     r"transformers' .* has none; --to=timm holds it$"):
+    checkpoint.export(str(tmp_path / 'w.npz'), 'hf', str(tmp_path / 'hf'))
+
+
 def _run_export(argv, capsys):
   return programs.run_main(export.main, ['export'] + argv, capsys)
 
@@ -201,6 +222,12 @@ def test_scanned_bf16_workdir_through_the_command(tmp_path, capsys, torch_side):
      "transformers' ViTForImageClassification nor timm's "
      'VisionTransformer has one; fine-tune without it (init_from drops it) and export that '
      'model'),
+    (dict(parallel_block=True), 'parallel_block=True (attention and MLP side by side from one '
+     "LayerNorm, as ViT-22B): neither transformers' ViTForImageClassification nor timm's "
+     'VisionTransformer has one'),
+    (dict(use_bias=False), 'use_bias=False (LayerNorms without bias and centering, no '
+     "query/key/value biases, as ViT-22B): neither transformers' ViTForImageClassification nor "
+     "timm's VisionTransformer has one"),
 ])
 def test_what_no_target_holds_is_one_line(tmp_path, capsys, options, expected):
   model = models.get_model('testing', num_classes=3, **options)

@@ -1,6 +1,6 @@
 """Named model variants: get_model('ViT-B_16', num_classes=1000, **overrides).
 
-'ViT-<size>_<patch>' for size in Ti/S/B/L/H/g and any patch size; hybrids
+'ViT-<size>_<patch>' for size in Ti/S/B/L/H/g/G/e/22B and any patch size; hybrids
 'R<depth>+ViT-<size>_<patch>' where the ResNet stem's stride times the embedding's patch
 (1 for the released hybrids) gives <patch>; 'testing' is a tiny ViT for tests; BiT ResNets
 'BiT-R<depth>x<width>' (the ViT paper's baseline) for depth in 14/26/50/101/152.
@@ -12,7 +12,9 @@ import jax.numpy as jnp
 from vit_jax.cli import errors
 from vit_jax.models import bit, vit
 
-# (hidden_size, num_layers, mlp_dim, num_heads), from the ViT paper (g from Zhai et al. 2022).
+# (hidden_size, num_layers, mlp_dim, num_heads), from the ViT paper; g and G from Zhai et al.
+# 2022 ("Scaling Vision Transformers"), e from PaLI (Chen et al. 2022), 22B from Dehghani et al.
+# 2023 (their Table 1: G/14 1,843M, e/14 3,926M, 22B 21,743M parameters at 224px).
 VIT_SIZES = {
     'Ti': (192, 12, 768, 3),
     'S': (384, 12, 1536, 6),
@@ -20,7 +22,13 @@ VIT_SIZES = {
     'L': (1024, 24, 4096, 16),
     'H': (1280, 32, 5120, 16),
     'g': (1408, 40, 6144, 16),
+    'G': (1664, 48, 8192, 16),
+    'e': (1792, 56, 15360, 16),
+    '22B': (6144, 48, 24576, 48),
 }
+# Architecture options a size stands for beyond its shape: ViT-22B is its paper's block
+# (overrides turn any of them off).
+SIZE_OPTIONS = {'22B': dict(qk_norm=True, parallel_block=True, use_bias=False)}
 
 # (ResNet depth, total patch size) -> stage sizes of the released hybrids. The stem strides 4,
 # every stage after the first 2 more: 3 stages = 16, 4 stages = 32.
@@ -39,7 +47,7 @@ BIT_STAGES = {14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 
 # A few-thousand-parameter ViT for tests.
 TESTING = dict(patch_size=4, hidden_size=16, num_layers=2, mlp_dim=32, num_heads=2)
 
-_VIT_NAME = re.compile(r'^(R(?P<depth>\d+)\+)?ViT-(?P<size>[A-Za-z]+)_(?P<patch>\d+)$')
+_VIT_NAME = re.compile(r'^(R(?P<depth>\d+)\+)?ViT-(?P<size>[A-Za-z0-9]+)_(?P<patch>\d+)$')
 _BIT_NAME = re.compile(r'^BiT-R(?P<depth>\d+)x(?P<width>\d+)$')
 _DTYPE_FIELDS = ('dtype', 'param_dtype')
 
@@ -68,7 +76,7 @@ def model_config(name: str) -> dict:
                            '"ViT-B_16", or "BiT-R<depth>x<width>", e.g. "BiT-R50x1"')
   hidden, layers, mlp, heads = VIT_SIZES[match['size']]
   config = dict(patch_size=int(match['patch']), hidden_size=hidden, num_layers=layers,
-                mlp_dim=mlp, num_heads=heads)
+                mlp_dim=mlp, num_heads=heads, **SIZE_OPTIONS.get(match['size'], {}))
   if match['depth']:
     key = (int(match['depth']), int(match['patch']))
     if key not in HYBRID_STAGES:

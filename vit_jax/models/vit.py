@@ -41,10 +41,16 @@ def _param_init(init: Callable, axes: tuple) -> Callable:
   return nn.with_logical_partitioning(init, axes)
 
 
-def layer_norm(name: str, dtype, param_dtype) -> nn.LayerNorm:
+def layer_norm(name: str, dtype, param_dtype, use_bias: bool = True, axis: str = EMBED):
+  """LayerNorm (eps 1e-6) over the last axis, whose logical name is `axis`. use_bias=False is
+  ViT-22B's: neither bias nor centering (Zhang & Sennrich's RMS normalization), a scale only."""
+  scale_init = _param_init(nn.initializers.ones, (axis,))
+  if not use_bias:
+    return nn.RMSNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=scale_init)
   return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=_param_init(nn.initializers.ones, (EMBED,)),
-                      bias_init=_param_init(nn.initializers.zeros, (EMBED,)))
+                      scale_init=scale_init,
+                      bias_init=_param_init(nn.initializers.zeros, (axis,)))
 
 
 def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.) -> np.ndarray:
@@ -127,13 +133,18 @@ class MultiHeadDotProductAttention(nn.Module):
 
   Keys/values come from `kv` (default: `x`, self-attention). With `relative_grid=(h, w)` each
   head adds a learned bias per relative 2D offset between the last h*w tokens (`relative_bias`,
-  (2h-1, 2w-1, heads)); leading tokens (the class token) get none.
+  (2h-1, 2w-1, heads)); leading tokens (the class token) get none. ViT-22B's options:
+  `qk_norm` normalises each head's queries and keys (`query_norm`, `key_norm`: a LayerNorm over
+  the head's features, shared by the heads) before their dot product, which bounds the logits;
+  `use_bias=False` drops the query/key/value biases and makes those norms bias-free.
   """
   num_heads: int
   dropout_rate: float = 0.0
   relative_grid: Optional[tuple] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  qk_norm: bool = False
+  use_bias: bool = True
 
   def _relative_bias(self, seq_len: int):
     h, w = self.relative_grid
@@ -154,11 +165,15 @@ class MultiHeadDotProductAttention(nn.Module):
     head_dim = d // self.num_heads
     dense = lambda name: nn.DenseGeneral(  # noqa: E731
         (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        use_bias=self.use_bias,
         kernel_init=_param_init(nn.initializers.xavier_uniform(), (EMBED, HEADS, KV)),
         bias_init=_param_init(nn.initializers.zeros, (HEADS, KV)))
     heads = (ACT_BATCH, ACT_LENGTH, ACT_HEADS, ACT_KV)
     q, k, v = (sharding.constrain(dense(name)(inputs), heads)
                for name, inputs in (('query', x), ('key', kv), ('value', kv)))
+    if self.qk_norm:
+      q, k = (layer_norm(name, self.dtype, self.param_dtype, self.use_bias, KV)(inputs)
+              for name, inputs in (('query_norm', q), ('key_norm', k)))
     bias = None
     if self.relative_grid is not None:
       bias = self._relative_bias(x.shape[1]).astype(q.dtype)
@@ -172,6 +187,8 @@ class MultiHeadDotProductAttention(nn.Module):
         logits = logits + bias
       weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(q.dtype)
       self.sow('intermediates', 'attention_weights', weights)
+      # The largest logit: what grows when attention collapses (ViT-22B's qk_norm bounds it).
+      self.sow('intermediates', 'max_attention_logit', jnp.max(logits.astype(jnp.float32)))
       if dropout:
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
       out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
@@ -185,7 +202,9 @@ class MultiHeadDotProductAttention(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x)).
+  """Pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x)); with `parallel_block`
+  (ViT-22B, from PaLM) x + MSA(LN(x)) + MLP(LN(x)) with one LayerNorm (`LayerNorm_0`; there is
+  no `LayerNorm_2`), so both branches' matmuls can run side by side.
 
   Called as block(x, drop_rate, deterministic) -> (x, None), the shape nn.scan needs;
   drop_rate is this layer's stochastic-depth rate (None: no drop path).
@@ -197,6 +216,9 @@ class Encoder1DBlock(nn.Module):
   relative_grid: Optional[tuple] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  qk_norm: bool = False
+  parallel_block: bool = False
+  use_bias: bool = True
 
   def _drop_path(self, y, drop_rate, deterministic: bool):
     """Stochastic depth: drop the whole residual branch per example."""
@@ -209,15 +231,20 @@ class Encoder1DBlock(nn.Module):
   @nn.compact
   def __call__(self, x, drop_rate, deterministic: bool):
     x = sharding.constrain(x, TOKENS)
-    y = layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(x)
+    normed = layer_norm('LayerNorm_0', self.dtype, self.param_dtype, self.use_bias)(x)
     y = MultiHeadDotProductAttention(
         self.num_heads, self.attention_dropout_rate, self.relative_grid, self.dtype,
-        self.param_dtype, name='MultiHeadDotProductAttention_1')(y, deterministic=deterministic)
+        self.param_dtype, qk_norm=self.qk_norm, use_bias=self.use_bias,
+        name='MultiHeadDotProductAttention_1')(normed, deterministic=deterministic)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    mlp = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype,
+                   name='MlpBlock_3')
+    if self.parallel_block:
+      y = y + mlp(normed, deterministic=deterministic)
+      return sharding.constrain(x + self._drop_path(y, drop_rate, deterministic), TOKENS), None
     x = x + self._drop_path(y, drop_rate, deterministic)
-    y = layer_norm('LayerNorm_2', self.dtype, self.param_dtype)(x)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype,
-                 name='MlpBlock_3')(y, deterministic=deterministic)
+    y = layer_norm('LayerNorm_2', self.dtype, self.param_dtype, self.use_bias)(x)
+    y = mlp(y, deterministic=deterministic)
     return sharding.constrain(x + self._drop_path(y, drop_rate, deterministic), TOKENS), None
 
 
@@ -261,6 +288,9 @@ class Encoder(nn.Module):
   remat_policy: str = 'none'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  qk_norm: bool = False
+  parallel_block: bool = False
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x, *, train: bool, keep_idx=None, num_prefix_tokens: int = 0):
@@ -280,7 +310,8 @@ class Encoder(nn.Module):
                   dropout_rate=self.dropout_rate,
                   attention_dropout_rate=self.attention_dropout_rate,
                   relative_grid=self.relative_grid, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+                  param_dtype=self.param_dtype, qk_norm=self.qk_norm,
+                  parallel_block=self.parallel_block, use_bias=self.use_bias)
     block = Encoder1DBlock
     if not self.is_initializing():  # each block gathers its own layer's parameters
       block = _reading_gathered(block, kwargs, self.dtype, x)
@@ -298,8 +329,8 @@ class Encoder(nn.Module):
     else:
       for i in range(self.num_layers):
         x, _ = block(name=f'encoderblock_{i}', **kwargs)(x, float(rates[i]) or None, not train)
-    return sharding.constrain(layer_norm('encoder_norm', self.dtype, self.param_dtype)(x),
-                              TOKENS)
+    x = layer_norm('encoder_norm', self.dtype, self.param_dtype, self.use_bias)(x)
+    return sharding.constrain(x, TOKENS)
 
 
 class MAPHead(nn.Module):
@@ -308,6 +339,8 @@ class MAPHead(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  qk_norm: bool = False
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -316,10 +349,11 @@ class MAPHead(nn.Module):
                                             (None, None, EMBED)), (1, 1, d), self.param_dtype)
     probe = jnp.tile(probe.astype(x.dtype), (b, 1, 1))
     x = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
-                                     param_dtype=self.param_dtype,
+                                     param_dtype=self.param_dtype, qk_norm=self.qk_norm,
+                                     use_bias=self.use_bias,
                                      name='MultiHeadDotProductAttention_0')(
                                          probe, x, deterministic=True)
-    y = layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(x)
+    y = layer_norm('LayerNorm_0', self.dtype, self.param_dtype, self.use_bias)(x)
     x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                      name='MlpBlock_0')(y, deterministic=True)
     return x[:, 0]
@@ -361,6 +395,10 @@ class VisionTransformer(nn.Module):
   posemb: 'learn' (1D), 'learn2d' (Y/X halves), 'sincos2d' (fixed), 'relative' (learned bias
   per 2D offset in every attention layer), 'none'. resnet_layers: a hybrid's ResNet stage sizes
   (e.g. (3, 4, 9) for R50+ViT-B_16); patches are then cut from its feature map.
+  ViT-22B's changes (Dehghani et al. 2023), each off by default, where the released weights'
+  names stay as they are: qk_norm (LayerNorm on every attention's queries and keys),
+  parallel_block (attention and MLP from one LayerNorm, summed), use_bias=False (no biases in
+  the query/key/value projections; every LayerNorm without bias and centering).
   """
   num_classes: Optional[int]
   patch_size: int
@@ -381,6 +419,9 @@ class VisionTransformer(nn.Module):
   remat_policy: str = 'none'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  qk_norm: bool = False
+  parallel_block: bool = False
+  use_bias: bool = True
 
   def setup(self):
     for key, value, allowed in (('classifier', self.classifier, CLASSIFIERS),
@@ -426,7 +467,8 @@ class VisionTransformer(nn.Module):
                       'learn' if self.posemb == 'learn' else 'none', self.dropout_rate,
                       self.attention_dropout_rate, self.stochastic_depth,
                       grid if self.posemb == 'relative' else None, self.scan_layers,
-                      self.remat_policy, self.dtype, self.param_dtype, name='Transformer')
+                      self.remat_policy, self.dtype, self.param_dtype, self.qk_norm,
+                      self.parallel_block, self.use_bias, name='Transformer')
     return encoder(x, train=train, keep_idx=keep_idx, num_prefix_tokens=self.num_prefix_tokens)
 
   @property
@@ -441,7 +483,8 @@ class VisionTransformer(nn.Module):
     elif self.classifier == 'gap':
       x = x.mean(axis=1)
     elif self.classifier == 'map':
-      x = MAPHead(self.mlp_dim, self.num_heads, self.dtype, self.param_dtype, name='MAPHead_0')(x)
+      x = MAPHead(self.mlp_dim, self.num_heads, self.dtype, self.param_dtype, self.qk_norm,
+                  self.use_bias, name='MAPHead_0')(x)
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
                            param_dtype=self.param_dtype, name='pre_logits',

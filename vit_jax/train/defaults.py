@@ -22,6 +22,9 @@ MODEL_OPTIONS = {
     'mask_ratio': float, 'decoder_width': int, 'decoder_layers': int, 'decoder_mlp_dim': int,
     'decoder_heads': int, 'corrupt_ratio': float,
 }
+# ViT-22B's block (issue 34): LayerNorm on queries and keys, attention and MLP in parallel, no
+# query/key/value or LayerNorm biases (models.vit.VisionTransformer).
+MODEL_OPTIONS.update({'qk_norm': bool, 'parallel_block': bool, 'use_bias': bool})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,6 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
                      weight_decay=0., grad_clip_norm=0.)
   c.schedule = dict(base_lr=1e-3, warmup_steps=0, decay_type='cosine', end_lr=0.,
                     timescale=10_000)
+  # The scaling recipes (issue 34): big_vision_adafactor's momentum dtype (None: float32), the
+  # head's own weight decay (None: weight_decay), a linear cooldown to 0 at the end.
+  c.optimizer.momentum_dtype = placeholder(str)
+  c.optimizer.head_weight_decay = placeholder(float)
+  c.schedule.cooldown_steps = 0
   c.fewshot = dict(dataset='', name='', train_split='train', test_split='test',
                    shots=[1, 5, 10, 25], seeds=3, l2_reg=2.**10, pp='')  # dataset '' = off
   # Inside a slice (one may be -1 = all remaining devices); dcn_data: data parallel across TPU

@@ -31,6 +31,8 @@ _KNOWN = [re.compile(p) for p in (
     r'Transformer/encoderblock_\d+/MultiHeadDotProductAttention_1/(query|key|value|out)/'
     r'(kernel|bias)',
     r'Transformer/encoderblock_\d+/MultiHeadDotProductAttention_1/relative_bias',
+    r'(Transformer/encoderblock_\d+/MultiHeadDotProductAttention_1|'
+    r'MAPHead_0/MultiHeadDotProductAttention_0)/(query|key)_norm/(scale|bias)',  # qk_norm
     r'Transformer/encoderblock_\d+/MlpBlock_3/Dense_[01]/(kernel|bias)',
     r'Transformer/encoder_norm/(scale|bias)', r'MAPHead_0/probe',
     r'MAPHead_0/MultiHeadDotProductAttention_0/(query|key|value|out)/(kernel|bias)',
@@ -40,10 +42,11 @@ _KNOWN = [re.compile(p) for p in (
     # An MAE / masked-patch run's own parts; transfer drops them.
     rf'({"|".join(PRETRAINING_ONLY)})(/.*)?')]
 
-# Leaves every encoder block has.
+# Leaves every encoder block has. ViT-22B's options add some (qk_norm: query_norm, key_norm) and
+# drop others (use_bias=False: LayerNorm and query/key/value biases; parallel_block: LayerNorm_2).
 BLOCK_LEAVES = tuple(
-    [f'LayerNorm_{n}/{p}' for n in (0, 2) for p in ('scale', 'bias')] +
-    [f'{ATTN}/{m}/{p}' for m in ('query', 'key', 'value', 'out') for p in ('kernel', 'bias')] +
+    ['LayerNorm_0/scale'] +
+    [f'{ATTN}/{m}/kernel' for m in ('query', 'key', 'value', 'out')] + [f'{ATTN}/out/bias'] +
     [f'MlpBlock_3/Dense_{n}/{p}' for n in (0, 1) for p in ('kernel', 'bias')])
 
 # Hidden size -> heads of the named variants, for PyTorch files (which do not record heads).
@@ -213,6 +216,8 @@ TIMM_LAYOUT = (
     ('blocks.{i}.norm1', BLOCK + 'LayerNorm_0', _NORM),
     ('blocks.{i}.attn.qkv', tuple(f'{BLOCK}{ATTN}/{m}' for m in ('query', 'key', 'value')),
      _HEADS_IN),
+    ('blocks.{i}.attn.q_norm', f'{BLOCK}{ATTN}/query_norm', _NORM),  # qk_norm=True
+    ('blocks.{i}.attn.k_norm', f'{BLOCK}{ATTN}/key_norm', _NORM),
     ('blocks.{i}.attn.proj', f'{BLOCK}{ATTN}/out', _HEADS_OUT),
     ('blocks.{i}.norm2', BLOCK + 'LayerNorm_2', _NORM),
     ('blocks.{i}.mlp.fc1', BLOCK + 'MlpBlock_3/Dense_0', _LINEAR),
@@ -221,6 +226,8 @@ TIMM_LAYOUT = (
     ('attn_pool.latent', _MAP + 'probe', _TENSOR),  # global_pool='map'
     ('attn_pool.q', _MAP_ATTN + 'query', _HEADS_IN),
     ('attn_pool.kv', (_MAP_ATTN + 'key', _MAP_ATTN + 'value'), _HEADS_IN),
+    ('attn_pool.q_norm', _MAP_ATTN + 'query_norm', _NORM),
+    ('attn_pool.k_norm', _MAP_ATTN + 'key_norm', _NORM),
     ('attn_pool.proj', _MAP_ATTN + 'out', _HEADS_OUT),
     ('attn_pool.norm', _MAP + 'LayerNorm_0', _NORM),
     ('attn_pool.mlp.fc1', _MAP + 'MlpBlock_0/Dense_0', _LINEAR),
@@ -309,15 +316,20 @@ def to_torch(flat: dict, layout, prefix: str = '', unprefixed=('classifier',)) -
 # --- entry point -------------------------------------------------------------------------------
 
 def check_layout(flat: dict, path: str) -> None:
-  """Raises naming every unknown key and every leaf missing from a present block."""
+  """Raises naming every unknown key and every leaf missing from a present block: the leaves
+  every block has, and those any block has (all blocks are alike)."""
   unknown = sorted(k for k in flat if not any(p.fullmatch(k) for p in _KNOWN))
-  blocks = {int(m[1]) for k in flat for m in [re.match(r'Transformer/encoderblock_(\d+)/', k)] if m}
+  leaves = {}  # block number -> its leaf names
+  for key in flat:
+    match = re.match(r'Transformer/encoderblock_(\d+)/(.*)', key)
+    if match:
+      leaves.setdefault(int(match[1]), set()).add(match[2])
   resnet = 'conv_root/kernel' in flat and not any(k.startswith('Transformer/') for k in flat)
   required = (['conv_root/kernel', 'gn_root/scale', 'gn_root/bias'] if resnet else  # BiT
-              ['embedding/kernel', 'Transformer/encoder_norm/scale',
-               'Transformer/encoder_norm/bias'])
-  if blocks:
-    required += [BLOCK.format(i=i) + leaf for i in range(max(blocks) + 1) for leaf in BLOCK_LEAVES]
+              ['embedding/kernel', 'Transformer/encoder_norm/scale'])
+  if leaves:
+    every_block = sorted(set(BLOCK_LEAVES).union(*leaves.values()))
+    required += [BLOCK.format(i=i) + leaf for i in range(max(leaves) + 1) for leaf in every_block]
   missing = [k for k in required if k not in flat]
   if unknown or missing:
     raise ValueError(f'{path} is not a ViT or BiT checkpoint in a known layout:'

@@ -2,8 +2,9 @@
 
 The architecture is read off the weights: depth, width, MLP size, heads, patch size, hybrid
 ResNet stages, classifier, representation size, number of classes, learned position embeddings
-and their grid (the image size); a training workdir's config.json adds what weights cannot
-show (fixed sin-cos position embeddings, the image size, dtypes). predict, inspect and export
+and their grid (the image size), ViT-22B's block options (qk_norm, parallel_block, use_bias);
+a training workdir's config.json adds what weights cannot show (fixed sin-cos position
+embeddings, the image size, dtypes). predict, inspect and export
 build their model here, so that all three read any checkpoint the same way.
 """
 import re
@@ -43,7 +44,10 @@ def architecture(params: dict) -> dict:
                  classifier='map' if 'MAPHead_0' in params else
                  'token' if 'cls' in params else 'gap',
                  representation_size=params['pre_logits']['bias'].shape[0]
-                 if 'pre_logits' in params else None)
+                 if 'pre_logits' in params else None,
+                 # ViT-22B's block: normed queries and keys, one LayerNorm, no QKV biases.
+                 qk_norm='query_norm' in attention, parallel_block='LayerNorm_2' not in block0,
+                 use_bias='bias' in attention['query'])
   if 'conv_root' in params:  # hybrid
     stages, width = _resnet_stages(params)
     options.update(resnet_layers=stages, resnet_width=width)

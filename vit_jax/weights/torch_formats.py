@@ -10,8 +10,9 @@
 Both compute what our model computes: tanh-approximated GELU ('gelu_pytorch_tanh' in
 transformers, 'gelu_tanh' in timm), LayerNorm eps 1e-6, images scaled to [-1, 1] (mean = std =
 0.5). Fixed sin-cos and learned 2D position embeddings become the learned table holding the
-same values. What a target has no place for is refused before anything is written, in one line
-naming the option (and the target that holds it, where one does).
+same values; timm holds ViT-22B's qk_norm. What a target has no place for is refused before
+anything is written, in one line naming the option (and the target that holds it, where one
+does).
 """
 import json
 
@@ -38,11 +39,20 @@ def refusal(model, target: str) -> str | None:
             'plain ViTs only')
   if model.posemb == 'relative':
     return f"posemb='relative' (a learned bias per 2D offset in every layer): {neither}"
+  if model.parallel_block:
+    return ('parallel_block=True (attention and MLP side by side from one LayerNorm, as '
+            f'ViT-22B): {neither}')
+  if not model.use_bias:
+    return ('use_bias=False (LayerNorms without bias and centering, no query/key/value biases, '
+            f'as ViT-22B): {neither}')
   if model.representation_size is not None:
     return (f'representation_size={model.representation_size} (a tanh pre-logits layer): '
             f'{neither}; fine-tune without it (init_from drops it) and export that model')
   if model.classifier not in _TIMM_POOL or not model.num_classes:
     return f"classifier={model.classifier!r} has no classifier head to export"
+  if target == 'hf' and model.qk_norm:
+    return (f"qk_norm=True (LayerNorm on queries and keys): {_LIBRARY['hf']} has none; "
+            '--to=timm holds it')
   if target == 'hf' and model.classifier != 'token':
     kind = 'the mean of the tokens' if model.classifier == 'gap' else 'attention pooling'
     return (f"classifier={model.classifier!r} ({kind}): {_LIBRARY['hf']} classifies the class "
@@ -129,6 +139,7 @@ def timm_folder(model, params, size: int, labels=None) -> dict:
       'depth': model.num_layers, 'num_heads': model.num_heads, 'mlp_ratio': _mlp_ratio(model),
       'global_pool': pool, 'class_token': token, 'no_embed_class': False,
       'pos_embed': 'none' if formats.POSEMB not in flat else 'learn',
+      'qk_norm': model.qk_norm,  # timm's q_norm/k_norm: LayerNorm(head dim, eps 1e-6)
       'fc_norm': False,  # our encoder norm comes before pooling, on every token
       'act_layer': 'gelu_tanh',
   }
