@@ -2,14 +2,16 @@
 the same JPEGs, on 1 and 2 cores, quiet or busy; where each image's CPU goes; what a resumed run
 reads before its first batch; reading from gs:// at real latency.
 
-    python -m benchmarks.input_pipeline [--num_images=200 --rounds=5 --cores=1,2 --busy=0,1]
+    python -m benchmarks.input_pipeline [--num_images=200 --repeats=5 --cores=1,2 --busy=0,1]
         [--sets=synthetic,photos] [--cases=...] [--profile] [--resume_at=10,100000]
         [--gcs_latency_ms=50]
 
 Two sets of 500x375 JPEGs at quality 90 (ImageNet's typical size), each written by make_records:
   synthetic  generated: smooth colour fields, hard-edged objects, noise;
   photos     500x375 crops of the two camera photos scikit-learn ships (china.jpg, flower.jpg,
-             640x427) at random offsets, half of them mirrored, re-encoded.
+             640x427) at random offsets, half of them mirrored, re-encoded;
+and, with --sets=...,large, the synthetic ones at 1500x1000 (camera-size pictures, where crops
+are large enough for fast_decode to decode at a reduced scale).
 Cases, timed in turns within each round (each on an iterator already through one pass over the
 images, its buffers full as in training, and dropped after its turn so that no readahead runs
 while another case is timed):
@@ -22,7 +24,7 @@ while another case is timed):
                      without reading what comes before it;
   ours               `pipeline.train_dataset` as training runs it (order, read by index, parse,
                      'decode|inception_crop(224)|flip_lr|value_range(-1, 1)', batches of 25);
-  ours, fast decode  the same with inception_crop(224, fast_decode=True);
+  ours fast_decode   the same with inception_crop(224, fast_decode=True);
   timm               timm's training transform (PIL decode, RandomResizedCrop to 224 bilinear with
                      area 0.05-1, flip, ToTensor, Normalize; no colour jitter) on the JPEGs in
                      memory, one thread per core, batches of 25 stacked (needs `.[timm]`).
@@ -30,8 +32,9 @@ Each core count runs in a fresh process pinned to that many cores (os.sched_seta
 --busy level B adds B processes per core spinning on those same cores while it runs (the load a
 trainer's threads or other jobs put on a host; 0: nothing added). Prints per case and set the
 median images/s, the CPU per image (all of the process's threads: the figure other processes'
-load does not move) and the medians of the within-round ratios to the streaming peer and to bare
-decode, by images/s and by CPU, with the load average (1 min, os.getloadavg) over the rounds.
+load moves least) and the medians of the within-round ratios to the streaming peer and to bare
+decode, by images/s (with the lowest and highest round's) and by CPU, with the load average
+(1 min, os.getloadavg) over the rounds.
 
 --profile samples the CPU of the streaming peer and ours (and the fast decode) on one core with
 Linux `perf` and prints where each image's CPU goes, stage by stage (ms per image).
@@ -76,13 +79,12 @@ _PP = 'decode|inception_crop(224)|flip_lr|value_range(-1, 1)'
 _PP_FAST = 'decode|inception_crop(224, fast_decode=True)|flip_lr|value_range(-1, 1)'
 _BATCH = 25
 _SIZE, _AREA, _ASPECT = 224, (0.05, 1.), (3 / 4, 4 / 3)
-CASES = ('bare decode', 'streaming peer', 'ours', 'ours, fast decode', 'timm')
+CASES = ('bare decode', 'streaming peer', 'ours', 'ours fast_decode', 'timm')
 SETS = ('synthetic', 'photos')
 
 
-def natural_jpegs(num_images: int, seed: int = 0) -> list[bytes]:
+def natural_jpegs(num_images: int, seed: int = 0, h: int = 375, w: int = 500) -> list[bytes]:
   rng = np.random.RandomState(seed)
-  h, w = 375, 500
   y, x = np.mgrid[:h, :w] / w
   images = []
   for _ in range(num_images):
@@ -116,7 +118,8 @@ def photo_jpegs(num_images: int, seed: int = 0) -> list[bytes]:
   return images
 
 
-IMAGE_SETS = {'synthetic': natural_jpegs, 'photos': photo_jpegs}
+IMAGE_SETS = {'synthetic': natural_jpegs, 'photos': photo_jpegs,
+              'large': lambda n: natural_jpegs(n, h=1000, w=1500)}
 
 
 def write_records(jpegs: list[bytes], folder: str, num_shards: int = 4) -> str:
@@ -235,7 +238,7 @@ def _case(name: str, records: str, jpegs: list[bytes]):
   if name == 'streaming peer':
     ds = streaming_peer(records)
     return lambda: iter(ds), _BATCH
-  if name in ('ours', 'ours, fast decode'):
+  if name in ('ours', 'ours fast_decode'):
     ds = pipeline.train_dataset(_config(records, _BATCH, _PP if name == 'ours' else _PP_FAST),
                                 0, range(_BATCH))
     return lambda: iter(ds), _BATCH
@@ -265,7 +268,7 @@ def _timed(make, per_element: int, count: int, passes: int) -> tuple[float, floa
   return rate, cpu_ms
 
 
-def local_rates(records: dict, rounds: int, cases: list[str], passes: int = 3) -> dict:
+def local_rates(records: dict, rounds: int, cases: list[str], passes: int = 2) -> dict:
   """Runs in a fresh process pinned to the cores to measure: {set: {case: [(images/s, CPU ms
   per image, load average)]}} over `rounds` rounds in which every case of every set takes a
   turn, so that load from other processes hits them alike."""
@@ -334,7 +337,10 @@ def on_cores(records: dict, cores: int, busy: int, rounds: int, cases: list[str]
       for ref in ('streaming peer', 'bare decode'):
         if ref in by_case:
           key = ref.split()[-1]
-          results[name][f'ratio_to_{key}'] = round(float(np.median(r[:, 0] / by_case[ref][:, 0])), 3)
+          ratios = r[:, 0] / by_case[ref][:, 0]
+          results[name][f'ratio_to_{key}'] = round(float(np.median(ratios)), 3)
+          results[name][f'ratio_to_{key}_range'] = [round(float(ratios.min()), 3),
+                                                    round(float(ratios.max()), 3)]
           results[name][f'cpu_ratio_to_{key}'] = round(
               float(np.median(by_case[ref][:, 1] / r[:, 1])), 3)
   return summary
@@ -342,13 +348,16 @@ def on_cores(records: dict, cores: int, busy: int, rounds: int, cases: list[str]
 
 def print_rates(summary: dict, cores: int, busy: int, rounds: int) -> None:
   print(f'-- {cores} core{"s" * (cores > 1)}, {busy or "no"} spinning process'
-        f'{"es" * (busy != 1)} per core added; medians of {rounds} rounds; images/s, CPU ms per '
-        'image, ratios to the peer and to bare decode by images/s (by CPU), load average')
+        f'{"es" * (busy != 1)} per core added; medians of {rounds} rounds: images/s, CPU ms per '
+        'image; ratio to the streaming peer by images/s [lowest-highest round] (by CPU); the '
+        'same to bare decode; load average over the rounds')
   for set_name, results in summary.items():
     print(f'   {set_name}')
     for name, r in results.items():
-      ratios = '  '.join(f'{r[f"ratio_to_{k}"]:5.2f} ({r[f"cpu_ratio_to_{k}"]:4.2f})'
-                         for k in ('peer', 'decode') if f'ratio_to_{k}' in r)
+      ratios = '   '.join(
+          f'{r[f"ratio_to_{k}"]:4.2f} [{r[f"ratio_to_{k}_range"][0]:4.2f}-'
+          f'{r[f"ratio_to_{k}_range"][1]:4.2f}] ({r[f"cpu_ratio_to_{k}"]:4.2f})'
+          for k in ('peer', 'decode') if f'ratio_to_{k}' in r)
       print(f'   {name:18s} {r["images_per_sec"]:7.1f}/s {r["cpu_ms_per_image"]:6.3f} ms   '
             f'{ratios}   load {r["load_average"][0]:.1f}-{r["load_average"][1]:.1f}')
 
@@ -573,7 +582,7 @@ def print_profile(by_set: dict) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--num_images', type=int, default=200,
-                      help='JPEGs per set (a multiple of 25, the pipelines\' batch)')
+                      help='JPEGs per set (at least 200, a multiple of 25: the pipelines\' batch)')
   parser.add_argument('--repeats', type=int, default=5,
                       help='rounds: timed turns per case, set, core count and busy level')
   parser.add_argument('--cores', default='1,2',
@@ -581,7 +590,8 @@ def main():
   parser.add_argument('--busy', default='0',
                       help='spinning processes per measured core, comma-separated levels: '
                       '0 quiet, 1 each core shared with one busy process, ...')
-  parser.add_argument('--sets', default=','.join(SETS), help='image sets, comma-separated')
+  parser.add_argument('--sets', default=','.join(SETS),
+                      help=f'image sets, comma-separated, of {", ".join(IMAGE_SETS)}')
   parser.add_argument('--cases', default=','.join(CASES), help='cases, comma-separated')
   parser.add_argument('--profile', action='store_true',
                       help='also where each image\'s CPU goes, stage by stage (Linux perf)')
@@ -597,6 +607,9 @@ def main():
                       help='records in the gcs comparison (the JPEGs repeated)')
   parser.add_argument('--gcs_rounds', type=int, default=3, help='local/gcs passes, alternating')
   args = parser.parse_args()
+  if args.num_images < 200 or args.num_images % _BATCH:
+    # Fewer, and a pass would not outlast the pipelines' readahead (several batches).
+    parser.error('--num_images: at least 200 and a multiple of 25')
   available = len(os.sched_getaffinity(0))
   core_counts = [int(c) for c in args.cores.split(',') if int(c) <= available]
   busy_levels = [int(b) for b in args.busy.split(',')]
@@ -615,7 +628,8 @@ def main():
         parser.error(f'--sets: unknown set {set_name!r}; choose from {", ".join(SETS)}')
       jpegs[set_name] = IMAGE_SETS[set_name](args.num_images)
       records[set_name] = write_records(jpegs[set_name], os.path.join(folder, set_name))
-      print(f'{set_name}: {len(jpegs[set_name])} JPEGs 500x375, quality 90, mean '
+      h, w = tf.io.extract_jpeg_shape(jpegs[set_name][0]).numpy()[:2]
+      print(f'{set_name}: {len(jpegs[set_name])} JPEGs {w}x{h}, quality 90, mean '
             f'{np.mean([len(j) for j in jpegs[set_name]]) / 1e3:.0f} kB')
     print(f'load average before {[round(x, 2) for x in os.getloadavg()]}')
     for cores in core_counts:
@@ -625,7 +639,7 @@ def main():
         print_rates(results, cores, busy, args.repeats)
     if args.profile:
       summary['profile'] = profile(records, [c for c in ('streaming peer', 'ours',
-                                                         'ours, fast decode') if c in cases])
+                                                         'ours fast_decode') if c in cases])
       print_profile(summary['profile'])
     if args.resume_at:
       summary['resume'] = resume_costs(next(iter(records.values())),

@@ -103,31 +103,29 @@ def test_fused_jpeg_crop_equals_decode_then_crop():
 
 
 def test_fast_decode_scales_large_jpeg_crops_and_decodes_small_ones_exactly():
-  """inception_crop(..., fast_decode=True): a crop at least twice the output decodes at 1/2, 1/4
-  or 1/8 scale: the same crop, its pixels averaged rather than sampled (smooth content: within
-  33 dB PSNR of the exact path; textured: about as far from an antialiased resize as the exact
-  path's sampling is); a smaller crop, and any PNG, as without fast_decode."""
+  """inception_crop(..., fast_decode=True): a crop at least twice the output decodes at 1/2 or
+  1/4 scale: the same crop to within half a pixel of the scaled image (r/2 source pixels), its
+  pixels averaged over r x r blocks, which on textured content is about as far from an
+  antialiased resize as the exact path's sampling; a smaller crop, and any PNG, as without."""
   y, x = np.mgrid[:192, :256]
-  smooth = np.stack([128 + 100 * np.sin(x / 13), 128 + 100 * np.cos(y / 11),
-                     128 + 60 * np.sin((x + y) / 17)], -1).astype(np.uint8)
+  ramps = [np.repeat(ramp[..., None], 3, -1).astype(np.uint8) for ramp in (x, y)]  # grey
   textured = _natural(192, 256)
-  for image in (smooth, textured):
+  for image in (*ramps, textured):
     jpeg = tf.io.encode_jpeg(image, quality=95).numpy()
-    for s in range(6):
+    for s in range(4):
       def crop(spec, seed=(0, s)):
         return _run(f'decode|{spec}', jpeg, seed=seed)['image'].astype(float)
       small = 'inception_crop(40, area_max=0.08{})'  # sides < 80
       np.testing.assert_array_equal(crop(small.format(', fast_decode=True')),
                                     crop(small.format('')))
-      exact, fast = crop('inception_crop(40, area_min=0.6)'), crop(
-          'inception_crop(40, area_min=0.6, fast_decode=True)')
-      assert not np.array_equal(exact, fast)  # scaled (every crop here is 3 times the output)
-      if image is smooth:
-        assert 10 * np.log10(255 ** 2 / np.mean((fast - exact) ** 2)) > 33
-      else:
-        reference = crop('inception_crop(40, area_min=0.6, antialias=True)')
-        assert (np.abs(fast - reference).mean()
-                <= np.abs(exact - reference).mean() + 1.), s
+      large = 'inception_crop(40, area_min=0.6{})'  # sides >= 100: 1/2 or 1/4 scale
+      exact, fast = crop(large.format('')), crop(large.format(', fast_decode=True'))
+      assert not np.array_equal(exact, fast)
+      if image is textured:
+        reference = crop(large.format(', antialias=True'))
+        assert np.abs(fast - reference).mean() <= np.abs(exact - reference).mean() + 1, s
+      else:  # each pixel shows its source position: within r/2 <= 2, JPEG's 1, rounding's 1
+        assert np.abs(fast - exact).max() <= 4 and np.abs(fast - exact).mean() <= 2.5, s
   png = tf.io.encode_png(textured).numpy()
   np.testing.assert_array_equal(_run('decode|inception_crop(40, fast_decode=True)', png)['image'],
                                 _run('decode|inception_crop(40)', png)['image'])
