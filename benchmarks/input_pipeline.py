@@ -45,7 +45,8 @@ Ends with one JSON line. Temporary files go when it ends.
 
 With --gcs_latency_ms=L, the whole pipeline also reads the same records (--gcs_images of them)
 from a bucket of the local GCS emulator behind tests/gcs_proxy.py, which adds L ms to every
-request (`pip install -e '.[test]'` brings the emulator). The harness (emulator + proxy) runs in
+request and answers range reads from its own copy of each object, as GCS does at its own speed
+(benchmarks/gcs_harness.py; `pip install -e '.[test]'` brings the emulator). The harness runs in
 its own process on the other cores, the pipeline in a fresh process on one core (TensorFlow with
 8 inter-op threads, so that a read waiting on the network does not idle it); local and gcs
 passes alternate. It prints the harness's own rate without latency (what it can serve), then
@@ -494,7 +495,11 @@ def gcs_worker(records: str, proxy_url: str, latency_ms: float, rounds: int) -> 
       rates[name].append(rate)
       cpu[name].append(cpu_ms)
       if name == 'gcs':
-        proxy.append(_proxy_control(proxy_url))
+        stats = _proxy_control(proxy_url)
+        # Little's law: requests in flight = arrival rate x time each spends in the harness.
+        stats['seconds_per_request'] = (stats['mean_in_flight'] * batches * 25 / rate
+                                        / max(stats['requests'], 1))
+        proxy.append(stats)
   ratios = np.array(rates['gcs']) / np.array(rates['local'])
   return {'latency_ms': latency_ms, 'images_per_sec': round(float(np.median(rates['gcs'])), 1),
           'local_images_per_sec': round(float(np.median(rates['local'])), 1),
@@ -503,6 +508,8 @@ def gcs_worker(records: str, proxy_url: str, latency_ms: float, rounds: int) -> 
           'local_cpu_ms_per_image': round(float(np.median(cpu['local'])), 3),
           'requests_in_flight_mean': float(np.median([p['mean_in_flight'] for p in proxy])),
           'requests_in_flight_max': max(p['max_in_flight'] for p in proxy),
+          'seconds_per_request': round(float(np.median([p['seconds_per_request']
+                                                        for p in proxy])), 3),
           'connections_max': max(p['max_connections'] for p in proxy),
           'harness_reads_per_sec': round(harness, 1), 'images_per_pass': batches * 25}
 
@@ -510,7 +517,6 @@ def gcs_worker(records: str, proxy_url: str, latency_ms: float, rounds: int) -> 
 def gcs_comparison(jpegs: list[bytes], num_images: int, latency_ms: float, rounds: int) -> dict:
   """The same records local and in the emulator's bucket at `latency_ms`: see the docstring."""
   with tempfile.TemporaryDirectory(prefix='input_pipeline_gcs_') as folder:
-    # Small shards: the emulator copies a whole object to answer each range read of it.
     records = write_records([jpegs[i % len(jpegs)] for i in range(num_images)], folder,
                             num_shards=32)
     return _gcs_comparison(records, latency_ms, rounds)
@@ -519,7 +525,7 @@ def gcs_comparison(jpegs: list[bytes], num_images: int, latency_ms: float, round
 def _gcs_comparison(records: str, latency_ms: float, rounds: int) -> dict:
   cores = sorted(os.sched_getaffinity(0))
   pipeline_core, harness_cores = cores[:1], cores[1:] or cores
-  harness = subprocess.Popen([sys.executable, '-m', 'tests.gcs_proxy', f'--bucket={_BUCKET}'],
+  harness = subprocess.Popen([sys.executable, '-m', 'benchmarks.gcs_harness', f'--bucket={_BUCKET}'],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   try:
     os.sched_setaffinity(harness.pid, harness_cores)
@@ -551,7 +557,9 @@ def _gcs_comparison(records: str, latency_ms: float, rounds: int) -> dict:
   # On a loaded machine the core's share left to the pipeline swings between passes; the CPU
   # it spends per image does not: the reader's own cost, whatever the load.
   print(f'CPU per image: gcs {gcs["cpu_ms_per_image"]:.2f} ms, local '
-        f'{gcs["local_cpu_ms_per_image"]:.2f} ms')
+        f'{gcs["local_cpu_ms_per_image"]:.2f} ms; a request spent {gcs["seconds_per_request"]:.3f}'
+        f' s in the harness on average ({latency_ms / 1e3:g} s of it the added latency; far more: '
+        'the harness, not the reader, set the pace)')
   return gcs
 
 
@@ -586,7 +594,8 @@ def main():
   parser.add_argument('--repeats', type=int, default=5,
                       help='rounds: timed turns per case, set, core count and busy level')
   parser.add_argument('--cores', default='1,2',
-                      help='core counts to pin the measuring process to, comma-separated')
+                      help='core counts to pin the measuring process to, comma-separated '
+                      '(empty: none)')
   parser.add_argument('--busy', default='0',
                       help='spinning processes per measured core, comma-separated levels: '
                       '0 quiet, 1 each core shared with one busy process, ...')
@@ -611,7 +620,7 @@ def main():
     # Fewer, and a pass would not outlast the pipelines' readahead (several batches).
     parser.error('--num_images: at least 200 and a multiple of 25')
   available = len(os.sched_getaffinity(0))
-  core_counts = [int(c) for c in args.cores.split(',') if int(c) <= available]
+  core_counts = [int(c) for c in args.cores.split(',') if c and int(c) <= available]
   busy_levels = [int(b) for b in args.busy.split(',')]
   cases = [c.strip() for c in args.cases.split(',') if c.strip()]
   for case in cases:
