@@ -21,18 +21,10 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def get_config():
-  c = defaults.base_config()
+  c = defaults.pretraining_config()
   c.task = 'mae'
-  c.seed = 0
-  c.batch_size = 4096
   steps_per_epoch = IMAGENET_TRAIN_IMAGES // c.batch_size
   c.total_steps = 800 * steps_per_epoch
-  c.eval_batch_size = 1024
-  c.log_every = 100
-  c.eval_every = 10_000
-  c.checkpoint_every = 2_000
-  c.keep_checkpoints = 3
-  c.init_from = ''
 
   c.image_size = 224
   c.data.update(name='imagenet2012', train_split='train', eval_split='validation[:10000]')

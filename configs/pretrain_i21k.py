@@ -37,16 +37,8 @@ def get_config(arg: str = 'B/16'):
   if arg not in PRESETS:
     raise ValueError(f'configs/pretrain_i21k.py: unknown preset {arg!r}; choose one of {ARGS}')
   model_name, hidden, fsdp, remat = PRESETS[arg]
-  c = defaults.base_config()
-  c.seed = 0
+  c = defaults.pretraining_config()
   c.total_steps = 312_000
-  c.batch_size = 4096
-  c.eval_batch_size = 1024
-  c.log_every = 100
-  c.eval_every = 10_000
-  c.checkpoint_every = 2_000
-  c.keep_checkpoints = 3
-  c.init_from = ''
 
   c.image_size = 224
   c.num_classes = NUM_CLASSES

@@ -7,7 +7,8 @@
 COMMAND (default: launch)
   launch  create, then setup, then run
   create  create the slice (`tpu-vm create`), or with --queued a queued resource, and wait for it
-  setup   ship the committed tree (`git archive HEAD`) to every worker; install it and jax[tpu]
+  setup   ship the committed tree (`git archive HEAD`) to every worker; install it with jax[tpu]
+          (jax, jaxlib, libtpu and every dependency at the versions installed here)
   run     start `python -m vit_jax.main TRAINER FLAGS` on all workers at once, detached (nohup),
           appending to ~/vit_jax.log; refuses to start a second copy
   status  the slice's state, and whether each worker is training
@@ -36,7 +37,13 @@ the trainer's config is compiled for that slice on this machine (`python -m vit_
 `pip install -e '.[tpu]'`): its per-device memory is printed, and a config that does not fit is
 refused with the shortfall and a change that fits. --skip_fit_check skips it. Its result is kept
 (~/.cache/vit_jax/fit_checks) per config flags, slice and version of the code and libraries,
-so the same dry run again answers at once.
+so the same dry run again answers at once. A compile takes seconds for small models and minutes
+for large ones: what it compiles, how long that took before and that it is alive are shown as it
+runs; Ctrl-C or SIGTERM stop it (and the launcher) with one line.
+
+What the workers run is what was checked: setup installs jax[tpu], jaxlib and libtpu at the
+versions installed here (named on the install command), and every other package the project
+needs at its version here (uv constraints, installed_versions.txt in the tarball).
 """
 import json
 import argparse
@@ -47,10 +54,13 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import tomllib
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ('launch', 'create', 'setup', 'run', 'status', 'logs', 'stop', 'delete')
@@ -60,8 +70,14 @@ REMOTE_DIR = 'vit_jax'
 REMOTE_VENV = 'vit_jax_venv'
 REMOTE_LOG = 'vit_jax.log'
 REMOTE_PID = 'vit_jax.pid'
-# pyproject's requires-python; TPU VM images ship an older python3, so uv fetches this one.
-PYTHON_VERSION = '3.11'
+# This Python's version (pyproject requires 3.11 or later): TPU VM images ship an older python3,
+# so uv fetches this one, as the fit check ran on it.
+PYTHON_VERSION = f'{sys.version_info.major}.{sys.version_info.minor}'
+# The versions installed here of every package the project needs, which the fit check compiled
+# with: shipped in the tarball (at its root) as uv's constraints for the workers' install.
+PINS_FILE = 'installed_versions.txt'
+# Pinned on the install command itself, where the dry run shows them: what compiles and runs.
+COMPILER_PACKAGES = ('jax', 'jaxlib', 'libtpu')
 # Cloud TPU's recommended software version for JAX, by accelerator generation.
 RUNTIME_VERSIONS = {
     'v2': 'tpu-ubuntu2204-base',
@@ -80,9 +96,11 @@ _IS_TRAINING = f'test -f {REMOTE_PID} && kill -0 "$(cat {REMOTE_PID})" 2>/dev/nu
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-  """One local command; `wait_until_active` reruns it until it prints ACTIVE."""
+  """One local command; `wait_until_active` reruns it until it prints ACTIVE; `note` is said
+  after it (a dry run prints it as a # line)."""
   argv: list[str]
   wait_until_active: bool = False
+  note: str = ''
 
 
 def _location(args):
@@ -142,25 +160,88 @@ def create_commands(args):
   return [Command(create + _spot(args))]
 
 
+def _normal(name: str) -> str:
+  return re.sub(r'[-_.]+', '-', name).lower()
+
+
+def _requirement(text: str) -> tuple[str, set, str]:
+  """(name, extras, marker) of a requirement such as 'etils[epath]>=1.7; extra == "x"'."""
+  spec, _, marker = text.partition(';')
+  match = re.match(r'\s*([A-Za-z0-9._-]+)\s*(?:\[([^\]]*)\])?', spec)
+  return match[1], {e.strip() for e in (match[2] or '').split(',') if e.strip()}, marker
+
+
+def installed_versions(extras=('tpu',)) -> dict:
+  """{distribution: version} installed here of every package the project needs: pyproject's
+  dependencies and `extras`, and theirs, recursively (a requirement's own extras followed, its
+  other markers not evaluated). What is not installed here is left out."""
+  try:
+    with open(os.path.join(PROJECT_ROOT, 'pyproject.toml'), 'rb') as f:
+      project = tomllib.load(f)['project']
+  except FileNotFoundError:  # not the project's checkout: nothing to pin
+    return {}
+  todo = list(project['dependencies']) + [
+      r for extra in extras for r in project.get('optional-dependencies', {}).get(extra, [])]
+  versions, seen = {}, set()
+  while todo:
+    name, wanted, _ = _requirement(todo.pop())
+    if (_normal(name), frozenset(wanted)) in seen:
+      continue
+    seen.add((_normal(name), frozenset(wanted)))
+    try:
+      distribution = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+      continue
+    versions[_normal(name)] = distribution.version
+    for requirement in distribution.requires or ():
+      extra = re.search(r'extra\s*==\s*[\'"]([^\'"]+)', _requirement(requirement)[2])
+      if extra is None or _normal(extra[1]) in {_normal(e) for e in wanted}:
+        todo.append(requirement)
+  return dict(sorted(versions.items()))
+
+
+def pinned_install(versions: dict) -> tuple[list, str]:
+  """(the packages named on the workers' install command, the note saying what is pinned):
+  jax[tpu], jaxlib and libtpu at the versions installed here."""
+  pinned = [f'{name}=={versions[name]}' for name in COMPILER_PACKAGES if name in versions]
+  if 'jax' not in versions:
+    return ['jax[tpu]'], ('# NOT pinned: jax is not installed here (pip install -e \'.[tpu]\'), '
+                          'so the workers install the newest jax[tpu]')
+  packages = [f'jax[tpu]=={versions["jax"]}'] + pinned[1:]
+  missing = [name for name in COMPILER_PACKAGES if name not in versions]
+  return packages, (
+      f'# pinned to what is installed here, which the fit check compiles with: '
+      f'{" ".join(pinned)}, and {len(versions) - len(pinned)} more packages the project needs '
+      f'(uv constraints: {PINS_FILE}, shipped in the tarball)'
+      + (f'; {", ".join(missing)} not installed here: jax[tpu] chooses' if missing else ''))
+
+
 def setup_commands(args, tarball):
+  pins = os.path.join(os.path.dirname(tarball), f'vit_jax-{args.name}', PINS_FILE)
+  versions = installed_versions()
+  os.makedirs(os.path.dirname(pins), exist_ok=True)
+  with open(pins, 'w') as f:  # written for the dry run too: its commands can be run by hand
+    f.write(''.join(f'{name}=={version}\n' for name, version in versions.items()))
+  packages, note = pinned_install(versions)
   install = ' && '.join([
       f'rm -rf {REMOTE_DIR} {REMOTE_VENV}',
       f'mkdir {REMOTE_DIR}',
       f'tar xzf {REMOTE_TARBALL} -C {REMOTE_DIR}',
       'python3 -m pip install --user --quiet --upgrade uv',
       f'~/.local/bin/uv venv --quiet --python {PYTHON_VERSION} {REMOTE_VENV}',
-      f"~/.local/bin/uv pip install --quiet --python {REMOTE_VENV}/bin/python "
-      f"-e ./{REMOTE_DIR} 'jax[tpu]'",
+      f'~/.local/bin/uv pip install --quiet --python {REMOTE_VENV}/bin/python '
+      f'-c ./{REMOTE_DIR}/{PINS_FILE} -e ./{REMOTE_DIR} {shlex.join(packages)}',
   ])
   remote = (f'if {_IS_TRAINING}; then echo "$(hostname): training; stop it before setup" >&2; '
             f'exit 1; fi; {install}')
+  ssh = _ssh(args, remote)
   return [
       Command(['git', '-C', PROJECT_ROOT, 'archive', '--format=tar.gz', f'--output={tarball}',
-               'HEAD']),
+               f'--add-file={pins}', 'HEAD']),
       Command(['gcloud', 'compute', 'tpus', 'queued-resources' if _multislice(args) else 'tpu-vm',
                'scp', tarball, f'{args.name}:{REMOTE_TARBALL}', *_hosts(args, 'all'),
                *_location(args)]),
-      _ssh(args, remote),
+      dataclasses.replace(ssh, note=note),
   ]
 
 
@@ -298,6 +379,59 @@ def _fit_check_key(command: list) -> str:
   return digest.hexdigest()
 
 
+# The fit check's exit statuses when Ctrl-C or SIGTERM stopped it (vit_jax.cli.waiting).
+_STOPPED_BY = {130: 'Ctrl-C', 143: 'SIGTERM'}
+
+
+class _Stopped(Exception):
+  """SIGTERM reached the launcher during the fit check."""
+
+
+def _run_relaying_stderr(command: list) -> subprocess.CompletedProcess:
+  """Runs the fit check: its stdout (the report) kept, its stderr (what it compiles, how long
+  that should take, lines showing it is alive) shown as it comes and kept. Ctrl-C reaches it
+  with the launcher (one process group); SIGTERM to the launcher is passed on to it. Either
+  ends the launcher (status 130 / 143) once the check has said so and stopped."""
+  said, process, relaying = [], None, None
+
+  def relay():
+    for line in process.stderr:
+      said.append(line)
+      sys.stderr.write('  ' + line)
+      sys.stderr.flush()
+
+  def stop(signum, frame):
+    del signum, frame
+    raise _Stopped()
+  previous = signal.signal(signal.SIGTERM, stop)  # before the check starts: none is missed
+  try:
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    relaying = threading.Thread(target=relay, daemon=True)
+    relaying.start()
+    stdout = process.stdout.read()
+    process.wait()
+    relaying.join()
+  except (KeyboardInterrupt, _Stopped) as e:
+    signal.signal(signal.SIGTERM, previous)
+    interrupted = isinstance(e, KeyboardInterrupt)
+    if process is not None:
+      if not interrupted:
+        process.terminate()  # the check says it stopped, in one line, and exits at once
+      try:
+        process.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        process.kill()
+      if relaying is not None:
+        relaying.join(timeout=5)
+    print(f'stopped by {"Ctrl-C" if interrupted else "SIGTERM"} during the fit check: nothing '
+          'was created or started', file=sys.stderr, flush=True)
+    raise SystemExit(130 if interrupted else 143) from None
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  return subprocess.CompletedProcess(command, process.returncode, stdout, ''.join(said))
+
+
 def _compiled_report(command: list) -> tuple[list, dict]:
   """(the printed lines, the JSON report) of `python -m vit_jax.aot`, kept on disk by
   _fit_check_key: a repeated dry run does not compile again."""
@@ -306,8 +440,12 @@ def _compiled_report(command: list) -> tuple[list, dict]:
     with open(cached) as f:
       kept = json.load(f)
     return kept['lines'] + [f'(kept from an earlier identical check: {cached})'], kept['report']
-  result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+  result = _run_relaying_stderr(command)
   *lines, last = result.stdout.strip().splitlines() or ['']
+  if result.returncode in _STOPPED_BY:  # Ctrl-C or SIGTERM reached the check alone: it said so
+    print(f'stopped by {_STOPPED_BY[result.returncode]} during the fit check: nothing was '
+          'created or started', file=sys.stderr, flush=True)
+    raise SystemExit(result.returncode)
   if result.returncode:
     error = result.stderr.strip().splitlines()[-1:] or ['(no output)']
     raise SystemExit(f'fit check failed ({shlex.join(command)}): {error[0]}\n'
@@ -328,7 +466,9 @@ def fit_check(accelerator_type, trainer_flags, num_slices=1):
              *([f'--num_slices={num_slices}'] if num_slices > 1 else []),
              *_config_flags(trainer_flags)]
   print(f'checking that the config fits on {accelerator_type}'
-        f'{f" x {num_slices} slices" if num_slices > 1 else ""}: {shlex.join(command)}',
+        f'{f" x {num_slices} slices" if num_slices > 1 else ""} (XLA compiles its train step '
+        'here: seconds for small models, minutes for large ones; --skip_fit_check skips it, and '
+        f'the same check again is answered from {FIT_CHECK_CACHE}): {shlex.join(command)}',
         file=sys.stderr, flush=True)
   lines, report = _compiled_report(command)
   print('\n'.join(lines), file=sys.stderr, flush=True)
@@ -402,6 +542,8 @@ def execute(commands):
         _wait_until_active(command.argv)
       else:
         subprocess.run(command.argv, check=True)
+      if command.note:
+        print(command.note, file=sys.stderr, flush=True)
     except subprocess.CalledProcessError as error:
       raise SystemExit(f'command failed with exit status {error.returncode}: '
                        f'{shlex.join(command.argv)}') from None
@@ -472,6 +614,8 @@ def main(argv=None):
       print(shlex.join(command.argv))
       if command.wait_until_active:
         print(f'# repeated every {QUEUED_POLL_S} s until it prints ACTIVE')
+      if command.note:
+        print(command.note)
     return
   if shutil.which('gcloud') is None:
     raise SystemExit('gcloud not found on PATH: install the Google Cloud CLI '

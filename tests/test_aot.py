@@ -2,19 +2,19 @@
 slice shows: memory, fit, collectives, FLOPs. TPU compiles need libtpu (the [tpu] extra, which
 CI installs). The command itself runs in tests/test_launch.py, as the launcher's fit check."""
 import dataclasses
-import importlib.util
+import json
 import re
 
 import jax
 import pytest
 
 from configs import quickstart
+from tests import common
 from vit_jax import aot
+from vit_jax.cli import errors
 from vit_jax.scale import accelerators
 from vit_jax.train import trainer
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
-                                  reason='needs libtpu: pip install -e ".[tpu]"')
 
 
 def _small_config(batch_size, fsdp=1, **model):
@@ -143,7 +143,7 @@ def test_find_batch_compiles_each_batch_once_and_looks_above_its_answer(monkeypa
   216 does; bisection alone would answer 200."""
   compiled = []
 
-  def check(config, target, devices, batch_size):
+  def check(config, target, devices, batch_size, progress=False):
     compiled.append(batch_size)
     required = 1.9 if batch_size == 216 else batch_size / 100
     return {'fits': required <= 2.0, 'required_gib': required}
@@ -180,7 +180,7 @@ def test_find_batch_on_real_compiles(capsys):
 def test_suggest_fix_tries_each_fix_alone_then_together(monkeypatch):
   tried = []
 
-  def check(config, target, devices):
+  def check(config, target, devices, progress=False):
     tried.append((config.model.get('remat_policy', 'none'), config.mesh.fsdp,
                   config.get('accum_steps', 1)))
     return {'fits': tried[-1][0] == 'full' and tried[-1][2] >= 4, 'required_gib': 1.}
@@ -192,7 +192,7 @@ def test_suggest_fix_tries_each_fix_alone_then_together(monkeypatch):
                    ('none', 1, 8), ('full', -1, 1), ('full', -1, 2), ('full', -1, 4)]
 
 
-@needs_libtpu
+@common.needs_libtpu
 def test_tpu_slice_memory_fit_and_fsdp():
   target = accelerators.get_target('v5litepod-8')
   devices = target.devices()
@@ -218,13 +218,42 @@ def test_tpu_slice_memory_fit_and_fsdp():
   assert not [loop for loop in windowed if 'encoderblock' in loop]
 
 
-@needs_libtpu
+@common.needs_libtpu
 def test_two_slices_compile_with_data_parallelism_across_them():
   target = accelerators.get_target('v5litepod-16', num_slices=2)
-  config = _small_config(64)
-  config.mesh.dcn_data = -1
-  report = aot.check(config, target)
+  config = _small_config(64)  # mesh.dcn_data=1: --num_slices sets it, as the launcher does
+  assert aot.with_slices(config, 1) is config
+  for given in (-1, 2):
+    config.mesh.dcn_data = given
+    assert aot.with_slices(config, 2).mesh.dcn_data == given
+  config.mesh.dcn_data = 3
+  with pytest.raises(errors.UserError, match=r'dcn_data=3 but --num_slices=2: .*\(-1 or 2\)'):
+    aot.with_slices(config, 2)
+  config.mesh.dcn_data = 1
+  report = aot.check(aot.with_slices(config, 2), target)
   assert (report['devices'], report['slices'], report['mesh']) == (
       32, 2, {'data': 32, 'fsdp': 1, 'model': 1})
   assert report['fits'] and report['per_device_batch'] == 2
   assert 'x 2 slices (32 devices' in aot.format_report(report)
+
+
+def test_compiles_say_what_they_compile_and_how_long_the_same_shape_took(monkeypatch, tmp_path,
+                                                                          capsys):
+  """As `python -m vit_jax.aot` compiles (progress=True): compiled for this machine's 8 CPU
+  devices; the times are kept in the user's cache (here a fresh one)."""
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  target = accelerators.get_target('v5litepod-8')
+  config = _small_config(8)
+  aot.check(config, target, jax.devices(), progress=True)
+  assert capsys.readouterr().err.splitlines() == [
+      'compiling the train step of testing (global batch 8) for v5litepod-8, 8 devices (no '
+      'earlier compile of it here to tell how long; big models take minutes)']
+  with open(tmp_path / 'vit_jax' / 'compile_times.json') as f:
+    (shape, seconds), = json.load(f).items()
+  mesh = trainer.build(config).mesh
+  assert json.loads(shape) == aot.compile_shape(config, target, mesh, 8)
+  assert aot.expected_compile_s(json.loads(shape)) == (
+      seconds, 'an earlier compile of the same shape here took that')
+  config.batch_size = 16  # the same model and target, another batch
+  assert aot.expected_compile_s(aot.compile_shape(config, target, mesh, 16)) == (
+      seconds, 'the last compile of testing for v5litepod-8 with other settings here took that')

@@ -108,7 +108,8 @@ DOCUMENTED_OPTIONS = {
     'model.mask_ratio': ('0.5', 0.5), 'model.decoder_width': ('64', 64),
     'model.decoder_layers': ('1', 1), 'model.decoder_mlp_dim': ('128', 128),
     'model.decoder_heads': ('2', 2), 'norm_pix_loss': ('True', True),
-    'model.corrupt_ratio': ('0.4', 0.4),
+    'model.corrupt_ratio': ('0.4', 0.4), 'profile_steps': ('21:22', '21:22'),
+    'profile_every_process': ('True', True), 'hang_exit_s': ('1800', 1800),
 }
 
 

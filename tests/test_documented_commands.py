@@ -19,6 +19,7 @@ import tomllib
 
 import jax
 import numpy as np
+import tensorflow as tf
 from PIL import Image
 
 from tests import programs
@@ -98,6 +99,7 @@ RUN_AS_PROGRAMS_ELSEWHERE = {
     'vit_jax.data.make_records':
         'test_readme_make_records_commands_report_skipped_files_after_the_progress_bar',
     'vit_jax.benchmark': 'test_benchmark',
+    'vit_jax.goodput': 'test_goodput',
 }
 
 
@@ -163,29 +165,34 @@ def test_readme_quickstart_then_predict_run_with_small_overrides(tmp_path, tfds_
   assert 'step 2/2 | train_loss' in done.stdout
   assert not [c for c in CHATTER if c in done.stderr], done.stderr
 
-  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'digit.png')
+  # README's digit.png, written where the user pastes the commands, then predict as written.
+  make_digit = _readme_command('python -c "from sklearn.datasets import load_digits')
+  subprocess.run([sys.executable, *make_digit[1:]], cwd=tmp_path, check=True, timeout=120)
   (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8 not really a jpeg')
   predict = _readme_command('python -m vit_jax.predict --checkpoint=/tmp/vit_quickstart')
-  predict = [a.replace('/tmp/vit_quickstart', workdir).replace('digit.png',
-                                                                str(tmp_path / 'digit.png'))
-             for a in predict[1:]] + [str(tmp_path / 'broken.jpg')]
+  predict = [a.replace('/tmp/vit_quickstart', workdir) for a in predict[1:]] + ['broken.jpg']
   # Where the quickstart put the digits; TensorFlow's C++ warnings shown, as users see them
   # (offline, --labels=sklearn_digits once printed a Google-auth warning from tfds' listing).
   env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
   env['TFDS_DATA_DIR'] = tfds_data_dir
-  done = subprocess.run([sys.executable, *predict], cwd=REPO, capture_output=True, text=True,
-                        timeout=600, env=env)
+  done = subprocess.run([sys.executable, *predict], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=600, env=env)
   assert done.returncode == 1  # one file was skipped, the other classified
   # Nothing else on stderr: no start-up chatter, no Orbax metadata warning reading the workdir.
   assert done.stderr.splitlines() == [
-      f'{tmp_path / "broken.jpg"}: skipped, not a decodable image (Unknown image file format. '
-      'One of JPEG, JPEG XL, PNG, GIF, BMP, WebP required.)']
+      'broken.jpg: skipped, not a decodable image (Unknown image file format. One of JPEG, JPEG '
+      'XL, PNG, GIF, BMP, WebP required.)']
   lines = done.stdout.splitlines()
-  assert lines[0] == str(tmp_path / 'digit.png') and len(lines) == 6
-  # The same model rebuilt here: 16px (the run's image size) of black is -1 everywhere.
+  assert lines[0] == 'digit.png' and len(lines) == 6
+  # The same model rebuilt here, on the digit as the run's pp_eval makes it: grey to RGB,
+  # bilinear to 16px (the run's image size) with uint8 values kept, then [-1, 1].
+  digit = np.asarray(Image.open(tmp_path / 'digit.png'))
+  assert digit.shape == (8, 8) and digit.max() > 200  # a digit, not a blank
+  image = tf.image.resize(np.repeat(digit[None, ..., None], 3, -1).astype(np.float32), (16, 16))
+  image = np.clip(np.round(image.numpy()), 0, 255) / 127.5 - 1
   model = models.get_model('testing', num_classes=10, num_layers=3, posemb='sincos2d')
   probs = np.asarray(jax.nn.softmax(model.apply({'params': checkpoint.load(workdir)},
-                                                -np.ones((1, 16, 16, 3), np.float32))))[0]
+                                                image.astype(np.float32))))[0]
   top = int(np.argmax(probs))
   assert lines[1].split() == [f'{probs[top]:.2%}', str(top), str(top)]  # digit names are 0-9
 

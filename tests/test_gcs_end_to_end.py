@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from etils import epath
 from PIL import Image
-from tensorboard.backend.event_processing import event_accumulator
 
-from tests import test_resume
+from tests import common, test_resume
 from vit_jax import checkpoint, predict
 from vit_jax.train import trainer
 
@@ -21,17 +20,6 @@ def _complete_step(workdir):
     return checkpoint.latest_complete_step(checkpoint.make_manager(workdir))
   except (OSError, ValueError):  # not there yet
     return None
-
-
-def _tensorboard_steps(workdir, tmp_path, tag='train_loss') -> list:
-  """[(step, value)] as TensorBoard's own reader shows the run's event files."""
-  logdir = tmp_path / 'events'
-  logdir.mkdir(exist_ok=True)
-  for event_file in epath.Path(workdir, 'tensorboard').iterdir():
-    (logdir / event_file.name).write_bytes(event_file.read_bytes())
-  accumulator = event_accumulator.EventAccumulator(str(logdir))
-  accumulator.Reload()
-  return [(e.step, e.value) for e in accumulator.Scalars(tag)]
 
 
 @pytest.mark.slow
@@ -69,7 +57,7 @@ def test_quickstart_on_gcs_survives_sigkill_and_refusals_then_fine_tunes_and_pre
   train = [(m['step'], m['train_loss']) for m in lines if 'train_loss' in m]
   assert [step for step, _ in train] == list(range(4, 25, 4))
   assert [m['step'] for m in lines if 'val_accuracy' in m] == [config.total_steps]
-  shown = _tensorboard_steps(workdir, tmp_path)  # one continuous run, the same values
+  shown = common.tensorboard_scalars(f'{workdir}/tensorboard')  # one run, the same values
   assert [step for step, _ in shown] == [step for step, _ in train]
   np.testing.assert_allclose([v for _, v in shown], [v for _, v in train], rtol=1e-6)
   for folder in (tmp_path, test_resume.REPO):

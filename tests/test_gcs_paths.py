@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
-from tensorboard.backend.event_processing import event_accumulator
 
-from tests import test_records
+from tests import common, test_records
 from vit_jax import checkpoint, models
 from vit_jax.cli import errors
 from vit_jax.storage import paths
@@ -67,13 +66,6 @@ def test_one_road_with_tensorflow_imported_first(gcs_bucket, tmp_path):
   assert not (tmp_path / 'gs:').exists()
 
 
-def _tensorboard_scalars(logdir, tag='train_loss') -> list:
-  """[(step, value)] as TensorBoard's own reader shows them (purging orphaned steps)."""
-  accumulator = event_accumulator.EventAccumulator(str(logdir))
-  accumulator.Reload()
-  return [(e.step, round(e.value, 6)) for e in accumulator.Scalars(tag)]
-
-
 @pytest.mark.parametrize('where', ['local', 'gcs'])
 def test_a_resumed_run_logs_each_step_once(where, gcs_bucket, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # a `gs:` folder would appear here if a URL were taken as local
@@ -89,34 +81,37 @@ def test_a_resumed_run_logs_each_step_once(where, gcs_bucket, tmp_path, monkeypa
   expected = [(1, .1), (2, .2), (3, .3), (4, 4.), (5, 5.), (6, 6.)]
   lines = [json.loads(x) for x in epath.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
   assert [(m['step'], m['train_loss']) for m in lines] == expected
-  logdir = tmp_path / 'tensorboard_copy'
-  logdir.mkdir()
   files = list(epath.Path(workdir, 'tensorboard').iterdir())
   assert files and all('tfevents' in f.name for f in files)  # no segment left behind
-  for f in files:
-    (logdir / f.name).write_bytes(f.read_bytes())
-  assert _tensorboard_scalars(logdir) == expected
+  shown = common.tensorboard_scalars(epath.Path(workdir, 'tensorboard'))
+  assert [(step, round(value, 6)) for step, value in shown] == expected
   assert not (tmp_path / 'gs:').exists()
 
 
-def test_bytes_uploaded_for_1000_log_lines_grow_linearly(gcs_bucket, gcs_proxy):
-  workdir = f'{gcs_bucket}/thousand_lines'
-  log = metrics_log.MetricsLog(workdir)
-  gcs_proxy.reset_stats()
-  for step in range(1, 1001):
-    log.write(step, {'train_loss': 1 / step, 'learning_rate': 1e-3, 'images_per_sec': 1234.5,
-                     'grad_norm': 0.5, 'skipped_images': 0})
-    if step % 10 == 0:  # 100 uploads of each log (a flush interval each)
-      log.flush()
-  log.close()
-  uploaded = gcs_proxy.stats()['bytes_uploaded']
-  stored = sum(f.stat().length for f in [epath.Path(workdir, 'metrics.jsonl'),
-                                          *epath.Path(workdir, 'tensorboard').iterdir()])
-  print(f'1,000 log lines: {stored} bytes stored, {uploaded} bytes uploaded '
-        f'({gcs_proxy.stats()["requests"]} requests)')
-  # Each byte goes up once, plus the uploads' and composes' own metadata; rewriting the whole
-  # object at every line uploaded ~500 times what is stored.
-  assert stored > 150_000 and uploaded < 2 * stored
+def test_bytes_uploaded_per_byte_stored_stay_flat_as_runs_grow(gcs_bucket, gcs_proxy):
+  """A line every step, written out every 5 lines (each sync an upload, as checkpoints and the
+  upload interval make them): what goes up over what is stored must not grow with the run. A
+  writer that rewrote the whole object at each upload would send about uploads / 2 times what is
+  stored: 5, 10 and 20 here."""
+  sent_per_stored = []
+  for lines in (50, 100, 200):
+    workdir = f'{gcs_bucket}/lines_{lines}'
+    log = metrics_log.MetricsLog(workdir)
+    gcs_proxy.reset_stats()
+    for step in range(1, lines + 1):
+      log.write(step, {'train_loss': 1 / step, 'learning_rate': 1e-3, 'images_per_sec': 1234.5,
+                       'grad_norm': 0.5, 'skipped_images': 0})
+      if step % 5 == 0:
+        log.flush()  # waits until stored: one upload of each log
+    log.close()
+    sent = gcs_proxy.stats()['bytes_uploaded']
+    stored = sum(f.stat().length for f in [epath.Path(workdir, 'metrics.jsonl'),
+                                            *epath.Path(workdir, 'tensorboard').iterdir()])
+    sent_per_stored.append(sent / stored)
+  print('bytes sent per byte stored, 50 / 100 / 200 lines:', sent_per_stored)
+  # Each byte goes up once, plus each upload's metadata (the compose request); nothing grows.
+  assert all(ratio < 2 for ratio in sent_per_stored), sent_per_stored
+  assert sent_per_stored[-1] <= sent_per_stored[0] * 1.1, sent_per_stored
 
 
 def test_checkpoint_and_npz_roundtrip(gcs_bucket, tmp_path, monkeypatch):

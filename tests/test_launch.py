@@ -3,6 +3,7 @@
 gcloud, srun and scontrol are never called: dry runs print, and real-mode tests put recording
 stubs first on PATH.
 """
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ import shlex
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import types
 
@@ -19,6 +21,7 @@ import pytest
 from absl import flags
 
 from launch import gpu_slurm, tpu_vm
+from tests import common
 
 LOCATION = ['--name=vit-a', '--zone=us-central2-b']
 TRAINER_FLAGS = ['--config=configs/quickstart.py', '--workdir=gs://bucket/runs/a',
@@ -29,8 +32,7 @@ GCLOUD_QUEUED = ['gcloud', 'compute', 'tpus', 'queued-resources']
 
 
 REAL_FIT_CHECK = tpu_vm.fit_check
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
-                                  reason='needs libtpu: pip install -e ".[tpu]"')
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 
 
 @pytest.fixture(autouse=True)
@@ -74,17 +76,18 @@ def test_launch_creates_ships_installs_and_runs(capsys):
   commands, notes = _dry_run(capsys, *LOCATION, '--accelerator_type=v4-32',
                              trainer_flags=TRAINER_FLAGS)
   create, archive, scp, setup, run = commands
-  assert notes == []
+  assert len(notes) == 1 and notes[0].startswith('# pinned to what is installed here')
   assert create == GCLOUD_TPU_VM + ['create', 'vit-a', '--zone=us-central2-b',
                                     '--accelerator-type=v4-32', '--version=tpu-ubuntu2204-base']
-  tarball = archive[-2][len('--output='):]
-  assert archive == ['git', '-C', tpu_vm.PROJECT_ROOT, 'archive', '--format=tar.gz',
-                     f'--output={tarball}', 'HEAD']
+  tarball = archive[-3][len('--output='):]
+  assert archive[:-2] == ['git', '-C', tpu_vm.PROJECT_ROOT, 'archive', '--format=tar.gz',
+                          f'--output={tarball}'] and archive[-1] == 'HEAD'
+  assert archive[-2].startswith('--add-file=') and archive[-2].endswith('/installed_versions.txt')
   assert scp == GCLOUD_TPU_VM + ['scp', tarball, 'vit-a:vit_jax.tar.gz', '--worker=all',
                                  '--zone=us-central2-b']
   for ssh in (setup, run):
     assert ssh[:-1] == GCLOUD_TPU_VM + ['ssh', 'vit-a', '--zone=us-central2-b', '--worker=all']
-  assert "-e ./vit_jax 'jax[tpu]'" in _remote_script(setup)
+  assert "-c ./vit_jax/installed_versions.txt -e ./vit_jax 'jax[tpu]==" in _remote_script(setup)
   assert '--coordinator_address' not in _remote_script(run)  # TPU hosts find each other
 
 
@@ -223,12 +226,43 @@ def test_setup_script_unpacks_and_installs(tmp_path, capsys):
   result = _on_worker(tmp_path, scripts['setup'])
   assert result.returncode == 0, result.stderr
   assert (tmp_path / 'vit_jax' / 'vit_jax' / 'main.py').read_text() == '# trainer\n'
+  jax_version = importlib.metadata.version('jax')
   assert _read_calls(calls) == [
       ['python3', '-m', 'pip', 'install', '--user', '--quiet', '--upgrade', 'uv'],
-      ['uv', 'venv', '--quiet', '--python', '3.11', 'vit_jax_venv'],
-      ['uv', 'pip', 'install', '--quiet', '--python', 'vit_jax_venv/bin/python', '-e',
-       './vit_jax', 'jax[tpu]'],
+      ['uv', 'venv', '--quiet', '--python', tpu_vm.PYTHON_VERSION, 'vit_jax_venv'],
+      ['uv', 'pip', 'install', '--quiet', '--python', 'vit_jax_venv/bin/python', '-c',
+       './vit_jax/installed_versions.txt', '-e', './vit_jax', f'jax[tpu]=={jax_version}',
+       f'jaxlib=={importlib.metadata.version("jaxlib")}',
+       *([f'libtpu=={importlib.metadata.version("libtpu")}'] if HAS_LIBTPU else [])],
   ]
+
+
+def test_the_workers_install_what_the_fit_check_compiled_with(capsys, tmp_path, monkeypatch):
+  """jax, jaxlib, libtpu and every package the project needs, at the versions installed here:
+  on the install command, and in the constraints file the tarball carries."""
+  versions = tpu_vm.installed_versions()
+  for name in ('jax', 'jaxlib', 'flax', 'orbax-checkpoint', 'tensorflow-cpu',  # direct
+               'ml-dtypes', 'opt-einsum', 'tensorstore', 'protobuf'):  # needed by those
+    assert versions[name] == importlib.metadata.version(name), name
+  assert ('libtpu' in versions) == HAS_LIBTPU  # the [tpu] extra's, through jax[tpu]
+  assert not {'pytest', 'torch', 'matplotlib', 'vit-jax'} & set(versions)  # other extras
+  monkeypatch.setattr(tempfile, 'gettempdir', lambda: str(tmp_path))
+  commands, notes = _dry_run(capsys, 'setup', *LOCATION)
+  archive, _, setup = commands
+  pins = tmp_path / 'vit_jax-vit-a' / 'installed_versions.txt'
+  assert archive[-2] == f'--add-file={pins}'  # at the tarball's root, beside pyproject.toml
+  assert pins.read_text().splitlines() == [f'{n}=={v}' for n, v in versions.items()]
+  install = shlex.split(_remote_script(setup).split(' && ')[-1])
+  assert install[-4 - HAS_LIBTPU:] == [
+      '-e', './vit_jax', f'jax[tpu]=={versions["jax"]}', f'jaxlib=={versions["jaxlib"]}',
+      *([f'libtpu=={versions["libtpu"]}'] if HAS_LIBTPU else [])]
+  assert notes == [
+      f'# pinned to what is installed here, which the fit check compiles with: '
+      f'jax=={versions["jax"]} jaxlib=={versions["jaxlib"]}'
+      + (f' libtpu=={versions["libtpu"]}' if HAS_LIBTPU else '') +
+      f', and {len(versions) - 2 - HAS_LIBTPU} more packages the project needs (uv '
+      'constraints: installed_versions.txt, shipped in the tarball)'
+      + ('' if HAS_LIBTPU else '; libtpu not installed here: jax[tpu] chooses')]
 
 
 def test_run_status_stop_scripts_manage_a_detached_trainer(tmp_path, capsys, monkeypatch):
@@ -318,7 +352,7 @@ def test_distributed_flag_starts_jax_distributed_auto_detected(monkeypatch):
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
   trainer = types.ModuleType('vit_jax.train.trainer')  # the real one imports TF: slow here
-  trainer.train_and_evaluate = lambda config, workdir: calls.append(workdir)
+  trainer.train_and_evaluate = lambda config, workdir, started: calls.append(workdir)
   monkeypatch.setitem(sys.modules, 'vit_jax.train.trainer', trainer)
   monkeypatch.delattr('vit_jax.train.trainer', raising=False)
   flags.FLAGS(['prog', '--config=configs/quickstart.py', '--workdir=/tmp/w', '--distributed'])
@@ -415,7 +449,7 @@ def test_several_slices_are_one_queued_resource_reaching_every_host(capsys, fit_
       'create', 'vit-a', '--zone=us-central2-b', '--node-count=2', '--node-prefix=vit-a',
       '--accelerator-type=v5litepod-16', '--runtime-version=v2-alpha-tpuv5-lite', '--spot']
   assert describe[:5] == GCLOUD_QUEUED + ['describe'] and notes
-  assert scp == GCLOUD_QUEUED + ['scp', archive[-2][len('--output='):], 'vit-a:vit_jax.tar.gz',
+  assert scp == GCLOUD_QUEUED + ['scp', archive[-3][len('--output='):], 'vit-a:vit_jax.tar.gz',
                                  *GCLOUD_QUEUED_NODES, '--zone=us-central2-b']
   for ssh in (setup, run):
     assert ssh[:-1] == GCLOUD_QUEUED + ['ssh', 'vit-a', '--zone=us-central2-b',
@@ -441,7 +475,7 @@ def test_fit_check_result_is_kept_per_flags_slice_and_code(tmp_path, monkeypatch
     runs.append(command)
     return types.SimpleNamespace(returncode=0, stdout='figures\n' + json.dumps(report),
                                  stderr='')
-  monkeypatch.setattr(subprocess, 'run', aot)
+  monkeypatch.setattr(tpu_vm, '_run_relaying_stderr', aot)
   monkeypatch.setattr(tpu_vm, 'FIT_CHECK_CACHE', str(tmp_path / 'cache'))
   (tmp_path / 'vit_jax').mkdir()
   (tmp_path / 'vit_jax' / 'model.py').write_text('width = 1\n')
@@ -465,24 +499,60 @@ def test_only_config_flags_reach_the_fit_check():
       'ViT-B_16']
 
 
-@needs_libtpu
+@common.needs_libtpu
 def test_fit_check_compiles_the_trainer_config_for_the_slice(capsys, tmp_path, monkeypatch):
-  """`python -m vit_jax.aot`, as the launcher runs it: a report, and bad names refused."""
+  """`python -m vit_jax.aot`, as the launcher runs it: a report, what it compiles shown while it
+  does, and bad names refused."""
   monkeypatch.setattr(tpu_vm, 'FIT_CHECK_CACHE', str(tmp_path))  # compiles, whatever ran before
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))  # aot's compile times
   report = REAL_FIT_CHECK('v4-8', ['--config=configs/quickstart.py', '--workdir=gs://b/r',
                                    '--config.batch_size=32'])
   assert {'topology', 'devices', 'device_memory_gib', 'required_gib', 'fits', 'compile_s',
           'flops_per_step', 'ideal_step_s', 'collectives'} <= set(report)
   assert report['fits'] and (report['devices'], report['batch_size']) == (4, 32)
-  assert 'GiB of 30.75 GiB: fits' in capsys.readouterr().err
+  said = capsys.readouterr().err
+  assert 'GiB of 30.75 GiB: fits' in said
+  assert ('\n  compiling the train step of ViT-Ti_4 (global batch 32) for v4-8, 4 devices (no '
+          'earlier compile of it here') in said
   with pytest.raises(SystemExit, match=r'fit check failed .*v4-6.*TensorCores'):
     REAL_FIT_CHECK('v4-6', ['--config=configs/quickstart.py'])
+
+
+def test_sigterm_during_the_fit_check_stops_it_and_the_launcher(capsys):
+  # A stand-in for the aot check: says what it compiles, sends the launcher SIGTERM (as a
+  # scheduler would), and says it stopped when the launcher passes the signal on.
+  check = ('import os, signal, sys, time\n'
+           'def stopped(signum, frame):\n'
+           '  print("stopped by SIGTERM while compiling X", file=sys.stderr)\n'
+           '  sys.exit(143)\n'
+           'signal.signal(signal.SIGTERM, stopped)\n'
+           'print("compiling X", file=sys.stderr, flush=True)\n'
+           'os.kill(os.getppid(), signal.SIGTERM)\n'
+           'time.sleep(60)\n')
+  with pytest.raises(SystemExit) as stopped:
+    tpu_vm._run_relaying_stderr([sys.executable, '-c', check])  # pylint: disable=protected-access
+  assert stopped.value.code == 143
+  assert capsys.readouterr().err.splitlines() == [
+      '  compiling X', '  stopped by SIGTERM while compiling X',
+      'stopped by SIGTERM during the fit check: nothing was created or started']
+
+
+def test_a_fit_check_stopped_by_ctrl_c_stops_the_launcher(monkeypatch, tmp_path, capsys):
+  """Ctrl-C reached the check (it exits 130) before the launcher saw it: stopped, not failed."""
+  monkeypatch.setattr(tpu_vm, 'FIT_CHECK_CACHE', str(tmp_path))
+  monkeypatch.setattr(tpu_vm, '_run_relaying_stderr', lambda command: types.SimpleNamespace(
+      returncode=130, stdout='', stderr='\nstopped by Ctrl-C while compiling X\n'))
+  with pytest.raises(SystemExit) as stopped:
+    REAL_FIT_CHECK('v4-8', ['--config=configs/quickstart.py'])
+  assert stopped.value.code == 130 and capsys.readouterr().err.endswith(
+      'stopped by Ctrl-C during the fit check: nothing was created or started\n')
+  assert not os.listdir(tmp_path)  # nothing kept: the same check runs again next time
 
 
 def test_fit_check_refuses_naming_the_shortfall_and_a_fix(monkeypatch):
   report = {'fits': False, 'required_gib': 46.71, 'device_memory_gib': 30.75,
             'fix': {'model.remat_policy': 'full', 'accum_steps': 2}}
-  monkeypatch.setattr(subprocess, 'run', lambda command, **kwargs: types.SimpleNamespace(
+  monkeypatch.setattr(tpu_vm, '_run_relaying_stderr', lambda command: types.SimpleNamespace(
       returncode=0, stdout='figures\n' + json.dumps(report), stderr=''))
   with pytest.raises(SystemExit) as refused:
     REAL_FIT_CHECK('v4-8', ['--config=configs/quickstart.py'])

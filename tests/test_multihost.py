@@ -92,6 +92,9 @@ def test_two_processes_match_one_and_checkpoint_together(tmp_path, tfds_data_dir
         worker.kill()
         worker.wait()
   assert [w.returncode for w in workers] == [0, 0], '\n\n'.join(outputs)
+  # Process 0 names the slowest host at the logging step after its first timed one (step 3).
+  assert 'slowest host up to step 3: process ' in outputs[0], outputs[0]
+  assert 'slowest host' not in outputs[1]
   results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
   reference = _logged(tmp_path / 'one_process', 'train_loss')
   assert sorted(reference) == [1, 2, 3, 4] and len(set(reference.values())) == 4

@@ -1,10 +1,12 @@
 """The predict command: top-k classes for PNG files, with labels."""
 import json
+import re
 
 import flax.linen as nn
 import jax
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
@@ -115,6 +117,24 @@ def test_imagenet_labels_are_class_names_not_wordnet_ids(tmp_path, monkeypatch):
   names = labels.read_labels('imagenet2012')
   assert len(names) == 1000
   assert (names[0], names[1], names[999]) == ('tench', 'goldfish', 'toilet tissue')
+
+
+def test_class_names_tfds_does_not_know_yet_are_refused_not_made_up(tmp_path, monkeypatch,
+                                                                   capsys):
+  """Offline, tfds learns cifar10's class names when it prepares the dataset; until then it
+  gives the indices '0'..'9' as names, which predict printed as class names."""
+  data_dir = tmp_path / 'tensorflow_datasets'  # nothing prepared there
+  monkeypatch.setattr(tfds.core.constants, 'DATA_DIR', str(data_dir))
+  model = models.get_model('testing', num_classes=10)
+  checkpoint.save_npz(workdirs.random_params(model, 16), str(tmp_path / 'model.npz'))
+  _, paths = _pngs(tmp_path, 1)
+  status, out, err = _run([f'--checkpoint={tmp_path / "model.npz"}', '--labels=cifar10',
+                           *paths], capsys)
+  assert (status, out) == (1, '')
+  assert re.fullmatch(
+      rf'error: --labels=cifar10: tfds knows the class names of cifar10 only once it is '
+      rf'prepared, and it is not in {data_dir}/cifar10/[\d.]+: prepare it \(tfds build cifar10\) '
+      r'or give a text file with one name per line\n', err), err
 
 
 def test_a_folder_stands_for_its_images_and_the_rest_are_named(tmp_path, capsys):

@@ -11,8 +11,8 @@ import tensorflow_datasets as tfds
 
 from configs import quickstart
 from tests import test_resume
-from vit_jax import checkpoint, main
-from vit_jax.cli import errors
+from vit_jax import checkpoint
+from vit_jax.cli import config_flag, errors
 from vit_jax.data import make_records, sources
 from vit_jax.train import preflight, trainer
 
@@ -83,6 +83,10 @@ def test_records_missing_val_split_and_classes_other_than_the_config(quickstart_
   _records(tmp_path / 'records', 'train', num_classes=10)
   _fails(config, tmp_path / 'run', "data.eval_split='val'", 'val.json is missing')
   _records(tmp_path / 'records', 'val', num_classes=9)  # an evaluation split may lack a class
+  config.data.eval_split = 'test'  # the default, where make_records wrote 'val'
+  _fails(config, tmp_path / 'run', f"data.eval_split='test': {tmp_path / 'records'} has no split "
+         "'test', only train, val: set --config.data.eval_split=val (or write 'test':")
+  config.data.eval_split = 'val'
   config.pp_train = config.pp_eval = 'decode|resize(16)|value_range(-1, 1)'
   _fails(config, tmp_path / 'run', "pp_train='decode|resize(16)|value_range(-1, 1)' gives no "
          "'labels'", 'onehot(10)')
@@ -113,11 +117,11 @@ def test_model_name_and_mesh_mistakes_are_user_errors(quickstart_config, tmp_pat
 
 
 def test_a_config_file_that_does_not_exist_is_named():
-  message = main._config_file_error(['prog', '--config=configs/quickstrat.py:arg'])  # pylint: disable=protected-access
+  message = config_flag._config_file_error(['prog', '--config=configs/quickstrat.py:arg'])  # pylint: disable=protected-access
   assert message.startswith("--config=configs/quickstrat.py:arg: no such file "
                             "'configs/quickstrat.py'; the shipped configs are configs/{")
   assert 'quickstart.py' in message
-  assert main._config_file_error(['prog', f'--config={quickstart.__file__}']) is None  # pylint: disable=protected-access
+  assert config_flag._config_file_error(['prog', f'--config={quickstart.__file__}']) is None  # pylint: disable=protected-access
 
 
 def test_unprepared_tfds_dataset_offline(quickstart_config, tmp_path, monkeypatch):

@@ -212,7 +212,33 @@ def test_input_pipelines_run_without_tf_data_autotuning(records):
   config = _config(records[0])
   assert pipeline.train_dataset(config, 0).options().autotune.enabled is False
   assert pipeline._options().autotune.enabled is False  # eval_batches' too  pylint: disable=protected-access
-  assert pipeline._usable_cores() == len(os.sched_getaffinity(0))  # pylint: disable=protected-access
+
+
+def _example_map_parallelism(dataset) -> set:
+  """num_parallel_calls of the maps inside the dataset's functions (the one preprocessing
+  examples sits in the interleave's), read from the dataset's own graph."""
+  graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())  # pylint: disable=protected-access
+  calls = set()
+  for function in graph.library.function:
+    values = {n.name: n for n in function.node_def if n.op == 'Const'}
+    calls |= {int(tf.make_ndarray(values[n.input[-1].split(':')[0]].attr['value'].tensor))
+              for n in function.node_def if n.op.startswith('ParallelMapDataset')}
+  return calls
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='needs 2 cores to pin to 1')
+def test_a_process_pinned_to_one_core_maps_one_example_at_a_time(records):
+  """Parallelism follows the cores the process may use (a pinned benchmark, a container's share),
+  not the machine's count: tf.data threads beyond them only contend."""
+  config = _config(records[0], pp_train='decode|resize(16)|value_range(-1, 1)|onehot(6)')
+  cores = os.sched_getaffinity(0)
+  assert _example_map_parallelism(pipeline.train_dataset(config, 0)) == {len(cores)}
+  os.sched_setaffinity(0, {min(cores)})  # this thread only: what a pinned process reads
+  try:
+    pinned = pipeline.train_dataset(config, 0)
+  finally:
+    os.sched_setaffinity(0, cores)
+  assert _example_map_parallelism(pinned) == {1}
 
 
 def test_corrupt_images_at_training_time_are_skipped_and_counted(tmp_path):

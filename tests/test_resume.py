@@ -1,17 +1,20 @@
 """Exact resume after SIGTERM (preemption save) and SIGKILL, and the NaN stop."""
+import collections
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
+from jax.experimental import io_callback
 
+from tests import common
 from vit_jax import checkpoint
 from vit_jax.train import preemption, trainer
 
@@ -99,14 +102,6 @@ def _metrics(workdir) -> list:
     return [{k: v for k, v in m.items() if k not in MEASURED} for m in map(json.loads, f)]
 
 
-def _tensorboard_scalars(workdir, tag) -> list:
-  """[(step, value)] of `tag` as TensorBoard's own reader shows it, from every event file in the
-  folder."""
-  events = event_accumulator.EventAccumulator(os.path.join(workdir, 'tensorboard'))
-  events.Reload()
-  return [(e.step, e.value) for e in events.Scalars(tag)]
-
-
 @pytest.mark.slow
 def test_ctrl_c_then_sigkill_then_restart_reads_as_an_uninterrupted_run(quickstart_config,
                                                                         tmp_path):
@@ -133,7 +128,8 @@ def test_ctrl_c_then_sigkill_then_restart_reads_as_an_uninterrupted_run(quicksta
   rc, output = _finish(process)
   assert rc == 0, output
   stopped_at = max(_complete_steps(workdir))
-  assert f'Ctrl-C: saved step {stopped_at} to {workdir}/checkpoints; stopping' in output, output
+  # A plain line, not absl's 'W1203 14:21:10.940868 ... trainer.py:298]' in front.
+  assert f'\nCtrl-C: saved step {stopped_at} to {workdir}/checkpoints; stopping' in output, output
   assert 'Traceback' not in output, output
   assert stopped_at < config.total_steps
 
@@ -156,47 +152,58 @@ def test_ctrl_c_then_sigkill_then_restart_reads_as_an_uninterrupted_run(quicksta
   reference_metrics = _metrics(reference_dir)
   assert [m['step'] for m in reference_metrics] == [3, 6, 8]
   assert _metrics(workdir) == reference_metrics
-  assert (_tensorboard_scalars(workdir, 'train_loss') ==
-          _tensorboard_scalars(reference_dir, 'train_loss'))
+  assert (common.tensorboard_scalars(os.path.join(workdir, 'tensorboard')) ==
+          common.tensorboard_scalars(os.path.join(reference_dir, 'tensorboard')))
 
 
 def test_a_stop_request_saves_a_step_the_device_has_nearly_reached(quickstart_config, tmp_path,
                                                                    monkeypatch):
-  """The loop dispatches at most trainer._STEPS_AHEAD steps ahead of the device, so a stop
-  (SIGTERM, Ctrl-C) saves soon even when the device is slower than the loop; here each step
-  keeps the device busy longer (a chain of matmuls, ~0.2 s here), and no line (log_every) makes
-  the loop wait."""
+  """The loop runs at most 2 steps ahead of the device, so a stop (SIGTERM, Ctrl-C) saves soon
+  however slow the device. Here the device is certainly slower than the loop: each step ends in
+  a host callback that holds it until the loop waits on that step (or the run stops; 20 s at
+  most, which only a loop that never waits meets). At every stop check at most 2 dispatched
+  steps are unfinished, and exactly 2 once the loop is that far ahead."""
   config = quickstart_config
   config.total_steps, config.batch_size = 8, 8
   config.log_every, config.checkpoint_every, config.eval_every = 100, 0, 0
   config.data.eval_split = ''
-  dispatched, behind = [], {}
-  jit_train_step = trainer.jit_train_step
+  waited_on = collections.defaultdict(threading.Event)  # step -> the loop waits on it
+  dispatched, unfinished = [], {}  # dispatched[i] holds step i + 1
+
+  def device_step_ends(metrics, step):
+    waited_on[int(step)].wait(timeout=20)
+    return metrics
+
+  jit_train_step, block_until_ready = trainer.jit_train_step, jax.block_until_ready
 
   def on_a_slow_device(step_fn, training):
     step = jit_train_step(step_fn, training)
-
-    @jax.jit
-    def after_more_work(metrics):
-      a = jnp.full((128, 128), 1e-3) + jax.tree.leaves(metrics)[0].astype(jnp.float32)
-      a = jax.lax.fori_loop(0, 600, lambda i, a: jnp.tanh(a @ a), a)
-      return jax.tree.map(lambda m: m + (a[0, 0] * 0).astype(m.dtype), metrics)
+    held = jax.jit(lambda metrics, step: io_callback(device_step_ends, metrics, metrics, step))
 
     def slow_step(state, batch):
       state, metrics = step(state, batch)
-      dispatched.append(after_more_work(metrics))
+      dispatched.append(held(metrics, len(dispatched) + 1))
       return state, dispatched[-1]
     return slow_step
 
-  def reached(self, step):  # dispatched[i] holds step i + 1
-    behind[step] = [i + 1 for i, m in enumerate(dispatched[:step - trainer._STEPS_AHEAD])  # pylint: disable=protected-access
-                    if not all(leaf.is_ready() for leaf in jax.tree.leaves(m))]
+  def loop_waits_on_the_device(tree):
+    for i, metrics in enumerate(dispatched):
+      if tree is metrics:
+        waited_on[i + 1].set()
+    return block_until_ready(tree)
+
+  def reached(self, step):
+    unfinished[step] = [i + 1 for i, m in enumerate(dispatched)
+                        if not all(leaf.is_ready() for leaf in jax.tree.leaves(m))]
+    if step == 6:  # stop here; nothing holds the device from now on
+      for i in range(1, config.total_steps + 1):
+        waited_on[i].set()
     return step == 6
   monkeypatch.setattr(trainer, 'jit_train_step', on_a_slow_device)
+  monkeypatch.setattr(jax, 'block_until_ready', loop_waits_on_the_device)
   monkeypatch.setattr(preemption.PreemptionWatch, 'reached', reached)
   trainer.train_and_evaluate(config, str(tmp_path))
-  assert sorted(behind) == [1, 2, 3, 4, 5, 6]
-  assert all(not unfinished for unfinished in behind.values()), behind
+  assert unfinished == {1: [1], 2: [1, 2], 3: [2, 3], 4: [3, 4], 5: [4, 5], 6: [5, 6]}
   assert _complete_steps(str(tmp_path)) == [6]
 
 
@@ -220,12 +227,14 @@ def test_a_stop_inside_a_line_resumes_into_the_same_line(quickstart_config, tmp_
   assert resumed == reference  # train_loss, grad_norm: the same float64 sums, in step order
 
 
-def test_sigterm_asks_to_stop_and_a_second_ctrl_c_exits_at_once():
+def test_sigterm_asks_to_stop_and_a_second_ctrl_c_exits_at_once(capsys):
   watch = preemption.PreemptionWatch()
   try:
     assert not watch.reached(1)
     os.kill(os.getpid(), signal.SIGTERM)
     assert watch.reached(2) and not watch.interrupted
+    assert capsys.readouterr().err == ('\nSIGTERM: saving a checkpoint at the next step, then '
+                                       'stopping\n')
   finally:
     watch.close()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -1,13 +1,12 @@
 """Meshes (data / FSDP / tensor parallel) agree; FSDP and TP really shard; accumulation; bf16;
 which rows of a batch each host of a TPU slice (or of several slices) reads."""
-import importlib.util
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from tests import mock_tpu
+from tests import common, mock_tpu
 from vit_jax import checkpoint
 from vit_jax.scale import sharding
 from vit_jax.train import steps, trainer
@@ -222,7 +221,7 @@ def test_several_slices_split_the_batch_into_one_block_per_slice():
     sharding.make_mesh(dict(data=-1), devices)
 
 
-@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu')
+@common.needs_libtpu
 def test_mock_slices_match_libtpus_topologies():
   """Which host drives which chip, as libtpu describes each slice (no TPU needed)."""
   from vit_jax.scale import accelerators  # pylint: disable=g-import-not-at-top

@@ -37,7 +37,7 @@ def test_one_step_run_warms_up_logs_and_says_when_done(tfds_data_dir, tmp_path, 
   config.log_every = 7  # a flag of a rerun that trains nothing is not the run's config
   with caplog.at_level(logging.WARNING):
     trainer.train_and_evaluate(config, workdir)  # the same command again
-  assert f'{workdir} is already at step 1 of 1' in caplog.text
+  assert f'{workdir} is already at step 1 of 1: nothing to train' in capsys.readouterr().err
   assert len(_train_lines(workdir)) == 1
   with open(os.path.join(workdir, 'config.json')) as f:
     assert f.read() == used

@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import socket
 
 import flax.linen as nn
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import test_goodput
 from vit_jax import checkpoint, models
 from vit_jax.scale import accelerators, flops, sharding
 from vit_jax.train import trainer
@@ -83,7 +85,7 @@ def _metrics(workdir):
 
 
 def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, caplog,
-                                                 monkeypatch):
+                                                 monkeypatch, capsys):
   # As on an accelerator whose peak is known (here 1 TFLOP/s per CPU device): lines carry mfu.
   monkeypatch.setitem(accelerators.PEAK_BF16_FLOPS, jax.devices()[0].device_kind, 1e12)
   workdir = str(tmp_path / 'run')
@@ -91,12 +93,15 @@ def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, ca
   config.total_steps = 3
   trainer.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3']
-  config.total_steps = 6
+  assert not os.path.exists(os.path.join(workdir, 'plugins'))  # no profile_steps: no trace
+  config.total_steps, config.profile_steps = 6, '5:5'
   with caplog.at_level(logging.WARNING):
     trainer.train_and_evaluate(config, workdir)  # resumes from step 3
-  # At WARNING, the level the command line shows; nothing alarming about a sound checkpoint.
-  assert f'resuming from {workdir}/checkpoints/3 (step 3 of 6)' in caplog.text
-  assert 'Metadata file does not exist' not in caplog.text
+  # A plain line for the user (absl's format is for logs); at WARNING, the level the command
+  # line shows, nothing alarming about a sound checkpoint.
+  printed = capsys.readouterr()
+  assert f'resuming from {workdir}/checkpoints/3 (step 3 of 6)\n' in printed.err
+  assert 'resuming' not in caplog.text and 'Metadata file does not exist' not in caplog.text
   lines = _metrics(workdir)
   train_steps = [m['step'] for m in lines if 'train_loss' in m]
   assert train_steps == [2, 3, 4, 6]  # log_every=2, and each run's last step
@@ -119,6 +124,13 @@ def test_quickstart_trains_evaluates_and_resumes(quickstart_config, tmp_path, ca
   assert [m['step'] for m in evals] == [3, 6]
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  # Step 5's trace, where XProf looks, with the train step's XLA module; the last line says
+  # the goodput of both runs (tests/test_goodput.py checks its figures).
+  trace = os.path.join(workdir, 'plugins', 'profile', 'steps_5-5', f'{socket.gethostname()}')
+  assert test_goodput.xla_modules(f'{trace}.xplane.pb')['jit_train_step'] > 0
+  assert os.path.exists(f'{trace}.trace.json.gz')
+  last_line = printed.out.splitlines()[-1]
+  assert last_line.startswith('goodput ') and 'over 2 runs, 1 restart, 0 steps redone' in last_line
 
 
 def test_quickstart_learns_the_digits_beyond_chance(quickstart_config, tmp_path):

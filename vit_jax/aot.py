@@ -10,7 +10,13 @@ shapes and compiled by XLA for that target. Printed per device: parameters + opt
 temporaries, total against the device's memory, whether it fits, compile time, the collectives
 of one step and their bytes, the step's matmul FLOPs (counted on its jaxpr) and the step time at
 100% of the chips' peak bf16 rate, a lower bound. The last line is one JSON object. Exit status 0
-when a report was produced, fitting or not.
+when a report was produced, fitting or not. --num_slices=N compiles for N slices, data parallel
+across them (mesh.dcn_data=N, as the TPU launcher sets it).
+
+A compile takes seconds for small models and many minutes for large ones on a few cores (ViT-H/14
+on a v4-64: 505 s on 2 cores). Each one says on stderr what it compiles and how long the same
+shape took on this machine before (kept in ~/.cache/vit_jax/compile_times.json), then a line
+every 30 s while it lasts; Ctrl-C or SIGTERM stop it at once with one line.
 
 TPU slices need libtpu (`pip install -e '.[tpu]'`); H100s need jaxlib's CUDA plugin (see
 README). XLA's TPU compiler refuses a program that does not fit; XLA's GPU compiler does not, so
@@ -29,9 +35,10 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from vit_jax.cli import startup
+from vit_jax.cli import config_flag, errors, startup, waiting
 from vit_jax.scale import accelerators, flops
-from vit_jax.train import trainer
+from vit_jax.storage import paths
+from vit_jax.train import defaults
 
 GIB = 2**30
 COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
@@ -137,10 +144,89 @@ def _shortfall(error: Exception):
   return float(match['need']) * _UNITS[match['unit']] / GIB, match['what']
 
 
+def compile_shape(config, target: accelerators.Target, mesh, batch_size: int) -> list:
+  """What decides how long XLA compiles the step: the key of its earlier compile times. Its
+  first three entries (target, slices, model) are the fallback 'same model, other settings'."""
+  return [target.name, target.num_slices,
+          {'name': config.model.name, **defaults.model_options(config.model)},
+          config.get('task', 'classification'), config.image_size, batch_size,
+          dict(mesh.shape), config.get('accum_steps', 1)]
+
+
+def _compile_times_path() -> str:
+  return paths.user_cache_path('compile_times.json')
+
+
+def _compile_times() -> dict:
+  try:
+    with open(_compile_times_path()) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def expected_compile_s(shape: list) -> tuple[float | None, str]:
+  """(seconds, on what basis) an earlier compile of this shape (else of the same model for the
+  same target) took on this machine; (None, why not) when there was none."""
+  times = _compile_times()
+  if (seconds := times.get(json.dumps(shape))) is not None:
+    return seconds, 'an earlier compile of the same shape here took that'
+  prefix = json.dumps(shape[:3])[:-1] + ','
+  similar = [s for key, s in times.items() if key.startswith(prefix)]
+  if similar:
+    return similar[-1], (f'the last compile of {shape[2]["name"]} for {shape[0]} with other '
+                         'settings here took that')
+  return None, 'no earlier compile of it here to tell how long; big models take minutes'
+
+
+def _record_compile_s(shape: list, seconds: float) -> None:
+  """Keeps the time (the newest 500 shapes) for the next compile's estimate."""
+  times = _compile_times()
+  times.pop(json.dumps(shape), None)
+  times[json.dumps(shape)] = round(seconds, 1)
+  path = _compile_times_path()
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(dict(list(times.items())[-500:]), f, indent=0)
+    os.replace(path + '.tmp', path)
+  except OSError:
+    pass  # an estimate only
+
+
+def _trace_and_compile(step, args, target: accelerators.Target, progress: bool, shape: list):
+  """(the traced step, its compiled executable or TPU's out-of-memory error). With `progress`
+  (the program; tests call check() quietly): progress lines, a clean stop on Ctrl-C / SIGTERM,
+  and the time recorded for the next compile's estimate."""
+  options = GPU_COMPILER_OPTIONS if target.platform == 'cuda' else None
+
+  def work():
+    traced = step.trace(*args)  # its jaxpr also gives the FLOPs
+    try:
+      return traced, traced.lower().compile(options)
+    except jax.errors.JaxRuntimeError as e:  # TPU: the program does not fit
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      return traced, e
+  if not progress:
+    return work()
+  expected_s, basis = expected_compile_s(shape)
+  slices = f' x {target.num_slices} slices' if target.num_slices > 1 else ''
+  doing = (f'compiling the train step of {shape[2]["name"]} (global batch {shape[5]}) for '
+           f'{target.name}{slices}, {target.num_devices} devices')
+  start = time.perf_counter()
+  try:
+    return waiting.run_alive(work, doing, expected_s, basis)
+  finally:
+    _record_compile_s(shape, time.perf_counter() - start)
+
+
 def check(config, target: accelerators.Target, devices=None,
-          batch_size: int | None = None) -> dict:
+          batch_size: int | None = None, progress: bool = False) -> dict:
   """Compiles the train step of `config` (at `batch_size`, default config.batch_size) for
-  `target`; returns the report's figures."""
+  `target`; returns the report's figures. progress: say on stderr what compiles, for how long
+  it should, and that it is alive (see `_trace_and_compile`)."""
+  from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top  (TensorFlow: ~10 s)
   devices = target.devices() if devices is None else devices
   batch_size = batch_size or config.batch_size
   training = trainer.build(config, devices)
@@ -148,13 +234,9 @@ def check(config, target: accelerators.Target, devices=None,
       trainer.make_train_step(config, training, jax.random.key(0)), training)
   batch = trainer.abstract_batch(config, training.mesh, batch_size)
   start = time.perf_counter()
-  traced = step.trace(training.abstract_state, batch)  # its jaxpr also gives the FLOPs below
-  try:
-    compiled = traced.lower().compile(GPU_COMPILER_OPTIONS if target.platform == 'cuda' else None)
-  except jax.errors.JaxRuntimeError as e:  # TPU: the program does not fit
-    if 'RESOURCE_EXHAUSTED' not in str(e):
-      raise
-    compiled = e
+  traced, compiled = _trace_and_compile(
+      step, (training.abstract_state, batch), target, progress,
+      compile_shape(config, target, training.mesh, batch_size))
   compile_s = time.perf_counter() - start
   state_gib = _state_bytes_per_device(training.abstract_state) / GIB
   report = {'topology': target.name, 'slices': target.num_slices, 'platform': target.platform,
@@ -201,13 +283,14 @@ BOUNDARY_RULE = ('a batch fits when its total per device is at most the device m
 
 
 def find_batch(config, target: accelerators.Target, devices=None, known: dict | None = None,
-               out=None) -> tuple[int, dict, list]:
+               out=None, progress: bool = False) -> tuple[int, dict, list]:
   """The largest global batch that fits (a multiple of the batch-sharding devices times
   accum_steps): doubling from config.batch_size, bisection, then the NEIGHBOURS_ABOVE batches
   above the answer. Each batch is compiled at most once (`known`: {batch: report} already
   compiled, e.g. the config's own); a line per compile with an ETA goes to `out` (stdout).
   Returns (batch, its report, notes): the notes say where memory was not monotonic in the
   batch (then the answer is the largest fitting batch among those compiled)."""
+  from vit_jax.train import trainer  # pylint: disable=g-import-not-at-top
   devices = target.devices() if devices is None else devices
   mesh = trainer.build(config, devices).mesh
   unit = mesh.shape['data'] * mesh.shape['fsdp'] * config.get('accum_steps', 1)
@@ -217,7 +300,7 @@ def find_batch(config, target: accelerators.Target, devices=None, known: dict | 
   def fits(units: int) -> bool:
     if units not in reports:
       start = time.perf_counter()
-      reports[units] = check(config, target, devices, units * unit)
+      reports[units] = check(config, target, devices, units * unit, progress)
       durations.append(time.perf_counter() - start)
       left = remaining[0]
       eta = ('' if left is None else
@@ -295,13 +378,14 @@ def _fixes(config, num_devices: int):
       yield {'accum_steps': accum * factor}
 
 
-def suggest_fix(config, target: accelerators.Target, devices) -> tuple[dict, dict] | None:
+def suggest_fix(config, target: accelerators.Target, devices,
+                progress: bool = False) -> tuple[dict, dict] | None:
   """(overrides, report) of the first of `_fixes` with which the config fits on `target`, each
   alone first, then together; None if nothing does."""
   fixes = list(_fixes(config, target.num_devices))
   together = [dict(collections.ChainMap(*reversed(fixes[:n]))) for n in range(2, len(fixes) + 1)]
   for overrides in fixes + together:
-    report = check(_with(config, overrides), target, devices)
+    report = check(_with(config, overrides), target, devices, progress=progress)
     logging.info('with %s: %.2f GiB of %.2f', overrides, report['required_gib'],
                  target.device_memory_gib)
     if report['fits']:
@@ -349,11 +433,24 @@ def define_flags() -> None:
   flags.DEFINE_string('topology', None, 'Target: a TPU accelerator type as for the launcher '
                       f'(e.g. {", ".join(accelerators.EXAMPLES[:-2])}) or h100-N.')
   flags.DEFINE_integer('num_slices', 1, 'Several slices of --topology, data parallel across '
-                       'them (the config sets mesh.dcn_data).')
+                       'them (mesh.dcn_data=N unless the config sets -1 or N).')
   flags.DEFINE_bool('find_batch', False, 'Also search the largest global batch that fits.')
   flags.DEFINE_bool('suggest', True, 'When it does not fit, compile again with full remat, then '
                     'fsdp over every device, then accum_steps, until it fits, and say with what.')
   flags.mark_flags_as_required(['config', 'topology'])
+
+
+def with_slices(config, num_slices: int):
+  """`config` with data parallelism across `num_slices` slices, as the TPU launcher's
+  --num_slices sets it: mesh.dcn_data 1 (the default) becomes num_slices; -1 (all slices) and
+  num_slices stay; any other value contradicts --num_slices."""
+  dcn_data = config.mesh.get('dcn_data', 1)
+  if num_slices == 1 or dcn_data in (-1, num_slices):
+    return config
+  if dcn_data != 1:
+    raise errors.UserError(f'--config.mesh.dcn_data={dcn_data} but --num_slices={num_slices}: '
+                           f'data parallelism across slices spans them all (-1 or {num_slices})')
+  return _with(config, {'mesh.dcn_data': num_slices})
 
 
 def main(argv):
@@ -362,23 +459,30 @@ def main(argv):
   f = flags.FLAGS
   try:
     target = accelerators.get_target(f.topology, f.num_slices)
+    config = with_slices(f.config, f.num_slices)
     devices = target.devices()
   except (ValueError, RuntimeError) as e:
     sys.exit(f'error: {e}')
+  slices = f' x {target.num_slices} slices' if target.num_slices > 1 else ''
+  print(f'{config.model.name} for {target.name}{slices}: loading the trainer to build its train '
+        'step', file=sys.stderr, flush=True)  # the imports alone take 5-20 s
+  startup.import_tensorflow()  # the trainer's input pipeline imports it: without its chatter
   try:
-    report = check(f.config, target, devices)
+    report = check(config, target, devices, progress=True)
   except ValueError as e:  # a config that cannot be built (mesh, model, optimizer, ...)
     sys.exit(f'error: {e}')
-  print(format_report(report))
+  print(format_report(report), flush=True)
   if not report['fits'] and f.suggest:
-    fix = suggest_fix(f.config, target, devices)
+    print('  looking for a change that fits (one compile each):', flush=True)
+    fix = suggest_fix(config, target, devices, progress=True)
     report['fix'] = fix and fix[0]
     print(f'  fits with {as_flags(fix[0])} ({fix[1]["required_gib"]:.2f} GiB per device)' if fix
           else '  no fix found among full remat, fsdp over all devices and accum_steps up to 8')
   if f.find_batch:
-    print('  searching the largest global batch that fits (one compile per batch):')
-    largest, largest_report, notes = find_batch(f.config, target, devices,
-                                                known={report['batch_size']: report})
+    print('  searching the largest global batch that fits (one compile per batch):', flush=True)
+    largest, largest_report, notes = find_batch(config, target, devices,
+                                                known={report['batch_size']: report},
+                                                progress=True)
     report['largest_batch'] = largest
     print(f'  largest global batch that fits: {largest} '
           f'({largest_report["required_gib"]:.2f} GiB per device; {BOUNDARY_RULE})')
@@ -393,4 +497,4 @@ if __name__ == '__main__':
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for the target, run nothing here
   startup.begin()
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=config_flag.parse_flags)

@@ -174,6 +174,23 @@ def _significant(x: float, digits: int = 6) -> float:
   return float(f'{x:.{digits}g}')
 
 
+def rate_figures(batch_size: int, model_flops_per_image: float, step_times: list,
+                 peak_flops: float) -> dict:
+  """Rates from the timed steps: the median step (one slow step, a machine's hiccup, does not
+  move it), images/sec and FLOP/s at that step time, and MFU against `peak_flops`."""
+  step_time = statistics.median(step_times)
+  model_flops = model_flops_per_image * batch_size
+  return {
+      'step_time_s': _significant(step_time),
+      'step_time_min_s': _significant(min(step_times)),
+      'step_time_max_s': _significant(max(step_times)),
+      'images_per_sec': _significant(batch_size / step_time),
+      'achieved_gflops_per_sec': _significant(model_flops / step_time / 1e9),
+      'peak_gflops_per_sec': _significant(peak_flops / 1e9),
+      'mfu': _significant(model_flops / step_time / peak_flops),
+  }
+
+
 def run(config, steps: int, peak_matmul_size: int = 2048, compile_only: bool = False) -> dict:
   """Compiles and times the trainer's step; returns the figures (see the module docstring)."""
   step = TrainStep(config)
@@ -194,18 +211,9 @@ def run(config, steps: int, peak_matmul_size: int = 2048, compile_only: bool = F
     peak = (matmul_peak(peak_matmul_size, peak_times)
             * (1 if result['platform'] == 'cpu' else result['devices']))
     peak_source = 'measured f32 matmul'
-  step_time = statistics.median(step_times)
-  model_flops = result['model_flops_per_image'] * config.batch_size
+  rates = rate_figures(config.batch_size, result['model_flops_per_image'], step_times, peak)
   return result | {
-      'steps': steps,
-      'step_time_s': _significant(step_time),
-      'step_time_min_s': _significant(min(step_times)),
-      'step_time_max_s': _significant(max(step_times)),
-      'images_per_sec': _significant(config.batch_size / step_time),
-      'achieved_gflops_per_sec': _significant(model_flops / step_time / 1e9),
-      'peak_gflops_per_sec': _significant(peak / 1e9),
-      'peak_source': peak_source,
-      'mfu': _significant(model_flops / step_time / peak),
+      'steps': steps, **rates, 'peak_source': peak_source,
       'peak_memory_mb': round(step.peak_memory_bytes() / 2**20, 1),
       'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       'train_loss': float(step.metrics['train_loss']),

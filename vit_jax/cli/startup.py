@@ -37,22 +37,33 @@ def begin(xla_flags: bool = True) -> None:
   host_tuning.apply(xla_flags=xla_flags)
 
 
-# Google's PCI vendor id (TPU chips); NVIDIA's and AMD's device files.
+# A TPU chip on the PCI bus: Google's vendor id with one of the TPU device ids (JAX's own list,
+# jax/_src/hardware_utils.py: v2/v3, v4 lite, v4, v5p, v5e, v6e, TPU7x). The vendor id alone
+# is not enough: every GCE VM's gVNIC network card and NVMe disks carry it too.
 _GOOGLE_PCI_VENDOR = '0x1ae0'
-_GPU_DEVICE_FILES = ('/dev/nvidia*', '/dev/kfd')
+_TPU_PCI_DEVICES = ('0x0027', '0x0056', '0x005e', '0x0062', '0x0063', '0x006f', '0x0076')
+# Device files of TPU drivers (v2-v4: /dev/accel*; v5e and later: VFIO groups, where /sys
+# hides the PCI bus, as in some containers), NVIDIA's and AMD's.
+_ACCELERATOR_DEVICE_FILES = ('dev/accel*', 'dev/vfio/[0-9]*', 'dev/nvidia*', 'dev/kfd')
 
 
-def has_accelerators() -> bool:
-  """Whether a TPU chip (a Google PCI device, as JAX itself looks for them) or a GPU is
-  attached. Read from /sys and /dev, without importing JAX (programs print --help fast)."""
-  for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
-    try:
-      with open(vendor) as f:
-        if f.read().strip() == _GOOGLE_PCI_VENDOR:
-          return True
-    except OSError:
-      continue
-  return any(glob.glob(pattern) for pattern in _GPU_DEVICE_FILES)
+def _read(path: str) -> str:
+  try:
+    with open(path) as f:
+      return f.read().strip()
+  except OSError:
+    return ''
+
+
+def has_accelerators(root: str = '/') -> bool:
+  """Whether a TPU chip (by its PCI vendor and device ids, as JAX looks for them) or a GPU is
+  attached. Read from /sys and /dev (under `root`), without importing JAX (programs print
+  --help fast)."""
+  for device in glob.glob(os.path.join(root, 'sys/bus/pci/devices/*')):
+    if (_read(os.path.join(device, 'vendor')) == _GOOGLE_PCI_VENDOR
+        and _read(os.path.join(device, 'device')) in _TPU_PCI_DEVICES):
+      return True
+  return any(glob.glob(os.path.join(root, pattern)) for pattern in _ACCELERATOR_DEVICE_FILES)
 
 
 def cpu_only_without_accelerators(environ=os.environ) -> None:

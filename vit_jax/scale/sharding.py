@@ -262,6 +262,10 @@ def jit_with_rules(fn, mesh: Mesh, rules, **jit_kwargs):
       return fn(*args, **kwargs)
     finally:
       _ACTIVATION_LAYOUT.reset(token)
+  # A partial has no name of its own: the XLA module (jit_<name>, what profiles show) takes the
+  # name of the function it binds.
+  traced.__name__ = getattr(fn, '__name__', getattr(getattr(fn, 'func', None), '__name__',
+                                                    'traced'))
   return jax.jit(traced, **jit_kwargs)
 
 

@@ -56,6 +56,13 @@ _one_road()
 use_storage_emulator()
 
 
+def user_cache_path(*parts: str) -> str:
+  """A file under vit_jax's folder of this user's cache (~/.cache/vit_jax, or under
+  XDG_CACHE_HOME): what was fetched or measured once and helps next time."""
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+  return os.path.join(root, 'vit_jax', *parts)
+
+
 def is_remote(path) -> bool:
   return '://' in os.fspath(path)
 

@@ -62,6 +62,28 @@ def base_config() -> ml_collections.ConfigDict:
   # slices (-1 = all of them; README "Several slices").
   c.mesh = dict(data=-1, fsdp=1, model=1, dcn_data=1)
   c.sharding_rules = placeholder(tuple)  # None: sharding.DEFAULT_RULES
+  # Where a run's time goes (README "Where did my pod's time go?"): a profiler trace of steps
+  # 'START:END' into WORKDIR/plugins/profile/ (process 0's, or every process's); every
+  # thread's stack to the log and WORKDIR/hangs/ when no step finishes for hang_dump_s
+  # seconds (-1: max(10 median step times, 10 min); 0: off), and an exit with status 75 after
+  # hang_exit_s (0: never) for a supervisor to start the run again.
+  c.profile_steps = ''
+  c.profile_every_process = False
+  c.hang_dump_s = -1.
+  c.hang_exit_s = 0.
+  return c
+
+
+def pretraining_config(checkpoint_every: int = 2_000) -> ml_collections.ConfigDict:
+  """base_config() with the bookkeeping the pod-scale pretraining recipes share: the papers'
+  global batch of 4096, a line every 100 steps, an evaluation every 10k and a checkpoint every
+  `checkpoint_every` steps (minutes apart on a slice: what a preemption costs)."""
+  c = base_config()
+  c.batch_size = 4096
+  c.eval_batch_size = 1024
+  c.log_every = 100
+  c.eval_every = 10_000
+  c.checkpoint_every = checkpoint_every
   return c
 
 

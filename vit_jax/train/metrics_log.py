@@ -4,6 +4,7 @@ import time
 
 import jax
 
+from vit_jax.cli.waiting import duration
 from vit_jax.storage import log_file, paths
 from vit_jax.train import tb_events
 
@@ -102,13 +103,6 @@ class MetricsLog:
       self._tb.close()
 
 
-def _duration(seconds: float) -> str:
-  seconds = int(seconds)
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
-
-
 class Progress:
   """Console line: step/total, loss, images/sec and ETA from the recent rate."""
 
@@ -128,7 +122,7 @@ class Progress:
     eta = (now - self.clock_time) / steps_done * (self.total_steps - step)
     parts = [f'step {step}/{self.total_steps}']
     parts += [f'{k} {v:.4g}' for k, v in metrics.items()]
-    parts.append(f'elapsed {_duration(elapsed)}, ETA {_duration(eta)}')
+    parts.append(f'elapsed {duration(elapsed)}, ETA {duration(eta)}')
     return ' | '.join(parts)
 
   def log(self, step: int, metrics: dict) -> None:

@@ -43,6 +43,8 @@ class PreemptionWatch:
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
+    print('\nSIGTERM: saving a checkpoint at the next step, then stopping', file=sys.stderr,
+          flush=True)
     self._signalled = True
 
   def _on_interrupt(self, signum, frame):

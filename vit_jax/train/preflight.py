@@ -129,7 +129,8 @@ def _check_split(config, data, split: str, key: str) -> None:
     try:
       info = sources.read_record_info(data['path'], split)
     except (FileNotFoundError, errors.UserError) as e:
-      raise PreflightError(f'{key}={split!r}: {e}') from None
+      hint = _record_split_hint(config, data['path'], split, key)
+      raise PreflightError(f'{key}={split!r}: {hint or e}') from None
     if info['num_examples'] == 0:
       raise PreflightError(f'{key}={split!r}: {sources.record_info_path(data["path"], split)} '
                            'lists 0 examples; write the split again with make_records')
@@ -154,6 +155,23 @@ def _check_split(config, data, split: str, key: str) -> None:
                          f'(it has {sorted(builder.info.splits)}): {e}') from None
   if num_examples == 0:
     raise PreflightError(f'{key}={split!r}: tfds dataset {data["name"]} has 0 examples there')
+
+
+def _record_split_hint(config, path: str, split: str, key: str) -> str | None:
+  """When `path` holds other splits than `split` (make_records wrote a SPLIT.json for each), the
+  key to set to one of them: a user with train and val records wants data.eval_split=val,
+  not to write a 'test' split."""
+  if paths.resolve(sources.record_info_path(path, split)).exists():
+    return None  # the split is there; what is wrong with it is the reader's message
+  splits = paths.within_deadline(
+      lambda: sorted(p.name[:-len('.json')] for p in paths.resolve(path).glob('*.json')),
+      f'listing record set {path}')
+  others = [s for s in splits if key == 'data.train_split' or s != config.data.train_split]
+  if not others:
+    return None
+  return (f'{path} has no split {split!r}, only {", ".join(splits)}: set --config.{key}='
+          f'{others[0]} (or write {split!r}: python -m vit_jax.data.make_records --output={path} '
+          f'--split={split} ...)')
 
 
 def _check_record_classes(config, data, split: str, key: str, info: dict) -> None:

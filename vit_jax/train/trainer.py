@@ -1,6 +1,7 @@
 """The training loop: init or restore, step, log, evaluate, checkpoint."""
 import functools
 import math
+import sys
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -13,7 +14,12 @@ from absl import logging
 from vit_jax.scale import accelerators, flops, sharding
 from vit_jax.weights import files, train_state
 from vit_jax.data import pipeline
-from vit_jax.train import metrics_log, optim, preemption, preflight, steps, tasks
+from vit_jax.train import metrics_log, optim, preemption, preflight, steps, tasks, timeline
+
+
+def say(line: str) -> None:
+  """What a user must read (resume, stop): a plain line on stderr, where Ctrl-C's are."""
+  print(line, file=sys.stderr, flush=True)
 
 
 def build_model(config):
@@ -162,9 +168,9 @@ def initial_state(config, workdir: str, training: Training, manager, init_rng,
   resume_step = train_state.latest_complete_step(manager)
   if resume_step is not None:
     preflight.check_workdir_model(manager, resume_step, abstract_state.params, workdir)
-    # WARNING: the level the CLI shows; a user must see that this run is not a fresh one.
-    logging.warning('resuming from %s/checkpoints/%d (step %d of %d)', workdir, resume_step,
-                    resume_step, config.total_steps)
+    # A plain line (absl's format is for logs): a user must see that this run is not a fresh one.
+    say(f'resuming from {workdir}/checkpoints/{resume_step} (step {resume_step} of '
+        f'{config.total_steps})')
     return train_state.restore_state(manager, abstract_state, resume_step)
   state = training.init_fn(init_rng)
   if not config.init_from:
@@ -197,8 +203,12 @@ def _log_training(step: int, pending: list, window: dict, throughput, schedule, 
   return {k: v for k, v in line.items() if v is not None}
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains per `config`, writing WORKDIR/{metrics.jsonl, checkpoints/}; returns last metrics."""
+def train_and_evaluate(config, workdir: str, started: float | None = None) -> dict:
+  """Trains per `config`, writing WORKDIR/{metrics.jsonl, checkpoints/}; returns last metrics.
+  started: when the run began, for its goodput (the program gives its process's start; default
+  now)."""
+  started = time.time() if started is None else started
+  timeline_options = timeline.options(config)
   training = build(config)
   mesh, model, _, _, _, abstract_state, state_sharding, _ = training
   logging.info('mesh %s; model %s with %.2fM parameters', dict(mesh.shape), config.model.name,
@@ -213,8 +223,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = initial_state(config, workdir, training, manager, init_rng, pretrained)
   start_step = int(state.step)
   if start_step >= config.total_steps:
-    logging.warning('%s is already at step %d of %d: nothing to train (raise total_steps to '
-                    'continue)', workdir, start_step, config.total_steps)
+    say(f'{workdir} is already at step {start_step} of {config.total_steps}: nothing to train '
+        '(raise total_steps to continue)')
     manager.close()
     return {}
   train_state.write_run_config(workdir, config)  # the config of the run that trains on
@@ -224,16 +234,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   log = metrics_log.MetricsLog(workdir, start_step)  # drops lines an earlier run left past it
   progress = metrics_log.Progress(config.total_steps, start_step)
   batches = pipeline.train_iterator(config, mesh, start_step)
+  run = timeline.Timeline(timeline_options, workdir, start_step, config.log_every, started)
   watch = preemption.PreemptionWatch()
   try:
     last = _train_loop(config, workdir, state, start_step, training, train_step, evals, log,
-                       progress, batches, watch, manager)
+                       progress, batches, watch, manager, run)
   finally:
+    run.phase('shutdown')
     batches.close()  # no input thread may outlive the run (it would hold the process at exit)
     manager.wait_until_finished()
     manager.close()
     log.close()
     watch.close()  # last: a second Ctrl-C while the final save is written still exits at once
+    run.close(sys.exc_info()[1])  # prints the goodput line: the run's last
   return last
 
 
@@ -251,16 +264,18 @@ def _mfu_terms(config, training: Training) -> dict:
 
 
 def _train_loop(config, workdir, state, start_step, training, train_step, evals, log, progress,
-                batches, watch, manager) -> dict:
+                batches, watch, manager, run) -> dict:
   """Steps from start_step + 1 to total_steps (or a stop request); returns the last metrics."""
   # The line in progress: the steps of it a checkpoint carried over, then those run here.
   last, skipped_before, window, pending = {}, 0, log.carried, []
   throughput = metrics_log.Throughput(config.batch_size, start_step,
                                       **_mfu_terms(config, training))
   for step in range(start_step + 1, config.total_steps + 1):
+    run.next_step(step, state)
     waiting_since = time.time()
     batch = next(batches)
     throughput.waited_for_input(time.time() - waiting_since)
+    run.phase('train')
     state, metrics = train_step(state, batch)
     pending.append(metrics)
     if len(pending) > _STEPS_AHEAD:
@@ -282,6 +297,7 @@ def _train_loop(config, workdir, state, start_step, training, train_step, evals,
       window, pending = None, []
     if evals and _interval_hit(step, config.eval_every, config.total_steps):
       jax.block_until_ready(state)  # the steps dispatched so far count as training time
+      run.phase('eval', step)
       eval_start = time.time()
       for evaluator in evals:
         result = evaluator.run(state.params, step)
@@ -291,12 +307,13 @@ def _train_loop(config, workdir, state, start_step, training, train_step, evals,
       throughput.exclude(time.time() - eval_start)  # evaluation is not training throughput
     stopping = watch.reached(step)
     if stopping or _interval_hit(step, config.checkpoint_every, config.total_steps):
+      run.phase('checkpoint', step)
       log.flush()  # a run resumed from this checkpoint finds every line up to its step
       _save_if_finite(manager, step, state, pending, workdir, log, window,
                       batches.skipped_images() - skipped_before)  # a collective
     if stopping:
-      reason = 'Ctrl-C' if watch.interrupted else 'preemption notice'
-      logging.warning('%s: saved step %d to %s/checkpoints; stopping (run the same command '
-                      'again to resume)', reason, step, workdir)
+      reason = 'Ctrl-C' if watch.interrupted else 'SIGTERM (preemption notice)'
+      say(f'{reason}: saved step {step} to {workdir}/checkpoints; stopping (run the same command '
+          'again to resume)')
       break
   return last

@@ -15,8 +15,7 @@ _IMAGENET_CLASS_INDEX = ('https://storage.googleapis.com/download.tensorflow.org
 
 def _imagenet_class_index() -> dict:
   """{"0": ["n01440764", "tench"], ...}: fetched once into ~/.cache/vit_jax (XDG_CACHE_HOME)."""
-  cache = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'),
-                       'vit_jax', 'imagenet_class_index.json')
+  cache = paths.user_cache_path('imagenet_class_index.json')
   if not os.path.isfile(cache):
     import urllib.request  # pylint: disable=g-import-not-at-top
     os.makedirs(os.path.dirname(cache), exist_ok=True)
@@ -42,21 +41,29 @@ def _names_for_wordnet_ids(names: list[str]) -> list[str]:
   return [readable.get(n, n) for n in names]
 
 
-def _tfds_label_names(name: str) -> list[str] | None:
+def _tfds_label_names(name: str, data_dir: str | None = None) -> list[str] | None:
   """The label names of tfds dataset `name`; None when there is no dataset of that name."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from vit_jax.data import sources  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   try:
     # By name, not through tfds.list_builders(): listing also asks GCS for community datasets,
     # which offline prints a Google-auth warning about the metadata server.
-    builder = tfds.builder(name)
+    builder = tfds.builder(name, data_dir=data_dir or None)
   except ValueError:  # DatasetNotFoundError, or not a dataset name at all
     return None
   features = builder.info.features
   label = features['label'] if 'label' in features.keys() else None
   if not isinstance(label, tfds.features.ClassLabel):
     raise errors.UserError(f'tfds dataset {name} has no class label names')
-  return _names_for_wordnet_ids(list(label.names))
+  names = list(label.names)
+  # Many builders (cifar10, ...) learn their names while preparing: until then tfds gives
+  # the indices '0', '1', ... as names.
+  if names == [str(i) for i in range(len(names))] and not builder.is_prepared():
+    raise errors.UserError(
+        f'tfds knows the class names of {name} only once it is prepared, and it is not in '
+        f'{builder.data_dir}: prepare it (tfds build {name}) or give a text file with one name '
+        'per line')
+  return _names_for_wordnet_ids(names)
 
 
 def read_labels(spec: str, flag: str = '--labels') -> list[str] | None:
@@ -65,7 +72,10 @@ def read_labels(spec: str, flag: str = '--labels') -> list[str] | None:
     return None
   if paths.resolve(spec).is_file():
     return [line.strip() for line in paths.resolve(spec).read_text().splitlines() if line.strip()]
-  names = _tfds_label_names(spec)
+  try:
+    names = _tfds_label_names(spec)
+  except errors.UserError as e:
+    raise errors.UserError(f'{flag}={spec}: {e}') from None
   if names is None:
     raise errors.UserError(f'{flag}={spec}: no such file, and no tfds dataset of that name')
   return names
@@ -73,10 +83,10 @@ def read_labels(spec: str, flag: str = '--labels') -> list[str] | None:
 
 def run_labels(run: dict) -> list[str] | None:
   """The class names of the tfds dataset a training run (its config.json) read, if any."""
-  name = run.get('data', {}).get('name')
-  if not name or run.get('data', {}).get('path'):  # record files carry class ids only
+  data = run.get('data', {})
+  if not data.get('name') or data.get('path'):  # record files carry class ids only
     return None
   try:
-    return _tfds_label_names(name)
+    return _tfds_label_names(data['name'], data.get('data_dir'))
   except errors.UserError:
     return None
