@@ -2,16 +2,18 @@
 the same JPEGs, on 1 and 2 cores, quiet or busy; where each image's CPU goes; what a resumed run
 reads before its first batch; reading from gs:// at real latency.
 
-    python -m benchmarks.input_pipeline [--num_images=200 --repeats=5 --cores=1,2 --busy=0,1]
-        [--sets=synthetic,photos] [--cases=...] [--profile] [--resume_at=10,100000]
-        [--gcs_latency_ms=50]
+    python -m benchmarks.input_pipeline [--num_images=200 --repeats=3 --cores=1,2 --busy=0,1]
+        [--sets=synthetic,photos,large] [--cases=...] [--profile] [--resume_at=10,100000]
+        [--gcs_latency_ms=50] [--quick]
 
-Two sets of 500x375 JPEGs at quality 90 (ImageNet's typical size), each written by make_records:
+Three sets of JPEGs at quality 90, each written by make_records; two at 500x375 (ImageNet's
+typical size):
   synthetic  generated: smooth colour fields, hard-edged objects, noise;
   photos     500x375 crops of the two camera photos scikit-learn ships (china.jpg, flower.jpg,
              640x427) at random offsets, half of them mirrored, re-encoded;
-and, with --sets=...,large, the synthetic ones at 1500x1000 (camera-size pictures, where crops
-are large enough for fast_decode to decode at a reduced scale).
+and large, the synthetic ones at 1500x1000: camera-size pictures, where crops are large enough
+for fast_decode to decode at a reduced scale (on 500x375 no crop reaches twice 224 on both
+sides, so there fast_decode decodes as without it). timm is left out on the large set.
 Cases, timed in turns within each round (each on an iterator already through one pass over the
 images, its buffers full as in training, and dropped after its turn so that no readahead runs
 while another case is timed):
@@ -81,7 +83,9 @@ _PP_FAST = 'decode|inception_crop(224, fast_decode=True)|flip_lr|value_range(-1,
 _BATCH = 25
 _SIZE, _AREA, _ASPECT = 224, (0.05, 1.), (3 / 4, 4 / 3)
 CASES = ('bare decode', 'streaming peer', 'ours', 'ours fast_decode', 'timm')
-SETS = ('synthetic', 'photos')
+SETS = ('synthetic', 'photos', 'large')
+# timm on camera-size pictures: ~15 s a turn, and the peers' comparison is on the others.
+_LEFT_OUT = {('large', 'timm')}
 
 
 def natural_jpegs(num_images: int, seed: int = 0, h: int = 375, w: int = 500) -> list[bytes]:
@@ -121,6 +125,8 @@ def photo_jpegs(num_images: int, seed: int = 0) -> list[bytes]:
 
 IMAGE_SETS = {'synthetic': natural_jpegs, 'photos': photo_jpegs,
               'large': lambda n: natural_jpegs(n, h=1000, w=1500)}
+# --quick: a smoke run of every case (about a minute): one set, one core, one quiet round.
+QUICK = dict(sets='synthetic', cores='1', busy='0', repeats=1, resume_at='')
 
 
 def write_records(jpegs: list[bytes], folder: str, num_shards: int = 4) -> str:
@@ -277,8 +283,9 @@ def local_rates(records: dict, rounds: int, cases: list[str], passes: int = 2) -
   for set_name, path in records.items():
     jpegs = _read_jpegs(path)
     counts[set_name] = len(jpegs) // _BATCH * _BATCH  # every case passes over as many images
-    made[set_name] = {name: _case(name, path, jpegs[:counts[set_name]]) for name in cases}
-  rates = {s: {name: [] for name in cases} for s in records}
+    made[set_name] = {name: _case(name, path, jpegs[:counts[set_name]]) for name in cases
+                      if (set_name, name) not in _LEFT_OUT}
+  rates = {s: {name: [] for name in made[s]} for s in records}
   for _ in range(rounds):
     for set_name, set_cases in made.items():
       for name, (make, per_element) in set_cases.items():
@@ -318,14 +325,20 @@ def _in_worker(cores: int, call: str, with_timm: bool = False):
 
 def on_cores(records: dict, cores: int, busy: int, rounds: int, cases: list[str]) -> dict:
   """local_rates in a fresh process on `cores` cores, with `busy` spinning processes per core
-  on them: per set and case, median images/s, CPU ms per image and load, and the medians of
-  the within-round ratios to the streaming peer and to bare decode, by images/s and by CPU."""
+  on them: per set and case, median images/s, CPU ms per image, cores used and load, and the
+  medians of the within-round ratios to the streaming peer and to bare decode, by images/s and
+  by CPU."""
   spinners = _spin(set(range(cores)), busy * cores)
   try:
     measured = _in_worker(cores, f'local_rates({records!r}, {rounds}, {cases!r})',
                           with_timm='timm' in cases)
   finally:
     _stop(spinners)
+  return summarize(measured)
+
+
+def summarize(measured: dict) -> dict:
+  """on_cores' summary of local_rates' {set: {case: [(images/s, CPU ms per image, load)]}}."""
   summary = {}
   for set_name, by_case in measured.items():
     by_case = {name: np.array(v) for name, v in by_case.items()}
@@ -333,6 +346,8 @@ def on_cores(records: dict, cores: int, busy: int, rounds: int, cases: list[str]
     for name, r in by_case.items():
       results[name] = {'images_per_sec': round(float(np.median(r[:, 0])), 1),
                        'cpu_ms_per_image': round(float(np.median(r[:, 1])), 3),
+                       # of the pinned cores, what the case's threads got while it ran
+                       'cores_used': round(float(np.median(r[:, 0] * r[:, 1])) / 1e3, 2),
                        'load_average': [round(float(r[:, 2].min()), 2),
                                         round(float(r[:, 2].max()), 2)]}
       for ref in ('streaming peer', 'bare decode'):
@@ -350,8 +365,8 @@ def on_cores(records: dict, cores: int, busy: int, rounds: int, cases: list[str]
 def print_rates(summary: dict, cores: int, busy: int, rounds: int) -> None:
   print(f'-- {cores} core{"s" * (cores > 1)}, {busy or "no"} spinning process'
         f'{"es" * (busy != 1)} per core added; medians of {rounds} rounds: images/s, CPU ms per '
-        'image; ratio to the streaming peer by images/s [lowest-highest round] (by CPU); the '
-        'same to bare decode; load average over the rounds')
+        'image, cores used; ratio to the streaming peer by images/s [lowest-highest round] (by '
+        'CPU); the same to bare decode; load average over the rounds')
   for set_name, results in summary.items():
     print(f'   {set_name}')
     for name, r in results.items():
@@ -360,7 +375,7 @@ def print_rates(summary: dict, cores: int, busy: int, rounds: int) -> None:
           f'{r[f"ratio_to_{k}_range"][1]:4.2f}] ({r[f"cpu_ratio_to_{k}"]:4.2f})'
           for k in ('peer', 'decode') if f'ratio_to_{k}' in r)
       print(f'   {name:18s} {r["images_per_sec"]:7.1f}/s {r["cpu_ms_per_image"]:6.3f} ms   '
-            f'{ratios}   load {r["load_average"][0]:.1f}-{r["load_average"][1]:.1f}')
+            f'{r["cores_used"]:4.2f} cores   {ratios}   load {r["load_average"][0]:.1f}-{r["load_average"][1]:.1f}')
 
 
 
@@ -591,12 +606,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--num_images', type=int, default=200,
                       help='JPEGs per set (at least 200, a multiple of 25: the pipelines\' batch)')
-  parser.add_argument('--repeats', type=int, default=5,
+  parser.add_argument('--repeats', type=int, default=3,
                       help='rounds: timed turns per case, set, core count and busy level')
   parser.add_argument('--cores', default='1,2',
                       help='core counts to pin the measuring process to, comma-separated '
                       '(empty: none)')
-  parser.add_argument('--busy', default='0',
+  parser.add_argument('--busy', default='0,1',
                       help='spinning processes per measured core, comma-separated levels: '
                       '0 quiet, 1 each core shared with one busy process, ...')
   parser.add_argument('--sets', default=','.join(SETS),
@@ -615,7 +630,11 @@ def main():
   parser.add_argument('--gcs_images', type=int, default=1000,
                       help='records in the gcs comparison (the JPEGs repeated)')
   parser.add_argument('--gcs_rounds', type=int, default=3, help='local/gcs passes, alternating')
+  parser.add_argument('--quick', action='store_true',
+                      help='a smoke run: ' + ' '.join(f'--{k}={v}' for k, v in QUICK.items()))
   args = parser.parse_args()
+  if args.quick:
+    vars(args).update(QUICK)
   if args.num_images < 200 or args.num_images % _BATCH:
     # Fewer, and a pass would not outlast the pipelines' readahead (several batches).
     parser.error('--num_images: at least 200 and a multiple of 25')
