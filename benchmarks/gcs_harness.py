@@ -2,7 +2,7 @@
 byte-range reads of objects from its own copy of each (read whole from the emulator once).
 
     python -m benchmarks.gcs_harness --bucket=NAME    # prints the proxy's URL; serves until
-                                                      # stdin closes
+                                                      # stdin closes (tests/gcs_proxy.py's flags)
 
 GCS answers range reads at its own speed, latency aside; the emulator (single-threaded, one
 connection per request behind the proxy) answers a few hundred a second on a busy core, so
@@ -10,12 +10,10 @@ that the comparison measured the emulator rather than the reader. Range reads ar
 pipeline sends once the records are uploaded; every other request (uploads, listings,
 metadata) goes to the emulator, and the proxy's latency applies to all of them alike.
 """
-import argparse
 import asyncio
-import sys
 import urllib.parse
 
-from tests import gcs_emulator, gcs_proxy
+from tests import gcs_proxy
 
 
 class RangeServingProxy(gcs_proxy.Proxy):
@@ -47,17 +45,7 @@ class RangeServingProxy(gcs_proxy.Proxy):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--bucket', default='bench-bucket', help='bucket the emulator serves')
-  args = parser.parse_args()
-  server, emulator_url = gcs_emulator.start(args.bucket)
-  proxy = RangeServingProxy(emulator_url).start()
-  print(proxy.url, flush=True)
-  try:
-    sys.stdin.read()  # serves until stdin closes (the parent ends)
-  finally:
-    proxy.stop()
-    server.stop()
+  gcs_proxy.main(RangeServingProxy)
 
 
 if __name__ == '__main__':

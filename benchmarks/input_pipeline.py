@@ -76,7 +76,8 @@ import numpy as np
 from vit_jax.cli import startup
 
 tf = startup.import_tensorflow()  # without TensorFlow's start-up lines
-from vit_jax.data import make_records, pipeline, sources  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from vit_jax.data import make_records, pipeline, sources  # noqa: E402
 
 _PP = 'decode|inception_crop(224)|flip_lr|value_range(-1, 1)'
 _PP_FAST = 'decode|inception_crop(224, fast_decode=True)|flip_lr|value_range(-1, 1)'
@@ -125,7 +126,7 @@ def photo_jpegs(num_images: int, seed: int = 0) -> list[bytes]:
 
 IMAGE_SETS = {'synthetic': natural_jpegs, 'photos': photo_jpegs,
               'large': lambda n: natural_jpegs(n, h=1000, w=1500)}
-# --quick: a smoke run of every case (about a minute): one set, one core, one quiet round.
+# --quick: a smoke run of every case (1.7 min at load 8): one set, one core, one quiet round.
 QUICK = dict(sets='synthetic', cores='1', busy='0', repeats=1, resume_at='')
 
 
@@ -250,7 +251,8 @@ def _case(name: str, records: str, jpegs: list[bytes]):
                                 0, range(_BATCH))
     return lambda: iter(ds), _BATCH
   if name == 'timm':
-    return lambda: TimmTransform(jpegs, pipeline._usable_cores()), _BATCH  # pylint: disable=protected-access
+    cores = pipeline._usable_cores()  # pylint: disable=protected-access
+    return lambda: TimmTransform(jpegs, cores), _BATCH
   raise ValueError(f'unknown case {name!r}; choose from {", ".join(CASES)}')
 
 
@@ -375,7 +377,8 @@ def print_rates(summary: dict, cores: int, busy: int, rounds: int) -> None:
           f'{r[f"ratio_to_{k}_range"][1]:4.2f}] ({r[f"cpu_ratio_to_{k}"]:4.2f})'
           for k in ('peer', 'decode') if f'ratio_to_{k}' in r)
       print(f'   {name:18s} {r["images_per_sec"]:7.1f}/s {r["cpu_ms_per_image"]:6.3f} ms   '
-            f'{r["cores_used"]:4.2f} cores   {ratios}   load {r["load_average"][0]:.1f}-{r["load_average"][1]:.1f}')
+            f'{r["cores_used"]:4.2f} cores   {ratios}   '
+            f'load {r["load_average"][0]:.1f}-{r["load_average"][1]:.1f}')
 
 
 
@@ -540,7 +543,8 @@ def gcs_comparison(jpegs: list[bytes], num_images: int, latency_ms: float, round
 def _gcs_comparison(records: str, latency_ms: float, rounds: int) -> dict:
   cores = sorted(os.sched_getaffinity(0))
   pipeline_core, harness_cores = cores[:1], cores[1:] or cores
-  harness = subprocess.Popen([sys.executable, '-m', 'benchmarks.gcs_harness', f'--bucket={_BUCKET}'],
+  harness = subprocess.Popen([sys.executable, '-m', 'benchmarks.gcs_harness',
+                              f'--bucket={_BUCKET}'],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   try:
     os.sched_setaffinity(harness.pid, harness_cores)

@@ -18,7 +18,8 @@ def test_cases_run_in_turns_and_the_summary_holds_ratios_per_round(tmp_path):
     rates = np.array(measured['synthetic'][case])[:, 0]
     peer = np.array(measured['synthetic']['streaming peer'])[:, 0]
     assert row['ratio_to_peer'] == round(float(np.median(rates / peer)), 3)
-  assert summary['streaming peer']['ratio_to_peer'] == summary['bare decode']['ratio_to_decode'] == 1
+  assert summary['streaming peer']['ratio_to_peer'] == 1
+  assert summary['bare decode']['ratio_to_decode'] == 1
   batch = next(iter(bench.streaming_peer(records['synthetic'])))['image'].numpy()
   assert batch.shape == (25, 224, 224, 3) and -1 <= batch.min() < batch.max() <= 1
 
