@@ -34,7 +34,8 @@ Each core count runs in a fresh process pinned to that many cores (os.sched_seta
 --busy level B adds B processes per core spinning on those same cores while it runs (the load a
 trainer's threads or other jobs put on a host; 0: nothing added). Prints per case and set the
 median images/s, the CPU per image (all of the process's threads: the figure other processes'
-load moves least) and the medians of the within-round ratios to the streaming peer and to bare
+load moves least), the cores used (their product: the share of the pinned cores the case got
+during its turns) and the medians of the within-round ratios to the streaming peer and to bare
 decode, by images/s (with the lowest and highest round's) and by CPU, with the load average
 (1 min, os.getloadavg) over the rounds.
 
@@ -43,7 +44,8 @@ Linux `perf` and prints where each image's CPU goes, stage by stage (ms per imag
 
 Then, for each --resume_at step, a fresh process builds the training input at that step (batch
 --resume_batch) and takes one batch: seconds from process start to that batch and records read.
-Ends with one JSON line. Temporary files go when it ends.
+Ends with one JSON line. Temporary files go when it ends. The defaults take about 25 min on 2
+shared cores at load 7-11; --quick (one set, one core, one quiet round, no resume) about 2.
 
 With --gcs_latency_ms=L, the whole pipeline also reads the same records (--gcs_images of them)
 from a bucket of the local GCS emulator behind tests/gcs_proxy.py, which adds L ms to every
