@@ -72,10 +72,11 @@ def font_files() -> list[str]:
   return [chosen[name] for name in sorted(chosen)]
 
 
-def render(font: ImageFont.FreeTypeFont, char: str, rng: np.random.Generator) -> np.ndarray:
-  """One (S, S) uint8 image of `char`, S 8 or 16, with random size, position, stroke, rotation,
-  shear and aspect; the ink fills 65-100% of the longer side, its brightest pixel is white
-  (thin strokes stay visible at 8 pixels)."""
+def render(font: ImageFont.FreeTypeFont, char: str, rng: np.random.Generator,
+           sizes: tuple = (8, 16)) -> np.ndarray:
+  """One (S, S) uint8 image of `char`, S one of `sizes`, with random size, position, stroke,
+  rotation, shear and aspect; the ink fills 65-100% of the longer side, its brightest pixel is
+  white (thin strokes stay visible at 8 pixels)."""
   image = Image.new('L', (_CANVAS, _CANVAS))
   ImageDraw.Draw(image).text((_CANVAS // 2, _CANVAS // 2), char, fill=255, font=font,
                              anchor='mm', stroke_width=int(rng.integers(0, 4)), stroke_fill=255)
@@ -84,7 +85,7 @@ def render(font: ImageFont.FreeTypeFont, char: str, rng: np.random.Generator) ->
                           (1, shear, -shear * _CANVAS / 2, 0, 1, 0), Image.Resampling.BILINEAR)
   image = image.rotate(rng.uniform(-15, 15), Image.Resampling.BILINEAR)
   image = image.crop(image.getbbox())
-  size = int(rng.choice([8, 16]))
+  size = int(rng.choice(sizes))
   aspect = rng.uniform(0.75, 1.25)
   w, h = image.width * aspect, image.height
   scale = rng.uniform(0.65, 1.0) * size / max(w, h)
@@ -109,12 +110,15 @@ def _write_split(output: str, split: str, items: list, log) -> dict:
 
 
 def write_glyph_records(output: str, per_font: int = 8, subsets: tuple = (), seed: int = 0,
-                        log=sys.stderr) -> dict:
+                        log=sys.stderr, sizes: tuple = (8, 16), jpeg_quality: int = 0) -> dict:
   """Renders `per_font` images of every character in every font (training fonts; two per
-  character for held-out fonts) and writes the splits. Kept when `output` already holds the
-  same request (glyphs.json), so the demos render once."""
+  character for held-out fonts) at `sizes` and writes the splits, as PNG or (jpeg_quality > 0)
+  JPEG. Kept when `output` already holds the same request (glyphs.json), so the demos render
+  once."""
   request = dict(per_font=per_font, subsets=sorted(subsets), seed=seed,
                  characters=CHARACTERS)
+  if sizes != (8, 16) or jpeg_quality:  # the demos' renders keep their request (and folder)
+    request.update(sizes=list(sizes), jpeg_quality=jpeg_quality)
   manifest = os.path.join(output, 'glyphs.json')
   if os.path.exists(manifest):
     with open(manifest) as f:
@@ -133,8 +137,10 @@ def write_glyph_records(output: str, per_font: int = 8, subsets: tuple = (), see
     font = ImageFont.truetype(path, _FONT_PIXELS)
     for label, char in enumerate(CHARACTERS):
       for k in range(per_font if split == 'train' else 2):
-        name = f'{i:03d}_{label:02d}_{k}.png'
-        Image.fromarray(render(font, char, rng)).save(os.path.join(output, 'images', name))
+        name = f'{i:03d}_{label:02d}_{k}.{"jpg" if jpeg_quality else "png"}'
+        Image.fromarray(render(font, char, rng, sizes)).save(
+            os.path.join(output, 'images', name), **({'quality': jpeg_quality} if jpeg_quality
+                                                     else {}))
         items[split].append((name, label))
   order = rng.permutation(len(items['train']))
   items['train'] = [items['train'][j] for j in order]

@@ -234,7 +234,8 @@ async def _respond(writer, status: int, reason: str, headers, body: bytes) -> bo
   return True
 
 
-def main():
+def main(proxy_class=None):
+  """Serves the emulator behind `proxy_class` (a Proxy subclass; Proxy by default)."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--bucket', default='bench-bucket', help='bucket the emulator serves')
   parser.add_argument('--latency_ms', type=float, default=0., help='added to every request')
@@ -243,7 +244,7 @@ def main():
   args = parser.parse_args()
   from tests import gcs_emulator  # pylint: disable=g-import-not-at-top
   server, emulator_url = gcs_emulator.start(args.bucket)
-  proxy = Proxy(emulator_url, args.latency_ms / 1e3, args.refuse_share).start()
+  proxy = (proxy_class or Proxy)(emulator_url, args.latency_ms / 1e3, args.refuse_share).start()
   print(proxy.url, flush=True)
   try:
     sys.stdin.read()  # serves until stdin closes (the parent ends)

@@ -102,6 +102,35 @@ def test_fused_jpeg_crop_equals_decode_then_crop():
   assert np.abs(fused.astype(int) - separate).mean() < 1.0
 
 
+def test_fast_decode_scales_large_jpeg_crops_and_decodes_small_ones_exactly():
+  """inception_crop(..., fast_decode=True): a crop at least twice the output decodes at 1/2 or
+  1/4 scale: the same crop to within half a pixel of the scaled image (r/2 source pixels), its
+  pixels averaged over r x r blocks, which on textured content is about as far from an
+  antialiased resize as the exact path's sampling; a smaller crop, and any PNG, as without."""
+  y, x = np.mgrid[:192, :256]
+  ramps = [np.repeat(ramp[..., None], 3, -1).astype(np.uint8) for ramp in (x, y)]  # grey
+  textured = _natural(192, 256)
+  for image in (*ramps, textured):
+    jpeg = tf.io.encode_jpeg(image, quality=95).numpy()
+    for s in range(4):
+      def crop(spec, seed=(0, s)):
+        return _run(f'decode|{spec}', jpeg, seed=seed)['image'].astype(float)
+      small = 'inception_crop(40, area_max=0.08{})'  # sides < 80
+      np.testing.assert_array_equal(crop(small.format(', fast_decode=True')),
+                                    crop(small.format('')))
+      large = 'inception_crop(40, area_min=0.6{})'  # sides >= 100: 1/2 or 1/4 scale
+      exact, fast = crop(large.format('')), crop(large.format(', fast_decode=True'))
+      assert not np.array_equal(exact, fast)
+      if image is textured:
+        reference = crop(large.format(', antialias=True'))
+        assert np.abs(fast - reference).mean() <= np.abs(exact - reference).mean() + 1, s
+      else:  # each pixel shows its source position: within r/2 <= 2, JPEG's 1, rounding's 1
+        assert np.abs(fast - exact).max() <= 4 and np.abs(fast - exact).mean() <= 2.5, s
+  png = tf.io.encode_png(textured).numpy()
+  np.testing.assert_array_equal(_run('decode|inception_crop(40, fast_decode=True)', png)['image'],
+                                _run('decode|inception_crop(40)', png)['image'])
+
+
 @pytest.mark.parametrize('spec', [
     'inception_crop(40)|flip_lr|value_range(-1, 1)',  # decodes the crop itself
     'decode|resize(24, method="bicubic")|random_crop(20, pad=2)|value_range(0, 1)',

@@ -311,16 +311,46 @@ def central_crop(size, key: str = 'image'):
   return fn
 
 
+# libjpeg's DCT scalings: a JPEG decodes at 1/1, 1/2, 1/4 or 1/8 of its size (the inverse DCT
+# of each 8x8 block computed at 8, 4, 2 or 1 pixels; decode_jpeg's `ratio`).
+_DCT_RATIOS = (1, 2, 4, 8)
+
+
+def _decode_crop_scaled(jpeg, begin, crop_size, hw, channels: int):
+  """The crop (begin, crop_size) of a JPEG, decoded at the smallest DCT scale that leaves it at
+  least hw (1/r with r the largest of _DCT_RATIOS with crop_size >= r * hw): about the crop's
+  pixels r x r-averaged. decode_and_crop_jpeg takes its window in the scaled image's pixels
+  (ceil(H / r) x ceil(W / r)), so the crop's edges are rounded to the nearest of those."""
+  shape = tf.io.extract_jpeg_shape(jpeg)[:2]
+  index = tf.add_n([tf.cast(tf.reduce_all(crop_size[:2] >= r * tf.constant(hw)), tf.int32)
+                    for r in _DCT_RATIOS[1:]])  # of _DCT_RATIOS: those that fit are the first
+
+  def scaled(r):
+    def decode():
+      limit = (shape + r - 1) // r
+      top_left = tf.minimum((begin[:2] + r // 2) // r, limit - 1)
+      bottom_right = tf.minimum((begin[:2] + crop_size[:2] + r // 2) // r, limit)
+      window = tf.concat([top_left, tf.maximum(bottom_right - top_left, 1)], 0)
+      return tf.io.decode_and_crop_jpeg(jpeg, window, channels=channels, ratio=r)
+    return decode
+  return tf.switch_case(index, [scaled(r) for r in _DCT_RATIOS])
+
+
 @register('inception_crop')
 def inception_crop(size, area_min: float = 0.05, area_max: float = 1.,
                    aspect_min: float = 3 / 4, aspect_max: float = 4 / 3,
                    method: str = 'bilinear', antialias: bool = False, channels: int = 3,
-                   float_output: bool = False, key: str = 'image'):
+                   fast_decode: bool = False, float_output: bool = False, key: str = 'image'):
   """Random crop of area_min..area_max of the image, aspect (w/h) in aspect_min..aspect_max,
   resized to `size` (Szegedy et al. 2015, the usual ImageNet/JFT training crop).
 
   On still-encoded JPEG bytes only the crop is decoded (decode_and_crop_jpeg); other formats
   are decoded whole with `channels`. 'decode|inception_crop(...)' is fused into this.
+  fast_decode: a JPEG crop at least twice `size` is decoded at a reduced DCT scale (1/2, 1/4,
+  1/8: the largest that leaves it at least `size`), then resized: other pixels than the exact
+  path's (an average of each r x r block where the exact path samples between pixels), the
+  same crop to within a pixel of the scaled image; crops smaller than twice `size` are decoded
+  exactly as without it.
   """
   _check_method(method)
   if not 0 < area_min <= area_max <= 1:
@@ -339,6 +369,8 @@ def inception_crop(size, area_min: float = 0.05, area_max: float = 1.,
   def crop_encoded(image, seed):
     def jpeg():
       begin, crop_size = window(tf.io.extract_jpeg_shape(image), seed)
+      if fast_decode:
+        return _decode_crop_scaled(image, begin, crop_size, hw, channels)
       return tf.io.decode_and_crop_jpeg(
           image, tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]]), channels=channels)
 
