@@ -119,12 +119,13 @@ class Recorder:
       self._file.flush()
     return record
 
-  def close(self, event: str = 'end') -> dict | None:
-    """The last record (`event`), written and stored; None on processes that do not write."""
+  def close(self, event: str = 'end', timeout: float | None = None) -> dict | None:
+    """The last record (`event`), written and stored within `timeout` seconds (LogFile.close's
+    default when None); None on processes that do not write."""
     record = self.record(event)
     if self._file is None:
       return None
-    self._file.close()
+    self._file.close(timeout)
     return record
 
 

@@ -113,13 +113,13 @@ class Timeline:
       self._step_start = None
     self.goodput.enter(cause, step, record=cause != goodput.PRODUCTIVE)
 
-  def close(self, error: BaseException | None = None) -> None:
+  def close(self, error: BaseException | None = None, timeout: float | None = None) -> None:
     """Ends the run's record (a trace in progress is written out) and prints the goodput of
     every run of the workdir so far (process 0); `error`: what ended the run, if anything."""
     self.hangs.close()
     if self.profile:
       self.profile.stop()
-    if self.goodput.close('error' if error else 'end') is None:
+    if self.goodput.close('error' if error else 'end', timeout) is None:
       return
     try:
       runs = paths.within_deadline(lambda: goodput.read_runs(self.goodput.workdir),

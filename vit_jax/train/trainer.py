@@ -269,21 +269,24 @@ def _shut_down(batches, manager, log, watch, run, failed: bool) -> None:
   them) when lines could not be stored, unless the run `failed` already (then it is logged).
   The run's record ends last, with the goodput line."""
   run.phase('shutdown')
-  unstored = []
+  unstored, deadline = [], None
   try:
     batches.close()  # no input thread may outlive the run (it would hold the process at exit)
     manager.wait_until_finished()
     manager.close()
-    _kept_if_not_stored(log.close, unstored)  # bounded (log_file.CLOSE_TIMEOUT_S)
+    # Every log of the run shares one bound (log_file.CLOSE_TIMEOUT_S), goodput.jsonl included.
+    deadline = time.monotonic() + log_file.CLOSE_TIMEOUT_S
+    _kept_if_not_stored(log.close, unstored)  # within CLOSE_TIMEOUT_S, read at call time
   finally:
     watch.close()  # a second Ctrl-C while the final save is written still exits at once
-    error = sys.exc_info()[1]  # what ended the run, if anything
-    _kept_if_not_stored(lambda: run.close(error), unstored)  # prints the goodput line
+    ended_by = sys.exc_info()[1]  # what ended the run, if anything
+    left = None if deadline is None else max(deadline - time.monotonic(), 0.)
+    _kept_if_not_stored(lambda: run.close(ended_by, left), unstored)  # prints the goodput line
   if unstored:
-    error = log_file.NotStored('; '.join(str(e) for e in unstored))
+    not_stored = log_file.NotStored('; '.join(str(e) for e in unstored))
     if not failed:
-      raise error
-    logging.error('%s', error)
+      raise not_stored
+    logging.error('%s', not_stored)
 
 
 def _kept_if_not_stored(close: Callable[[], Any], unstored: list) -> None:
