@@ -213,10 +213,10 @@ def _prepare(builder):
     if not sys.stderr.isatty():
       tfds.disable_progress_bar()
     # Past process 0, a process prepares only what its host's disk lacks (prepare_tfds).
-    whose = (f'process {jax.process_index()}: ' if jax.process_index() else '',
-             ', this host\'s own copy' if jax.process_index() else '')
-    print(f'{whose[0]}preparing tfds dataset {builder.name} in {builder.data_dir_root}'
-          f'{whose[1]} (once; {"made locally, no download" if offline else "downloads it first"})',
+    process = jax.process_index()
+    who, whose = (f'process {process}: ', ', this host\'s own copy') if process else ('', '')
+    print(f'{who}preparing tfds dataset {builder.name} in {builder.data_dir_root}{whose} '
+          f'(once; {"made locally, no download" if offline else "downloads it first"})',
           file=out, flush=True)
   with contextlib.redirect_stdout(io.StringIO()) if offline else contextlib.nullcontext():
     return sources.prepare_tfds(builder, before_preparing=before_preparing)
