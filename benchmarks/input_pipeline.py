@@ -51,11 +51,10 @@ With --gcs_latency_ms=L, the whole pipeline also reads the same records (--gcs_i
 from a bucket of the local GCS emulator behind tests/gcs_proxy.py, which adds L ms to every
 request and answers range reads from its own copy of each object, as GCS does at its own speed
 (benchmarks/gcs_harness.py; `pip install -e '.[test]'` brings the emulator). The harness runs in
-its own process on the other cores, the pipeline in a fresh process on one core (TensorFlow with
-8 inter-op threads, so that a read waiting on the network does not idle it); local and gcs
-passes alternate. It prints the harness's own rate without latency (what it can serve), then
-`gcs` images/s, `ratio_to_local` (median of the rounds' ratios) and the requests in flight and
-connections the proxy saw, with the machine's load.
+its own process on the other cores, the pipeline in a fresh process on one core, as training
+runs it; local and gcs passes alternate. It prints the harness's own rate without latency (what
+it can serve), then `gcs` images/s, `ratio_to_local` (median of the rounds' ratios) and the
+requests in flight and connections the proxy saw, with the machine's load.
 """
 import argparse
 import collections
@@ -465,8 +464,6 @@ def stages(symbols: list) -> dict:
 
 
 _BUCKET = 'bench-bucket'
-# TensorFlow's inter-op threads in the gcs worker: a read waiting on the network holds one.
-_INTER_OP_THREADS = 8
 
 
 def _proxy_control(url: str, **query) -> dict:
@@ -553,7 +550,6 @@ def _gcs_comparison(records: str, latency_ms: float, rounds: int) -> dict:
     proxy_url = harness.stdout.readline().strip()
     code = ('import json, os, sys; os.sched_setaffinity(0, {core}); '
             'from benchmarks import input_pipeline as b; '
-            'b.tf.config.threading.set_inter_op_parallelism_threads(b._INTER_OP_THREADS); '
             'print(json.dumps(b.gcs_worker({records!r}, {url!r}, {latency}, {rounds})))').format(
                 core=set(pipeline_core), records=records, url=proxy_url, latency=latency_ms,
                 rounds=rounds)
@@ -579,8 +575,7 @@ def _gcs_comparison(records: str, latency_ms: float, rounds: int) -> dict:
   # it spends per image does not: the reader's own cost, whatever the load.
   print(f'CPU per image: gcs {gcs["cpu_ms_per_image"]:.2f} ms, local '
         f'{gcs["local_cpu_ms_per_image"]:.2f} ms; a request spent {gcs["seconds_per_request"]:.3f}'
-        f' s in the harness on average ({latency_ms / 1e3:g} s of it the added latency; far more: '
-        'the harness, not the reader, set the pace)')
+        f' s in the harness on average ({latency_ms / 1e3:g} s of it the added latency)')
   return gcs
 
 

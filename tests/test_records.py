@@ -1,11 +1,13 @@
 """make_records, record sources, per-process splitting, determinism, skipped images, pretrain_jft."""
 import functools
 import io
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -239,6 +241,33 @@ def test_a_process_pinned_to_one_core_maps_one_example_at_a_time(records):
   finally:
     os.sched_setaffinity(0, cores)
   assert _example_map_parallelism(pinned) == {1}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='needs 2 cores to pin to 1')
+def test_a_read_waiting_on_storage_leaves_the_one_core_preprocessing(records):
+  """On one core tf.data has one thread; a read waiting on storage (tens of ms a request on
+  gs://) must not hold it. The second read waits until the first batch is out, which needs
+  preprocessing to go on meanwhile: with the reads on tf.data's thread it never comes."""
+  config = _config(records[0], pp_train='decode|resize(16)|value_range(-1, 1)|onehot(6)')
+  src = sources.records_source(records[0], 'train')
+  first_batch_out, calls, waited = threading.Event(), itertools.count(1), []
+
+  def read_many(indices):
+    if next(calls) == 2:
+      waited.append(first_batch_out.wait(30))
+    return src._read_many(indices)  # pylint: disable=protected-access
+  waiting = sources.Source(src.num_examples, read_many, src.parse, 'waits for the first batch')
+  cores = os.sched_getaffinity(0)
+  os.sched_setaffinity(0, {min(cores)})  # this thread only: what a pinned process reads
+  try:
+    batches = pipeline.train_dataset(config, 0, src=waiting).as_numpy_iterator()
+    first = next(batches)
+  finally:
+    os.sched_setaffinity(0, cores)
+  first_batch_out.set()
+  next(batches)
+  assert first['image'].shape == (8, 16, 16, 3)
+  assert waited == [True]  # the second read saw the first batch out while it waited
 
 
 def test_corrupt_images_at_training_time_are_skipped_and_counted(tmp_path):
