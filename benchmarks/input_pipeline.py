@@ -52,8 +52,8 @@ from a bucket of the local GCS emulator behind tests/gcs_proxy.py, which adds L 
 request and answers range reads from its own copy of each object, as GCS does at its own speed
 (benchmarks/gcs_harness.py; `pip install -e '.[test]'` brings the emulator). The harness runs in
 its own process on the other cores, the pipeline in a fresh process on one core, as training
-runs it; local and gcs passes alternate. It prints the harness's own rate without latency (what
-it can serve), then `gcs` images/s, `ratio_to_local` (median of the rounds' ratios) and the
+runs it, once per --busy level (spinning processes on the pipeline's core); local and gcs
+passes alternate. It prints the harness's own rate without latency (what it can serve), then `gcs` images/s, `ratio_to_local` (median of the rounds' ratios) and the
 requests in flight and connections the proxy saw, with the machine's load.
 """
 import argparse
@@ -531,20 +531,24 @@ def gcs_worker(records: str, proxy_url: str, latency_ms: float, rounds: int) -> 
           'harness_reads_per_sec': round(harness, 1), 'images_per_pass': batches * 25}
 
 
-def gcs_comparison(jpegs: list[bytes], num_images: int, latency_ms: float, rounds: int) -> dict:
-  """The same records local and in the emulator's bucket at `latency_ms`: see the docstring."""
+def gcs_comparison(jpegs: list[bytes], num_images: int, latency_ms: float, rounds: int,
+                   busy_levels: list[int]) -> dict:
+  """The same records local and in the emulator's bucket at `latency_ms`, at each busy level:
+  see the docstring."""
   with tempfile.TemporaryDirectory(prefix='input_pipeline_gcs_') as folder:
     records = write_records([jpegs[i % len(jpegs)] for i in range(num_images)], folder,
                             num_shards=32)
-    return _gcs_comparison(records, latency_ms, rounds)
+    return {f'busy_{busy}': _gcs_comparison(records, latency_ms, rounds, busy)
+            for busy in busy_levels}
 
 
-def _gcs_comparison(records: str, latency_ms: float, rounds: int) -> dict:
+def _gcs_comparison(records: str, latency_ms: float, rounds: int, busy: int) -> dict:
   cores = sorted(os.sched_getaffinity(0))
   pipeline_core, harness_cores = cores[:1], cores[1:] or cores
   harness = subprocess.Popen([sys.executable, '-m', 'benchmarks.gcs_harness',
                               f'--bucket={_BUCKET}'],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  spinners = _spin(set(pipeline_core), busy)
   try:
     os.sched_setaffinity(harness.pid, harness_cores)
     proxy_url = harness.stdout.readline().strip()
@@ -559,10 +563,12 @@ def _gcs_comparison(records: str, latency_ms: float, rounds: int) -> dict:
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          check=True, env=env)
   finally:
+    _stop(spinners)
     harness.stdin.close()
     harness.wait(timeout=30)
   gcs = dict(json.loads(out.stdout.strip().splitlines()[-1]),
              load_average=[round(x, 2) for x in os.getloadavg()])
+  print(f'-- gcs comparison, {busy} spinning processes on the pipeline\'s core')
   print(f'gcs harness (emulator + proxy, cores {harness_cores}): '
         f'{gcs["harness_reads_per_sec"]:.0f} range reads/s without latency')
   print(f'local records    {gcs["local_images_per_sec"]:8.1f} images/sec (core {pipeline_core}, '
@@ -676,7 +682,7 @@ def main():
                                        args.resume_batch)
   if args.gcs_latency_ms is not None:
     summary['gcs'] = gcs_comparison(next(iter(jpegs.values())), args.gcs_images,
-                                    args.gcs_latency_ms, args.gcs_rounds)
+                                    args.gcs_latency_ms, args.gcs_rounds, busy_levels)
   summary['load_average'] = [round(x, 2) for x in os.getloadavg()]
   print(json.dumps(summary))
 
