@@ -187,9 +187,10 @@ def _record_compile_s(shape: list, seconds: float) -> None:
   path = _compile_times_path()
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
+    own = f'{path}.{os.getpid()}.tmp'  # other processes may be writing theirs
+    with open(own, 'w') as f:
       json.dump(dict(list(times.items())[-500:]), f, indent=0)
-    os.replace(path + '.tmp', path)
+    os.replace(own, path)
   except OSError:
     pass  # an estimate only
 
