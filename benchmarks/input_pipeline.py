@@ -53,8 +53,9 @@ request and answers range reads from its own copy of each object, as GCS does at
 (benchmarks/gcs_harness.py; `pip install -e '.[test]'` brings the emulator). The harness runs in
 its own process on the other cores, the pipeline in a fresh process on one core, as training
 runs it, once per --busy level (spinning processes on the pipeline's core); local and gcs
-passes alternate. It prints the harness's own rate without latency (what it can serve), then `gcs` images/s, `ratio_to_local` (median of the rounds' ratios) and the
-requests in flight and connections the proxy saw, with the machine's load.
+passes alternate. It prints the harness's own rate without latency (what it can serve), then
+`gcs` images/s, `ratio_to_local` (median of the rounds' ratios) and the requests in flight and
+connections the proxy saw, with the machine's load.
 """
 import argparse
 import collections

@@ -120,8 +120,8 @@ _BATCHES_AT_ONCE = 2
 # Records one read asks for, at least: the source reads a call's records concurrently (range
 # reads in flight together on gs://), and a call holds one of the reads' _BATCHES_AT_ONCE
 # threads while it waits, so each call must carry enough reads on its own; small batches are
-# read several to a call. Whole batches, and a bounded number of them (AUTOTUNE would scale the reads
-# with the host's cores: on a 224-core TPU host, hundreds of batches of encoded images).
+# read several to a call. Whole batches, and a bounded number of them (AUTOTUNE would scale the
+# reads with the host's cores: on a 224-core TPU host, hundreds of batches of encoded images).
 _RECORDS_PER_READ = 256
 
 
@@ -147,7 +147,7 @@ def _thread_pool(name: str, num_threads: int) -> tf.Tensor:
   frees no such pool's threads, even when its resource is destroyed)."""
   with tf.init_scope():  # eager, should a pipeline be built inside a tf.function
     return tf.raw_ops.ThreadPoolHandle(num_threads=num_threads, display_name=name,
-                                       shared_name=f'vit_jax_{name}')
+                                       shared_name=f'vit_jax_{name}_{num_threads}')
 
 
 def _on_own_threads(ds: tf.data.Dataset, name: str, num_threads: int) -> tf.data.Dataset:
