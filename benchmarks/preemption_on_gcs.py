@@ -23,11 +23,11 @@ import time
 from etils import epath
 
 from tests import gcs_emulator, gcs_proxy
-from vit_jax.storage import paths
+from vit_jax.storage import log_file, paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the log objects' requests carry in their target or upload metadata.
-LOG_OBJECTS = ('metrics.jsonl', 'tfevents', '.segment-')
+LOG_OBJECTS = ('metrics.jsonl', 'tfevents', log_file.SEGMENT_PREFIX)
 
 
 def _complete_steps(workdir: str) -> list:

@@ -85,7 +85,7 @@ class LogFile:
     self._interval = REMOTE_INTERVAL_S if self._remote else 0.
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if self._remote:
-      self._bucket, self._key = str(self.path).split('://', 1)[1].split('/', 1)
+      self._bucket, self._key = paths.bucket_and_key(self.path)
       folder, _, name = self._key.rpartition('/')
       # This writer's own: no other writer, nor a restarted run, uses these names.
       self._segment_prefix = (f'{folder}/' if folder else '') + (

@@ -103,7 +103,8 @@ def check_reachable(url: str, flag: str) -> None:
                            'network') from None
 
 
-def _bucket_and_key(url: str) -> tuple[str, str]:
+def bucket_and_key(url) -> tuple[str, str]:
+  """('bucket', 'path/to/object') of a gs:// URL."""
   parsed = urllib.parse.urlparse(os.fspath(url))
   if parsed.scheme != 'gs':
     raise ValueError(f'{url}: only local paths and gs:// are supported')
@@ -135,7 +136,7 @@ class RangeReader:
     futures = {}
     for i in remote:
       path, start, stop = ranges[i]
-      bucket, key = _bucket_and_key(path)
+      bucket, key = bucket_and_key(path)
       futures[i] = _kvstore(bucket).read(key, byte_range=slice(start, stop))
     for i, (path, start, stop) in enumerate(ranges):
       if i not in futures:

@@ -278,17 +278,13 @@ def _check_workdir_writable(workdir: str) -> None:
 def _probe_bucket(probe, workdir: str) -> None:
   """Writes and removes `probe`, within WORKDIR_PROBE_S; an endpoint that does not take a
   connection is named at once."""
-  try:
-    paths.check_reachable(str(probe), f'--workdir={workdir}')
-  except errors.UserError as e:
-    raise PreflightError(str(e)) from None
-
   def write_and_remove():
     probe.write_text('ok')
     probe.unlink()
   try:
+    paths.check_reachable(str(probe), f'--workdir={workdir}')
     paths.within_deadline(write_and_remove, f'--workdir={workdir}', WORKDIR_PROBE_S)
-  except errors.UserError as e:  # no answer in time
+  except errors.UserError as e:  # out of reach, or no answer in time
     raise PreflightError(str(e)) from None
 
 

@@ -276,7 +276,7 @@ def _shut_down(batches, manager, log, watch, run, failed: bool) -> None:
     manager.close()
     # Every log of the run shares one bound (log_file.CLOSE_TIMEOUT_S), goodput.jsonl included.
     deadline = time.monotonic() + log_file.CLOSE_TIMEOUT_S
-    _kept_if_not_stored(log.close, unstored)  # within CLOSE_TIMEOUT_S, read at call time
+    _kept_if_not_stored(lambda: log.close(deadline - time.monotonic()), unstored)
   finally:
     watch.close()  # a second Ctrl-C while the final save is written still exits at once
     ended_by = sys.exc_info()[1]  # what ended the run, if anything
