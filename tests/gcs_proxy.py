@@ -9,10 +9,10 @@ emulator. It counts what passes: requests, bytes uploaded (request bodies), requ
 Faults for one kind of request, by a substring of its decoded target (path and query, object
 names unquoted; a multipart upload, whose object name is in its body, with ` name=<object>`
 added): `fault = proxy.add_fault('metrics.jsonl', stall_s=60)` holds those requests
-for 60 s before serving them (`math.inf`: until `fault.remove()` or `proxy.stop()`);
-`status=503` answers them with that status instead of serving them; `lose_response=True` serves
-them (the emulator acts) and then drops the connection before the answer; `methods=('POST',)`
-and `times=N` narrow it. `fault.hits` counts the requests it took.
+for 60 s before serving them (`math.inf`: until `fault.remove()`, `proxy.clear_faults()` or
+`proxy.stop()`); `status=503` answers them with that status instead of serving them;
+`lose_response=True` serves them (the emulator acts) and then drops the connection before the
+answer; `methods=('POST',)` and `times=N` narrow it. `fault.hits` counts the requests it took.
 
 `python -m tests.gcs_proxy --latency_ms=50` serves an emulator behind a proxy in its own process
 (the benchmark's harness, so that it does not share the measured process's interpreter) and
@@ -77,6 +77,13 @@ class Proxy:
     fault = Fault(matches, **how)
     self.faults.append(fault)
     return fault
+
+  def clear_faults(self) -> None:
+    """Removes every fault: the requests they hold go on (dropping them from the list alone
+    would leave those requests held for good, each waking every 0.05 s)."""
+    for fault in self.faults:
+      fault.remove()
+    self.faults.clear()
 
   def reset_stats(self) -> None:
     """Counts from now on (requests in flight now stay counted as such)."""

@@ -294,7 +294,7 @@ def test_a_read_that_stops_answering_is_named_and_the_killed_run_counted_on_resu
     process.kill()
     process.wait()
     reader.join()
-    gcs_proxy.faults.clear()
+    gcs_proxy.clear_faults()
   lifetimes[0].append(time.time())
   assert fault.hits > 0
   killed_at = max(_logged_steps(lines))
