@@ -60,9 +60,15 @@ def _replace(name: str, patched) -> None:
   setattr(objects, name, patched)  # objects.get (alt=media) calls download by this name
 
 
+# The emulator serves one connection at a time and read without a bound: a connection that
+# never sent its request blocked every later one of the session.
+_READ_TIMEOUT_S = 60
+
+
 def _patch() -> None:
   if getattr(objects.download, 'patched', False):
     return
+  emulator_server.RequestHandler.timeout = _READ_TIMEOUT_S  # socketserver's per-connection bound
   _replace('download', _with_generation_header(objects.download))
   _replace('insert', _with_precondition(objects.insert, _uploaded_name))
   _replace('compose', _with_precondition(objects.compose,
